@@ -1,0 +1,237 @@
+"""Block: one compressed KV chunk, and its Arrow IPC wire format.
+
+A block is a header (format version, key, model fingerprint, codec and its
+parameters, shape, dtype, raw size, checksum) plus named payload buffers
+(codes, scales, ...). It is serialized as an Arrow IPC stream holding one
+record batch of one row: one binary column per payload buffer, the header as
+JSON in the schema metadata. The same bytes travel over the network, sit in
+warm shards and are written as cold objects.
+
+``Block.from_arrow`` treats its input as untrusted: anything that is not a
+well-formed block of this format version whose XXH3-128 checksum (over the
+header and every payload byte) matches raises ``BlockFormatError``. It never
+returns partial data. Payload buffers of a parsed block are zero-copy slices of
+the input buffer.
+
+This module knows nothing of codecs beyond their names, nor of tiers or Ray.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import pyarrow as pa
+import xxhash
+
+from kvtier.errors import BlockFormatError
+
+FORMAT_NAME = "kvtier-block"
+FORMAT_VERSION = 1
+MAX_BLOCK_BYTES = 4 << 30  # raw bytes of one chunk; a 256-token chunk of a 405B model is ~130 MiB
+MAX_HEADER_BYTES = 64 << 10
+_META_KEY = b"kvtier"
+_ARROW_CONTINUATION = b"\xff\xff\xff\xff"
+
+DTYPE_SIZES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+BufferLike = Any  # pa.Buffer | bytes | bytearray | memoryview | numpy array
+
+
+def _as_arrow_buffer(b: BufferLike) -> pa.Buffer:
+    if isinstance(b, pa.Buffer):
+        return b
+    if hasattr(b, "detach") and hasattr(b, "numpy"):  # a CPU torch tensor
+        b = b.detach().contiguous().view(-1).numpy().view("u1")
+    return pa.py_buffer(b)
+
+
+@dataclass(frozen=True, eq=False)
+class Block:
+    """One compressed chunk. Build with ``Block.build`` (computes the checksum)
+    or ``Block.from_arrow`` (verifies it)."""
+
+    key: str
+    model: str
+    codec: str
+    shape: tuple[int, ...]
+    dtype: str
+    params: Mapping[str, Any]
+    buffers: Mapping[str, pa.Buffer]
+    checksum: str
+    version: int = FORMAT_VERSION
+    _wire: list = field(default_factory=list, repr=False, compare=False)  # cache of to_arrow()
+
+    # ---- construction -------------------------------------------------
+    @classmethod
+    def build(
+        cls,
+        *,
+        key: str | None,
+        model: str | None,
+        codec: str,
+        shape: tuple[int, ...],
+        dtype: str,
+        params: Mapping[str, Any] | None,
+        buffers: Mapping[str, BufferLike],
+    ) -> "Block":
+        bufs = {str(name): _as_arrow_buffer(b) for name, b in buffers.items()}
+        header = _header_dict(key or "", model or "", codec, tuple(int(s) for s in shape), dtype, dict(params or {}))
+        _check_header(header)
+        return cls(
+            key=header["key"], model=header["model"], codec=codec, shape=tuple(header["shape"]), dtype=dtype,
+            params=header["params"], buffers=bufs, checksum=_checksum(header, bufs),
+        )
+
+    # ---- sizes --------------------------------------------------------
+    @property
+    def raw_nbytes(self) -> int:
+        """Bytes of the uncompressed chunk this block stands for."""
+        return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
+
+    @property
+    def payload_nbytes(self) -> int:
+        return sum(b.size for b in self.buffers.values())
+
+    @property
+    def nbytes(self) -> int:
+        """Serialized size: header, schema, padding and every payload byte."""
+        return self.to_arrow().size
+
+    @property
+    def ratio(self) -> float:
+        return self.raw_nbytes / self.nbytes
+
+    # ---- wire format --------------------------------------------------
+    def header(self) -> dict[str, Any]:
+        h = _header_dict(self.key, self.model, self.codec, self.shape, self.dtype, dict(self.params))
+        h["checksum"] = {"algo": "xxh3_128", "hex": self.checksum}
+        return h
+
+    def to_arrow(self) -> pa.Buffer:
+        """The block as one Arrow IPC stream in a ``pyarrow.Buffer`` (cached)."""
+        if self._wire:
+            return self._wire[0]
+        names = list(self.buffers)
+        meta = {_META_KEY: json.dumps(self.header(), sort_keys=True, separators=(",", ":")).encode()}
+        schema = pa.schema([pa.field(n, pa.large_binary(), nullable=False) for n in names], metadata=meta)
+        # zero-copy: each column is one value whose data buffer is the payload buffer itself
+        arrays = [pa.Array.from_buffers(pa.large_binary(), 1, [None, pa.py_buffer(np.array([0, self.buffers[n].size], dtype="<i8")),
+                                                              self.buffers[n]]) for n in names]
+        batch = pa.record_batch(arrays, schema=schema)
+        sink = pa.BufferOutputStream()
+        with pa.ipc.new_stream(sink, schema) as writer:
+            writer.write_batch(batch)
+        buf = sink.getvalue()
+        self._wire.append(buf)
+        return buf
+
+    @classmethod
+    def from_arrow(cls, buf: BufferLike, expect_key: str | None = None, expect_model: str | None = None) -> "Block":
+        """Parse and verify a serialized block. Raises ``BlockFormatError`` for
+        anything else, including a valid block of another key or model when
+        ``expect_key``/``expect_model`` are given (a swapped or foreign object)."""
+        try:
+            buf = _as_arrow_buffer(buf)
+        except (TypeError, ValueError, BufferError) as e:
+            raise BlockFormatError(f"not a block: cannot view {type(buf).__name__} as bytes ({e})") from None
+        if buf.size < 8 or buf[:4].to_pybytes() != _ARROW_CONTINUATION:
+            raise BlockFormatError(f"not a block: {buf.size} bytes that do not start an Arrow IPC stream")
+        try:
+            reader = pa.ipc.open_stream(buf)
+            schema = reader.schema
+            batch = reader.read_next_batch()
+            try:
+                reader.read_next_batch()
+                raise BlockFormatError("not a block: the Arrow stream holds more than one record batch")
+            except StopIteration:
+                pass
+            batch.validate(full=True)
+        except BlockFormatError:
+            raise
+        except StopIteration:
+            raise BlockFormatError("truncated block: the Arrow stream ends before its record batch") from None
+        except (pa.ArrowException, OSError, ValueError, TypeError, IndexError, KeyError, OverflowError) as e:
+            raise BlockFormatError(f"corrupt or truncated block: {type(e).__name__}: {str(e)[:200]}") from None
+
+        meta = schema.metadata or {}
+        raw = meta.get(_META_KEY)
+        if raw is None:
+            raise BlockFormatError("not a kvtier block: the Arrow schema has no 'kvtier' header")
+        if len(raw) > MAX_HEADER_BYTES:
+            raise BlockFormatError(f"corrupt block: header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
+        try:
+            header = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise BlockFormatError(f"corrupt block: header is not JSON ({e})") from None
+        if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
+            raise BlockFormatError("not a kvtier block: header names no kvtier-block format")
+        version = header.get("version")
+        if version != FORMAT_VERSION:
+            raise BlockFormatError(f"block format version {version!r} is not supported (this kvtier reads version {FORMAT_VERSION})")
+        _check_header(header)
+        cs = header.get("checksum")
+        if not isinstance(cs, dict) or cs.get("algo") != "xxh3_128" or not isinstance(cs.get("hex"), str):
+            raise BlockFormatError(f"corrupt block: bad checksum field {cs!r}")
+
+        if batch.num_rows != 1 or any(f.type != pa.large_binary() for f in schema):
+            raise BlockFormatError(f"corrupt block: expected one row of binary columns, got {batch.num_rows} rows of {schema.types}")
+        buffers: dict[str, pa.Buffer] = {}
+        for name, col in zip(schema.names, batch.columns):
+            if col.null_count:
+                raise BlockFormatError(f"corrupt block: payload buffer {name!r} is null")
+            buffers[name] = col[0].as_buffer()  # zero-copy slice of ``buf``
+        if len(buffers) != len(schema.names):
+            raise BlockFormatError("corrupt block: duplicate payload buffer names")
+
+        want = _checksum(_header_dict(header["key"], header["model"], header["codec"], tuple(header["shape"]),
+                                      header["dtype"], header["params"]), buffers)
+        if want != cs["hex"]:
+            raise BlockFormatError(f"corrupt block {header['key']!r}: payload checksum mismatch (stored {cs['hex'][:16]}…, computed {want[:16]}…)")
+        if expect_key is not None and header["key"] != expect_key:
+            raise BlockFormatError(f"block holds key {header['key']!r}, expected {expect_key!r}")
+        if expect_model is not None and header["model"] != expect_model:
+            raise BlockFormatError(f"block {header['key']!r} belongs to model {header['model']!r}, expected {expect_model!r}")
+        block = cls(key=header["key"], model=header["model"], codec=header["codec"], shape=tuple(header["shape"]),
+                    dtype=header["dtype"], params=header["params"], buffers=buffers, checksum=cs["hex"])
+        block._wire.append(buf)
+        return block
+
+    def __repr__(self) -> str:
+        return (f"Block(key={self.key[:12]!r}…, model={self.model!r}, codec={self.codec!r}, shape={self.shape}, "
+                f"dtype={self.dtype}, nbytes={self.nbytes}, ratio={self.ratio:.2f})")
+
+
+def _header_dict(key: str, model: str, codec: str, shape: tuple[int, ...], dtype: str, params: dict) -> dict[str, Any]:
+    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "key": key, "model": model, "codec": codec,
+            "shape": list(shape), "dtype": dtype, "params": params}
+
+
+def _check_header(h: Mapping[str, Any]) -> None:
+    for name in ("key", "model", "codec", "dtype"):
+        if not isinstance(h.get(name), str):
+            raise BlockFormatError(f"corrupt block header: {name}={h.get(name)!r} is not a string")
+    if h["dtype"] not in DTYPE_SIZES:
+        raise BlockFormatError(f"block dtype {h['dtype']!r} is not one of {sorted(DTYPE_SIZES)}")
+    shape = h.get("shape")
+    if (not isinstance(shape, (list, tuple)) or not 1 <= len(shape) <= 8
+            or not all(isinstance(s, int) and not isinstance(s, bool) and 0 < s < 2**31 for s in shape)):
+        raise BlockFormatError(f"corrupt block header: shape={shape!r} is not a list of positive ints")
+    raw = math.prod(shape) * DTYPE_SIZES[h["dtype"]]
+    if raw > MAX_BLOCK_BYTES:
+        raise BlockFormatError(f"block of {raw} raw bytes exceeds the maximum block size {MAX_BLOCK_BYTES}")
+    if not isinstance(h.get("params"), dict):
+        raise BlockFormatError(f"corrupt block header: params={h.get('params')!r} is not an object")
+
+
+def _checksum(header: Mapping[str, Any], buffers: Mapping[str, pa.Buffer]) -> str:
+    h = xxhash.xxh3_128()
+    h.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+    for name in sorted(buffers):
+        b = buffers[name]
+        h.update(name.encode() + b"\0" + b.size.to_bytes(8, "little"))
+        h.update(memoryview(b))
+    return h.hexdigest()
