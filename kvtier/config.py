@@ -122,6 +122,28 @@ class TierConfig:
             return cls(**dict(config))
         raise TypeError(f"config must be a TierConfig, a dict or None, not {type(config).__name__}")
 
+    @classmethod
+    def from_file(cls, path: str) -> "TierConfig":
+        """Read a JSON config (what the Helm chart renders into a ConfigMap)."""
+        import json
+
+        try:
+            with open(path) as f:
+                data = json.load(f)
+        except FileNotFoundError:
+            raise ValueError(f"config file {path!r} does not exist") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"config file {path!r} is not valid JSON: {e}") from None
+        if not isinstance(data, dict):
+            raise ValueError(f"config file {path!r} must hold a JSON object, not {type(data).__name__}")
+        return cls.from_any(data)
+
+    @classmethod
+    def from_env(cls) -> "TierConfig":
+        """``$KVTIER_CONFIG`` (a JSON file) if set, else the defaults."""
+        path = os.environ.get("KVTIER_CONFIG")
+        return cls.from_file(path) if path else cls()
+
     def replace(self, **changes: Any) -> "TierConfig":
         return dataclasses.replace(self, **changes)
 
