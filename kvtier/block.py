@@ -35,6 +35,7 @@ MAX_BLOCK_BYTES = 4 << 30  # raw bytes of one chunk; a 256-token chunk of a 405B
 MAX_HEADER_BYTES = 64 << 10
 _META_KEY = b"kvtier"
 _ARROW_CONTINUATION = b"\xff\xff\xff\xff"
+_ARROW_EOS = _ARROW_CONTINUATION + b"\0\0\0\0"  # what ``ipc.new_stream(...).close()`` writes last
 
 DTYPE_SIZES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -140,9 +141,13 @@ class Block:
             raise BlockFormatError(f"not a block: cannot view {type(buf).__name__} as bytes ({e})") from None
         if buf.size < 8 or buf[:4].to_pybytes() != _ARROW_CONTINUATION:
             raise BlockFormatError(f"not a block: {buf.size} bytes that do not start an Arrow IPC stream")
+        if buf[buf.size - 8:].to_pybytes() != _ARROW_EOS:
+            # without this, a stream cut exactly before its 8-byte end marker (or with bytes appended) still parses
+            raise BlockFormatError(f"truncated block: {buf.size} bytes that do not end with the Arrow end-of-stream marker")
         try:
             reader = pa.ipc.open_stream(buf)
             schema = reader.schema
+            names = schema.names  # decodes field names as UTF-8: a flipped byte there raises UnicodeDecodeError
             batch = reader.read_next_batch()
             try:
                 reader.read_next_batch()
@@ -165,8 +170,8 @@ class Block:
             raise BlockFormatError(f"corrupt block: header of {len(raw)} bytes exceeds {MAX_HEADER_BYTES}")
         try:
             header = json.loads(raw)
-        except (ValueError, UnicodeDecodeError) as e:
-            raise BlockFormatError(f"corrupt block: header is not JSON ({e})") from None
+        except (ValueError, UnicodeDecodeError, RecursionError) as e:  # RecursionError: '[' * 30000 in 64 KiB
+            raise BlockFormatError(f"corrupt block: header is not JSON ({type(e).__name__}: {str(e)[:100]})") from None
         if not isinstance(header, dict) or header.get("format") != FORMAT_NAME:
             raise BlockFormatError("not a kvtier block: header names no kvtier-block format")
         version = header.get("version")
@@ -180,15 +185,22 @@ class Block:
         if batch.num_rows != 1 or any(f.type != pa.large_binary() for f in schema):
             raise BlockFormatError(f"corrupt block: expected one row of binary columns, got {batch.num_rows} rows of {schema.types}")
         buffers: dict[str, pa.Buffer] = {}
-        for name, col in zip(schema.names, batch.columns):
+        for name, col in zip(names, batch.columns):
             if col.null_count:
                 raise BlockFormatError(f"corrupt block: payload buffer {name!r} is null")
-            buffers[name] = col[0].as_buffer()  # zero-copy slice of ``buf``
-        if len(buffers) != len(schema.names):
+            # slice the column's data buffer by its (validated) offsets: a zero-copy view of ``buf``;
+            # ``col[0].as_buffer()`` would copy the payload (measured: a new allocation in pyarrow 26)
+            _, offsets, data = col.buffers()
+            start, end = np.frombuffer(offsets, dtype="<i8", count=2, offset=8 * col.offset).tolist()
+            buffers[name] = data.slice(start, end - start) if data is not None else pa.py_buffer(b"")
+        if len(buffers) != len(names):
             raise BlockFormatError("corrupt block: duplicate payload buffer names")
 
-        want = _checksum(_header_dict(header["key"], header["model"], header["codec"], tuple(header["shape"]),
-                                      header["dtype"], header["params"]), buffers)
+        try:
+            want = _checksum(_header_dict(header["key"], header["model"], header["codec"], tuple(header["shape"]),
+                                          header["dtype"], header["params"]), buffers)
+        except RecursionError:  # params nested just below json.loads' depth limit can exceed json.dumps' limit
+            raise BlockFormatError("corrupt block: header params nested too deeply") from None
         if want != cs["hex"]:
             raise BlockFormatError(f"corrupt block {header['key']!r}: payload checksum mismatch (stored {cs['hex'][:16]}…, computed {want[:16]}…)")
         if expect_key is not None and header["key"] != expect_key:
