@@ -8,6 +8,7 @@ naming the field and the value. This module knows nothing of Ray.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -33,7 +34,10 @@ def parse_size(value: Any, name: str = "size") -> int:
         m = _SIZE_RE.match(value)
         if not m or m.group(2).lower() not in _UNITS:
             raise ValueError(f"{name}={value!r} is not a size; use an int of bytes or a string like '4GiB', '512MB'")
-        size = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+        number = float(m.group(1)) * _UNITS[m.group(2).lower()]
+        if not math.isfinite(number):  # "9" * 400 parses to inf; int(inf) would raise OverflowError
+            raise ValueError(f"{name}={value!r} is too large to be a size")
+        size = int(number)
     else:
         raise ValueError(f"{name}={value!r} is not a size; use an int of bytes or a string like '4GiB'")
     if size < 0:
@@ -96,10 +100,18 @@ class TierConfig:
             scheme = self.cold_uri.split("://", 1)[0].lower()
             if scheme not in _COLD_SCHEMES:
                 raise ValueError(f"cold_uri={self.cold_uri!r} has unknown scheme {scheme!r}; expected a local path, file:// or s3://")
+            if scheme == "s3" and not self.cold_uri.split("://", 1)[1].strip("/"):
+                raise ValueError(f"cold_uri={self.cold_uri!r} names no bucket; expected s3://bucket/prefix")
         if not isinstance(self.tenant, str) or not re.fullmatch(r"[A-Za-z0-9._-]{0,64}", self.tenant):
             raise ValueError(f"tenant={self.tenant!r} must be up to 64 characters of letters, digits, '.', '_' or '-'")
-        if not (isinstance(self.rpc_timeout_s, (int, float)) and self.rpc_timeout_s > 0):
+        if (not isinstance(self.rpc_timeout_s, (int, float)) or isinstance(self.rpc_timeout_s, bool)
+                or not 0 < self.rpc_timeout_s < math.inf):
             raise ValueError(f"rpc_timeout_s={self.rpc_timeout_s!r} must be a positive number of seconds")
+        if not isinstance(self.write_through, bool):  # "false" from an env var or CLI would be truthy
+            raise ValueError(f"write_through={self.write_through!r} must be a bool")
+        for name in ("s3_endpoint", "s3_region"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name}={getattr(self, name)!r} must be a string")
         from kvtier.codecs import get_codec  # late import: codecs import config-free modules only
 
         get_codec(self.codec)  # raises CodecError naming an unknown codec
