@@ -1,0 +1,261 @@
+"""Hugging Face transformers integration: ``DynamicCache`` <-> kvtier chunks, and a drop-in cache.
+
+A transformers ``DynamicCache`` holds, per layer, keys and values of shape
+``[batch, kv_heads, seq, head_dim]`` (post-RoPE). kvtier stores chunks of shape
+``[layers, 2, kv_heads, chunk_tokens, head_dim]``. This module converts between
+the two (batch 1, full chunks only) and wires them to a store:
+
+    cache, n_cached = kvtier.hf.load_prefix(store, token_ids, model_id, 256, device, config=model.config)
+    out = model(input_ids[:, n_cached:], past_key_values=cache)       # compute only the rest
+    kvtier.hf.store_chunks(store, token_ids, cache, model_id, 256, skip=n_cached)
+
+or, as one object for ``model.generate``::
+
+    cache = KVTierCache(store, model, input_ids)       # loads the cached prefix now
+    model.generate(input_ids, past_key_values=cache)   # stores the prompt's new full chunks after prefill
+
+``store`` is anything with ``lookup(keys) -> int`` (leading keys present),
+``get(keys) -> list[Tensor | None]`` and ``put(keys, kvs, codec=None)``: the
+``kvtier`` module itself once its runtime is initialised, or a test double.
+
+At least one prompt token is always recomputed, even when every full chunk is
+cached: generation needs the logits of the last prompt token, and the cache
+holds KV, not logits. A prompt of exactly 512 tokens with 256-token chunks
+therefore loads one chunk and recomputes 256 tokens.
+
+Only full-attention layers are supported (Llama, Qwen2, Mistral without a
+sliding window...); sliding-window and linear-attention layers keep a
+different state and are refused with a clear error. This module is pure
+torch/transformers: no Ray, no tier logic, no codecs of its own.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+from transformers import DynamicCache
+
+from kvtier.keys import _token_array, chunk_keys
+
+
+def kv_layout(config_or_model: Any) -> tuple[int, int, int]:
+    """(num_layers, num_kv_heads, head_dim) of a model or its config."""
+    config = getattr(config_or_model, "config", config_or_model)
+    c = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    heads = getattr(c, "num_key_value_heads", None) or c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return int(c.num_hidden_layers), int(heads), int(head_dim)
+
+
+def reusable_chunks(num_tokens: int, chunk_tokens: int) -> int:
+    """How many leading full chunks of a ``num_tokens`` prompt may come from the
+    cache: all full chunks except that at least one token is left to compute."""
+    _check_chunk_tokens(chunk_tokens)
+    return max(num_tokens - 1, 0) // chunk_tokens
+
+
+# ---- DynamicCache <-> chunks ------------------------------------------------
+
+def cache_to_chunks(cache: DynamicCache, chunk_tokens: int, start: int = 0) -> list[torch.Tensor]:
+    """The full chunks of ``cache`` from token ``start`` on, each a new contiguous
+    tensor ``[layers, 2, kv_heads, chunk_tokens, head_dim]`` in the cache's dtype
+    and device. A trailing partial chunk is left out."""
+    _check_chunk_tokens(chunk_tokens)
+    layers = _full_attention_layers(cache)
+    seq = layers[0].keys.shape[-2]
+    if not isinstance(start, int) or not 0 <= start <= seq:
+        raise ValueError(f"start={start!r} must be an int in [0, {seq}] (the cache holds {seq} tokens)")
+    n = (seq - start) // chunk_tokens
+    L, (b, H, _, D) = len(layers), layers[0].keys.shape
+    out = []
+    for i in range(n):
+        s, e = start + i * chunk_tokens, start + (i + 1) * chunk_tokens
+        chunk = torch.empty((L, 2, H, chunk_tokens, D), dtype=layers[0].keys.dtype, device=layers[0].keys.device)
+        for li, layer in enumerate(layers):
+            chunk[li, 0] = layer.keys[0, :, s:e]
+            chunk[li, 1] = layer.values[0, :, s:e]
+        out.append(chunk)
+    return out
+
+
+def chunks_to_cache(chunks: Sequence[torch.Tensor], config_or_model: Any = None, *,
+                    dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> DynamicCache:
+    """A new ``DynamicCache`` holding ``chunks`` in order (token 0 first). With a
+    model or config the cache gets its layer types and the chunks are checked
+    against its KV shape; ``dtype``/``device`` convert the chunks on the way."""
+    config = getattr(config_or_model, "config", config_or_model)
+    cache = DynamicCache(config=config) if config is not None else DynamicCache()
+    return append_chunks(cache, chunks, dtype=dtype, device=device,
+                         layout=kv_layout(config) if config is not None else None)
+
+
+def append_chunks(cache: DynamicCache, chunks: Sequence[torch.Tensor], *, dtype: torch.dtype | None = None,
+                  device: str | torch.device | None = None, layout: tuple[int, int, int] | None = None) -> DynamicCache:
+    """Append ``chunks`` after what ``cache`` already holds (in place; returns it)."""
+    chunks = list(chunks)
+    if not chunks:
+        return cache
+    first = chunks[0]
+    for i, c in enumerate(chunks):
+        if not isinstance(c, torch.Tensor) or c.dim() != 5 or c.shape[1] != 2:
+            raise ValueError(f"chunk #{i} has shape {tuple(getattr(c, 'shape', ()))}, expected "
+                             "[layers, 2, kv_heads, tokens, head_dim]")
+        if c.shape[:3] != first.shape[:3] or c.shape[4] != first.shape[4]:
+            raise ValueError(f"chunk #{i} has shape {tuple(c.shape)}, chunk #0 has {tuple(first.shape)}")
+    if layout is not None and (first.shape[0], first.shape[2], first.shape[4]) != layout:
+        raise ValueError(f"chunks of shape {tuple(first.shape)} do not fit this model: it has {layout[0]} layers, "
+                         f"{layout[1]} KV heads, head_dim {layout[2]}")
+    if cache.layers and len(cache.layers) != first.shape[0]:
+        raise ValueError(f"chunks have {first.shape[0]} layers, the cache has {len(cache.layers)}")
+    kv = torch.cat(chunks, dim=3) if len(chunks) > 1 else first
+    kv = kv.to(device=device if device is not None else kv.device, dtype=dtype or kv.dtype)
+    for li in range(kv.shape[0]):
+        cache.update(kv[li, 0].unsqueeze(0), kv[li, 1].unsqueeze(0), li)
+    _full_attention_layers(cache)
+    return cache
+
+
+# ---- store <-> cache --------------------------------------------------------
+
+def load_prefix(store: Any, token_ids: Any, model_id: str, chunk_tokens: int = 256,
+                device: str | torch.device | None = None, *, config: Any = None,
+                dtype: torch.dtype | None = None) -> tuple[DynamicCache, int]:
+    """Load the longest cached prefix of ``token_ids`` from ``store``.
+
+    Returns (cache, n_cached_tokens): a ``DynamicCache`` holding the KV of the
+    first ``n_cached_tokens`` tokens (a multiple of ``chunk_tokens``, at most
+    ``len(token_ids) - 1``), empty on a miss. A block that vanished between
+    lookup and get ends the prefix there (a miss, never a gap).
+    """
+    loaded, _ = _fetch(store, token_ids, model_id, chunk_tokens, config)
+    cache = DynamicCache(config=getattr(config, "config", config)) if config is not None else DynamicCache()
+    append_chunks(cache, loaded, dtype=dtype, device=device,
+                  layout=kv_layout(config) if config is not None else None)
+    return cache, len(loaded) * chunk_tokens
+
+
+def store_chunks(store: Any, token_ids: Any, cache: DynamicCache, model_id: str, chunk_tokens: int = 256,
+                 skip: int = 0, codec: str | None = None, kv_dtype: torch.dtype | None = None) -> int:
+    """Put the full chunks of ``cache`` that ``token_ids`` names, except the first
+    ``skip`` tokens (already stored), into ``store``. The cache may hold fewer
+    tokens than ``token_ids`` (after ``generate``, the last token has no KV) or
+    more. ``kv_dtype`` casts the chunks before storing (``model_id`` should
+    name that dtype). Returns the number of chunks put."""
+    _check_chunk_tokens(chunk_tokens)
+    ids = _token_array(token_ids)
+    if not isinstance(skip, int) or skip < 0 or skip % chunk_tokens:
+        raise ValueError(f"skip={skip!r} must be a non-negative multiple of chunk_tokens={chunk_tokens} (a token count)")
+    usable = min(len(ids), cache.get_seq_length()) // chunk_tokens
+    first = skip // chunk_tokens
+    if first >= usable:
+        return 0
+    keys = chunk_keys(ids[: usable * chunk_tokens], model_id, chunk_tokens)
+    chunks = cache_to_chunks(cache, chunk_tokens, start=first * chunk_tokens)[: usable - first]
+    if kv_dtype is not None:
+        chunks = [c.to(kv_dtype) for c in chunks]
+    store.put(keys[first:usable], chunks, codec=codec)
+    return len(chunks)
+
+
+class KVTierCache(DynamicCache):
+    """A ``DynamicCache`` for ``model.generate(input_ids, past_key_values=...)``
+    that starts with the longest cached prefix of ``input_ids`` (loaded on
+    construction) and puts the prompt's new full chunks into ``store`` as soon
+    as the prefill has computed them.
+
+    ``cached_tokens``: tokens loaded from the store; ``stored_chunks``: chunks
+    this cache put. ``save(token_ids)`` also stores chunks completed by
+    generated tokens (pass the prompt + output ids after ``generate``).
+    """
+
+    def __init__(self, store: Any, model: Any, token_ids: Any, chunk_tokens: int = 256, *,
+                 model_id: str | None = None, codec: str | None = None, kv_dtype: torch.dtype | None = None):
+        config = getattr(model, "config", model)
+        super().__init__(config=config)
+        if model_id is None:
+            from kvtier.model import model_id_for
+
+            model_id = model_id_for(model, kv_dtype)
+        self.store, self.model_id, self.chunk_tokens = store, model_id, chunk_tokens
+        self.codec, self.kv_dtype = codec, kv_dtype
+        self.token_ids = _token_array(token_ids).copy()
+        self.num_layers = kv_layout(config)[0]
+        self.stored_chunks = 0
+        self._prompt_done = False
+        param = next(model.parameters(), None) if hasattr(model, "parameters") else None
+        loaded, n_hit = _fetch(store, self.token_ids, model_id, chunk_tokens, config)
+        append_chunks(self, loaded, layout=kv_layout(config), dtype=param.dtype if param is not None else None,
+                      device=param.device if param is not None else None)
+        self.cached_tokens = len(loaded) * chunk_tokens
+        self._stored_upto = n_hit * chunk_tokens  # chunks the store already holds need no put
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        out = super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        # the last layer's update of the prefill: every layer now holds the whole prompt
+        if (not self._prompt_done and layer_idx == self.num_layers - 1
+                and self.get_seq_length(layer_idx) >= len(self.token_ids)):
+            self._prompt_done = True
+            self.save(self.token_ids)
+        return out
+
+    def save(self, token_ids: Any) -> int:
+        """Store the full chunks of ``token_ids`` (which must start with this
+        cache's prompt) not stored yet; returns how many were put."""
+        ids = _token_array(token_ids)
+        n = min(len(ids), len(self.token_ids))
+        if not np.array_equal(ids[:n], self.token_ids[:n]):
+            raise ValueError("token_ids must start with the prompt this KVTierCache was built for")
+        put = store_chunks(self.store, ids, self, self.model_id, self.chunk_tokens, skip=self._stored_upto,
+                           codec=self.codec, kv_dtype=self.kv_dtype)
+        self._stored_upto = max(self._stored_upto,
+                                min(len(ids), self.get_seq_length()) // self.chunk_tokens * self.chunk_tokens)
+        self.stored_chunks += put
+        return put
+
+
+# ---- internals ----------------------------------------------------------------
+
+def _check_chunk_tokens(chunk_tokens: Any) -> None:
+    if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1:
+        raise ValueError(f"chunk_tokens={chunk_tokens!r} must be a positive int")
+
+
+def _full_attention_layers(cache: Any) -> list:
+    if not isinstance(cache, DynamicCache):
+        raise TypeError(f"expected a transformers DynamicCache, got {type(cache).__name__}")
+    layers = cache.layers
+    if not layers or not all(getattr(l, "is_initialized", False) for l in layers):
+        raise ValueError("the cache is empty: run the model on the prompt first")
+    for i, l in enumerate(layers):
+        if getattr(l, "is_sliding", False) or not hasattr(l, "keys"):
+            raise ValueError(f"cache layer {i} is a {type(l).__name__}: kvtier.hf supports full-attention layers only")
+    b = layers[0].keys.shape[0]
+    if b != 1:
+        raise ValueError(f"the cache holds a batch of {b} sequences; kvtier.hf converts batch 1 only")
+    return layers
+
+
+def _fetch(store: Any, token_ids: Any, model_id: str, chunk_tokens: int, config: Any) -> tuple[list[torch.Tensor], int]:
+    """(leading chunks fetched, chunks the store reported present)."""
+    ids = _token_array(token_ids)
+    keys = chunk_keys(ids, model_id, chunk_tokens)[: reusable_chunks(len(ids), chunk_tokens)]
+    if not keys:
+        return [], 0
+    n = store.lookup(keys)
+    if not isinstance(n, int) or not 0 <= n <= len(keys):
+        raise ValueError(f"store.lookup returned {n!r} for {len(keys)} keys; expected an int in [0, {len(keys)}]")
+    got = store.get(keys[:n]) if n else []
+    want = (kv_layout(config) if config is not None else None)
+    chunks: list[torch.Tensor] = []
+    for key, kv in zip(keys, got):
+        if kv is None:  # evicted between lookup and get: the prefix ends here
+            break
+        exp = (want[0], 2, want[1], chunk_tokens, want[2]) if want else None
+        if not isinstance(kv, torch.Tensor) or (exp and tuple(kv.shape) != exp) or kv.shape[3] != chunk_tokens:
+            raise ValueError(f"store returned shape {tuple(getattr(kv, 'shape', ()))} for key {key[:16]}…, expected "
+                             f"{exp or f'[layers, 2, kv_heads, {chunk_tokens}, head_dim]'}: does model_id={model_id!r} "
+                             "name this model?")
+        chunks.append(kv)
+    return chunks, n

