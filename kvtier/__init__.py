@@ -13,7 +13,71 @@ from kvtier.keys import chunk_keys, model_fingerprint
 
 __version__ = "0.1.0"
 
+
+# The tier API: thin wrappers that import the Ray runtime on first call, so that
+# ``import kvtier`` never imports Ray (see kvtier/runtime/api.py for the details).
+def init(address=None, namespace="kvtier", config=None):
+    """Start an embedded tier (no address, no Ray running) or join the one on a Ray cluster."""
+    from kvtier.runtime import api
+
+    return api.init(address, namespace, config)
+
+
+def put(keys, kvs, codec=None):
+    """Compress and store one KV chunk (``put(key, kv)``) or a batch of them."""
+    from kvtier.runtime import api
+
+    return api.put(keys, kvs, codec)
+
+
+def get(keys, device=None):
+    """The KV chunk of a key (or None on a miss), or a list of them for a list of keys."""
+    from kvtier.runtime import api
+
+    return api.get(keys, device)
+
+
+def lookup(keys):
+    """How many leading keys are present in any tier (one round trip)."""
+    from kvtier.runtime import api
+
+    return api.lookup(keys)
+
+
+def contains(key):
+    from kvtier.runtime import api
+
+    return api.contains(key)
+
+
+def prefetch(keys):
+    """Pull keys toward this process's hot tier in the background; returns a Future."""
+    from kvtier.runtime import api
+
+    return api.prefetch(keys)
+
+
+def delete(keys):
+    from kvtier.runtime import api
+
+    return api.delete(keys)
+
+
+def stats():
+    from kvtier.runtime import api
+
+    return api.stats()
+
+
+def shutdown(stop=None):
+    """Close this process's client; stops an embedded tier (a shared one only with ``stop=True``)."""
+    import sys
+
+    if "kvtier.runtime.api" in sys.modules:  # never initialized: nothing to do, and no Ray import
+        sys.modules["kvtier.runtime.api"].shutdown(stop)
+
 __all__ = [
     "Block", "TierConfig", "KvtierError", "BlockFormatError", "CodecError", "TierUnavailableError",
     "chunk_keys", "model_fingerprint", "compress", "decompress", "get_codec", "list_codecs",
+    "init", "put", "get", "lookup", "contains", "prefetch", "delete", "stats", "shutdown",
 ]

@@ -1,0 +1,281 @@
+"""The client: what one process uses to put and get KV chunks through the tiers.
+
+put: compress where the tensor lives (the configured codec), keep the block in
+this process's hot tier, send its Arrow bytes to a warm shard (one call per
+shard per batch; a shard on this node when there is one), and return when the
+shard has registered it with the controller. ``write_through`` also writes it to
+the cold store first.
+
+get: this process's hot tier, then one ``locate`` call to the controller for
+the whole batch, then the warm copies (``ray.get`` of the shards' ObjectRefs:
+zero-copy from the object store on the same node), then the cold store (read,
+verify, promote to a warm shard in the background). Every block read from warm
+or cold is parsed with ``Block.from_arrow(..., expect_key=key)``: a corrupt,
+foreign or missing block is a miss (``None``), never wrong data.
+
+Every remote call has a timeout (``rpc_timeout_s``). A controller that does not
+answer makes gets fall back to the cold store directly; a shard that died makes
+its blocks misses (or cold hits) and is reported to the controller.
+
+Not here: placement decisions (the controller), storage of blocks (tiers/).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+import ray
+import torch
+
+from kvtier.block import Block
+from kvtier.codecs import compress
+from kvtier.config import TierConfig
+from kvtier.errors import BlockFormatError, KvtierError
+from kvtier.keys import check_keys
+from kvtier.runtime.names import open_cold_store
+from kvtier.tiers.hot import HotTier, decode_block
+
+log = logging.getLogger("kvtier.client")
+_RPC_ERRORS = (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError)
+
+
+class Client:
+    def __init__(self, controller, namespace: str, info: dict, hot_bytes: int | None = None,
+                 codec: str | None = None) -> None:
+        self.controller = controller
+        self.namespace = namespace
+        self.cfg = TierConfig.from_any(info["config"])
+        if hot_bytes is not None or codec is not None:
+            self.cfg = self.cfg.replace(hot_bytes=self.cfg.hot_bytes if hot_bytes is None else hot_bytes,
+                                        codec=codec or self.cfg.codec)
+        self.timeout = self.cfg.rpc_timeout_s
+        self.node_id = ray.get_runtime_context().get_node_id()
+        self.hot = HotTier(self.cfg.hot_bytes)
+        self.cold = open_cold_store(self.cfg)
+        self._shards: list[dict] = info["shards"]
+        self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtier-prefetch")
+        self._lock = threading.Lock()
+        self.counters = {"puts": 0, "gets": 0, "errors": 0, "corrupt": 0, "lost": 0, "promotions": 0,
+                         "put_bytes": 0, "raw_put_bytes": 0}
+        self._last_log = 0.0
+
+    # ---- put ------------------------------------------------------------
+    def put(self, keys: Sequence[str], kvs: Sequence[torch.Tensor], codec: str | None = None) -> None:
+        keys = check_keys(keys)
+        if len(keys) != len(kvs):
+            raise ValueError(f"put got {len(keys)} keys and {len(kvs)} tensors; they must pair up")
+        codec = codec or self.cfg.codec
+        blocks = [compress(kv, codec, key=k) for k, kv in zip(keys, kvs)]
+        wires = [b.to_arrow() for b in blocks]
+        for key, wire in zip(keys, wires):
+            # re-parse from the wire copy: a hot block must not alias the caller's tensor (``none`` codec)
+            self.hot.put(Block.from_arrow(wire, expect_key=key))
+        cold = [False] * len(keys)
+        if self.cfg.write_through and self.cold is not None:
+            for i, (key, wire) in enumerate(zip(keys, wires)):
+                try:
+                    self.cold.put(key, wire)
+                    cold[i] = True
+                except (KvtierError, OSError) as e:
+                    self._error(f"write-through of {key[:16]} to the cold tier failed: {type(e).__name__}: {e}")
+        self._send_warm(keys, wires, cold, wait=True)
+        self.counters["puts"] += len(keys)
+        self.counters["put_bytes"] += sum(w.size for w in wires)
+        self.counters["raw_put_bytes"] += sum(b.raw_nbytes for b in blocks)
+
+    def _pick_shard(self, key: str) -> dict:
+        shards = self._shards
+        local = [s for s in shards if s["node_id"] == self.node_id]
+        pool = local or shards
+        return pool[zlib.crc32(key.encode()) % len(pool)]
+
+    def _send_warm(self, keys: list[str], wires: list[pa.Buffer], cold: list[bool], wait: bool) -> bool:
+        groups: dict[str, tuple[Any, list[int]]] = {}
+        for i, key in enumerate(keys):
+            s = self._pick_shard(key)
+            groups.setdefault(s["id"], (s["handle"], []))[1].append(i)
+        refs = {sid: h.store.remote([keys[i] for i in idx], *[np.frombuffer(wires[i], dtype=np.uint8) for i in idx],
+                                    cold=[cold[i] for i in idx])
+                for sid, (h, idx) in groups.items()}
+        if not wait:
+            return True
+        ok = True
+        for sid, ref in refs.items():
+            try:
+                ray.get(ref, timeout=self.timeout)
+            except _RPC_ERRORS as e:
+                ok = False
+                self._error(f"warm shard {sid} did not take {len(groups[sid][1])} blocks ({type(e).__name__}); "
+                            "they stay in this process's hot tier")
+                self._refresh_shards()
+        return ok
+
+    # ---- get ------------------------------------------------------------
+    def get(self, keys: Sequence[str], device: str | torch.device | None = None) -> list[torch.Tensor | None]:
+        keys = check_keys(keys)
+        out: list[torch.Tensor | None] = [None] * len(keys)
+        need = []
+        for i, key in enumerate(keys):
+            try:
+                out[i] = self.hot.get_kv(key, device)
+            except BlockFormatError as e:
+                self._corrupt(key, "hot", e)
+                self.hot.delete(key)
+            if out[i] is None:
+                need.append(i)
+        if need:
+            blocks = self._fetch([keys[i] for i in need])
+            for i in need:
+                block = blocks.get(keys[i])
+                if block is None:
+                    continue
+                self.hot.put(block)
+                try:
+                    out[i] = decode_block(block, device)
+                except BlockFormatError as e:
+                    self._corrupt(keys[i], "decode", e)
+                    self.hot.delete(keys[i])
+        self.counters["gets"] += len(keys)
+        return out
+
+    def _fetch(self, keys: list[str]) -> dict[str, Block]:
+        """Blocks of ``keys`` from warm, then cold; absent keys are misses. One controller call."""
+        try:
+            locs, lease = ray.get(self.controller.locate.remote(keys), timeout=self.timeout)
+        except _RPC_ERRORS as e:
+            self._error(f"controller did not answer locate ({type(e).__name__}); reading the cold tier directly")
+            locs, lease = [(0, None, None, True)] * len(keys), 0
+        found: dict[str, Block] = {}
+        lost, cold_lost = [], []
+        warm = [(k, loc[2][0]) for k, loc in zip(keys, locs) if loc is not None and loc[2]]
+        if warm:
+            refs = [r for _, r in warm]
+            ray.wait(refs, num_returns=len(refs), timeout=self.timeout, fetch_local=True)
+            for key, ref in warm:
+                try:
+                    data = ray.get(ref, timeout=0.001)
+                    found[key] = Block.from_arrow(pa.py_buffer(data), expect_key=key)
+                except ray.exceptions.GetTimeoutError:
+                    self._error(f"warm copy of {key[:16]} did not arrive within {self.timeout}s")
+                except BlockFormatError as e:
+                    self._corrupt(key, "warm", e)
+                    lost.append(key)
+                except ray.exceptions.RayError as e:  # its shard died: the object went with it
+                    self.counters["lost"] += 1
+                    lost.append(key)
+        promote = []
+        if self.cold is not None:
+            for key, loc in zip(keys, locs):
+                if key in found or loc is None or not loc[3]:
+                    continue
+                try:
+                    block = self.cold.get(key)
+                except (KvtierError, OSError) as e:
+                    self._error(f"cold read of {key[:16]} failed: {type(e).__name__}: {e}")
+                    continue
+                if block is None or block.key != key:
+                    if loc[2] is None and lease:  # the index said cold: the store removed or lost it
+                        cold_lost.append(key)
+                    continue
+                found[key] = block
+                if loc[1] is None:
+                    promote.append(key)
+        if promote:  # cold hit: a warm copy for the next reader, without waiting for it
+            self._send_warm(promote, [found[k].to_arrow() for k in promote], [True] * len(promote), wait=False)
+            self.counters["promotions"] += len(promote)
+        try:
+            if lease:
+                self.controller.unpin.remote(lease)
+            if lost or cold_lost:
+                self.controller.forget.remote(lost, cold_lost)
+        except ray.exceptions.RayActorError:
+            pass
+        return found
+
+    # ---- metadata -------------------------------------------------------
+    def lookup(self, keys: Sequence[str]) -> int:
+        keys = check_keys(keys)
+        have = [k in self.hot for k in keys]
+        lead = next((i for i, h in enumerate(have) if not h), len(keys))
+        if lead == len(keys):
+            return lead
+        try:
+            return ray.get(self.controller.lookup.remote(keys, have), timeout=self.timeout)
+        except _RPC_ERRORS as e:
+            self._error(f"controller did not answer lookup ({type(e).__name__}); counting this process's hot tier only")
+            return lead
+
+    def contains(self, key: str) -> bool:
+        (key,) = check_keys([key])
+        if key in self.hot:
+            return True
+        try:
+            return bool(ray.get(self.controller.present.remote([key]), timeout=self.timeout)[0])
+        except _RPC_ERRORS as e:
+            self._error(f"controller did not answer contains ({type(e).__name__})")
+            return False
+
+    def prefetch(self, keys: Sequence[str]) -> Future:
+        """Pull ``keys`` into this process's hot tier in the background; the future gives how many arrived."""
+        keys = check_keys(keys)
+
+        def pull() -> int:
+            missing = [k for k in keys if k not in self.hot]
+            blocks = self._fetch(missing) if missing else {}
+            for b in blocks.values():
+                self.hot.put(b)
+            return len(keys) - len(missing) + len(blocks)
+
+        return self._pool.submit(pull)
+
+    def delete(self, keys: Sequence[str]) -> int:
+        keys = check_keys(keys)
+        n_hot = sum(self.hot.delete(k) for k in keys)
+        try:
+            return max(n_hot, int(ray.get(self.controller.delete.remote(keys), timeout=self.timeout)))
+        except _RPC_ERRORS as e:
+            raise KvtierError(f"delete of {len(keys)} keys: the controller did not answer within {self.timeout}s "
+                              f"({type(e).__name__}); lower tiers may still hold them") from None
+
+    def stats(self) -> dict[str, Any]:
+        try:
+            out = ray.get(self.controller.stats.remote(), timeout=3 * self.timeout)
+        except _RPC_ERRORS as e:
+            self._error(f"controller did not answer stats ({type(e).__name__})")
+            out = {"warm": {}, "cold": {}, "shards": [], "controller": {"error": type(e).__name__}}
+        out["hot"] = self.hot.stats()
+        if self.cold is not None:
+            cs = self.cold.stats()
+            out["cold"].update({f"client_{k}": cs[k] for k in ("corrupt", "errors") if k in cs})
+        out["client"] = dict(self.counters, node_id=self.node_id, namespace=self.namespace)
+        return {k: out[k] for k in ("hot", "warm", "cold", "shards", "controller", "client", "keys", "leases") if k in out}
+
+    # ---- helpers --------------------------------------------------------
+    def _refresh_shards(self) -> None:
+        try:
+            self._shards = ray.get(self.controller.info.remote(), timeout=self.timeout)["shards"]
+        except _RPC_ERRORS:
+            pass
+
+    def _corrupt(self, key: str, where: str, e: Exception) -> None:
+        self.counters["corrupt"] += 1
+        self._error(f"corrupt {where} block {key[:16]} treated as a miss: {e}")
+
+    def _error(self, msg: str) -> None:
+        with self._lock:
+            self.counters["errors"] += 1
+            now = time.monotonic()
+            if now - self._last_log > 10.0:  # one line per 10 s: a dead backend must not flood the log
+                self._last_log = now
+                log.warning("kvtier: %s (errors so far: %d)", msg, self.counters["errors"])
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+        self.hot.clear()

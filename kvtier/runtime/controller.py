@@ -1,0 +1,247 @@
+"""The controller actor: a thin Ray shell around ``kvtier.placement.Placement``.
+
+One named, detached controller per tier namespace owns the index (key -> size,
+warm shard + ObjectRef, cold flag, pins). Clients ask it where keys are (one
+call per batch) and shards tell it what they hold; it answers with metadata
+only. Every data movement it decides (demote, drop, delete a cold object) is an
+order sent to a shard, fire-and-forget; the shard reports back.
+
+It creates the warm shards (named, detached, restarted by Ray, spread over the
+cluster's nodes with soft node affinity) and, each time it starts, rebuilds the
+index from what the shards hold (``inventory``) and what the cold store lists,
+so ``ray.kill(controller, no_restart=False)`` loses no block that was in a warm
+shard or the cold tier. A monitor thread pings the shards every second: a shard
+that died (or came back as a new, empty incarnation) has its blocks forgotten,
+so gets fall back to cold or miss instead of hanging; it also expires pin leases.
+
+Not here: placement policy (``kvtier.placement``), data, decompression.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+import ray
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from kvtier.config import TierConfig
+from kvtier.errors import KvtierError
+from kvtier.placement import Order, Placement
+from kvtier.runtime.names import open_cold_store, shard_name
+from kvtier.runtime.shard import Shard
+
+log = logging.getLogger("kvtier.controller")
+
+ShardActor = ray.remote(Shard)
+STARTUP_TIMEOUT_S = 120.0  # a fresh shard starts a worker process: 1-3 s idle, tens of s on a loaded 2-core CI box
+MONITOR_INTERVAL_S = 1.0
+
+
+class _ShardInfo:
+    def __init__(self, sid: str, handle) -> None:
+        self.id, self.handle = sid, handle
+        self.node_id: str | None = None
+        self.incarnation: str | None = None  # None: its inventory is not in the index yet
+
+
+class Controller:
+    def __init__(self, config: dict, namespace: str) -> None:
+        self.cfg = TierConfig.from_any(config)
+        self.namespace = namespace
+        self.cold = open_cold_store(self.cfg)
+        self.placement = Placement({shard_name(i): self.cfg.shard_bytes for i in range(self.cfg.num_shards)},
+                                   cold_capacity=self.cfg.cold_bytes, cold_enabled=self.cold is not None)
+        self.lease_s = 3 * self.cfg.rpc_timeout_s + 5.0  # a reader's fetch is bounded by rpc_timeout_s; 3x is slack
+        self._lock = threading.RLock()
+        self._rr = 0
+        self.errors = 0
+        self.started = time.time()
+        self.shards = {shard_name(i): _ShardInfo(shard_name(i), self._ensure_shard(i)) for i in range(self.cfg.num_shards)}
+        self._rebuild()
+        self._stop = threading.Event()
+        threading.Thread(target=self._monitor, name="kvtier-monitor", daemon=True).start()
+
+    # ---- shards ---------------------------------------------------------
+    def _ensure_shard(self, i: int):
+        nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
+        strategy = NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True) if nodes else "DEFAULT"
+        return ShardActor.options(
+            name=shard_name(i), namespace=self.namespace, lifetime="detached", get_if_exists=True,
+            max_restarts=-1, max_task_retries=0, num_cpus=0, max_concurrency=8, scheduling_strategy=strategy,
+        ).remote(shard_name(i), self.cfg.to_dict(), self.namespace)
+
+    def _sync(self, info: _ShardInfo, inv: dict) -> list[Order]:
+        """Put a shard's inventory into the index (after a restart of either side)."""
+        orders: list[Order] = []
+        with self._lock:
+            if info.incarnation is not None and info.incarnation != inv["incarnation"]:
+                lost = self.placement.remove_shard(info.id)  # the shard restarted: its objects died with it
+                self.placement.add_shard(info.id, self.cfg.shard_bytes)
+                log.warning("kvtier: shard %s restarted; forgot %d blocks it held", info.id, len(lost))
+            info.incarnation, info.node_id = inv["incarnation"], inv["node_id"]
+            for key, size, gen, ref in inv.get("items", []):
+                orders += self.placement.put_warm(key, size, info.id, gen, ref)
+        return orders
+
+    def _rebuild(self) -> None:
+        pending = {info.id: info.handle.inventory.remote() for info in self.shards.values()}
+        orders = []
+        for sid, ref in pending.items():
+            try:
+                orders += self._sync(self.shards[sid], ray.get(ref, timeout=STARTUP_TIMEOUT_S))
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
+                self._error(f"shard {sid} did not report its inventory ({type(e).__name__}); the monitor retries")
+        if self.cold is not None:
+            try:
+                with self._lock:
+                    for key, size in self.cold.list():
+                        orders += self.placement.put_cold(key, size)
+            except (KvtierError, OSError) as e:
+                self._error(f"listing the cold store failed: {type(e).__name__}: {e}")
+        self._dispatch(orders)
+
+    def _monitor(self) -> None:
+        while not self._stop.wait(MONITOR_INTERVAL_S):
+            try:
+                self._check_shards()
+                with self._lock:
+                    orders = self.placement.expire()
+                self._dispatch(orders)
+            except Exception as e:  # the monitor must survive anything one round throws
+                self._error(f"monitor round failed: {type(e).__name__}: {e}")
+
+    def _check_shards(self) -> None:
+        pings = {sid: info.handle.ping.remote() for sid, info in self.shards.items()}
+        ray.wait(list(pings.values()), num_returns=len(pings), timeout=self.cfg.rpc_timeout_s)
+        for sid, ref in pings.items():
+            info = self.shards[sid]
+            try:
+                pong = ray.get(ref, timeout=0)
+            except ray.exceptions.GetTimeoutError:
+                continue  # slow, not dead: keep its blocks; readers time out on their own
+            except ray.exceptions.RayActorError:
+                with self._lock:
+                    lost = self.placement.remove_shard(sid)
+                    self.placement.add_shard(sid, self.cfg.shard_bytes)
+                    info.incarnation = None
+                self._error(f"shard {sid} is dead; forgot {len(lost)} blocks; recreating it")
+                info.handle = self._ensure_shard(int(sid.rsplit("-", 1)[1]))
+                continue
+            if pong["incarnation"] != info.incarnation:
+                try:
+                    inv = ray.get(info.handle.inventory.remote(), timeout=self.cfg.rpc_timeout_s)
+                except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError):
+                    continue
+                self._dispatch(self._sync(info, inv))
+
+    def _dispatch(self, orders: list[Order]) -> None:
+        for o in orders:
+            if o.kind == "delete_cold":
+                live = [i for i in self.shards.values() if i.incarnation is not None] or list(self.shards.values())
+                self._rr = (self._rr + 1) % len(live)
+                live[self._rr].handle.delete_cold.remote(list(o.keys))
+            else:
+                getattr(self.shards[o.shard].handle, o.kind).remote(list(o.keys), list(o.gens))
+
+    def _error(self, msg: str) -> None:
+        self.errors += 1
+        log.warning("kvtier controller: %s", msg)
+
+    # ---- called by shards -----------------------------------------------
+    def register(self, shard: str, incarnation: str, entries: list, cold: list[bool]) -> int:
+        orders: list[Order] = []
+        with self._lock:
+            info = self.shards.get(shard)
+            if info is None:
+                raise ValueError(f"unknown shard {shard!r}")
+            for i, (key, size, gen, ref) in enumerate(entries):
+                if i < len(cold) and cold[i] and self.cold is not None:
+                    orders += self.placement.put_cold(key, size)
+                orders += self.placement.put_warm(key, size, shard, gen, ref)
+        self._dispatch(orders)
+        return len(entries)
+
+    def demoted(self, shard: str, done: list) -> None:
+        orders: list[Order] = []
+        with self._lock:
+            for key, gen, ok in done:
+                orders += self.placement.demoted(key, shard, gen, ok)
+        self._dispatch(orders)
+
+    # ---- called by clients ----------------------------------------------
+    def info(self) -> dict[str, Any]:
+        return {"config": self.cfg.to_dict(), "namespace": self.namespace, "lease_s": self.lease_s,
+                "shards": [{"id": i.id, "node_id": i.node_id, "handle": i.handle} for i in self.shards.values()]}
+
+    def locate(self, keys: list[str], pin: bool = True) -> tuple[list, int]:
+        """Per key: None, or (size, shard id or None, [ObjectRef] or None, in cold). One call per batch."""
+        with self._lock:
+            entries, lease = self.placement.locate(keys, self.lease_s if pin else None)
+        return [None if e is None else (e.size, e.shard, e.ref, e.cold) for e in entries], lease
+
+    def lookup(self, keys: list[str], have: list[bool]) -> int:
+        with self._lock:
+            return self.placement.lookup(keys, have)
+
+    def present(self, keys: list[str]) -> list[bool]:
+        with self._lock:
+            return self.placement.present(keys)
+
+    def unpin(self, lease: int) -> None:
+        with self._lock:
+            orders = self.placement.unpin(lease)
+        self._dispatch(orders)
+
+    def put_cold(self, keys: list[str], sizes: list[int]) -> None:
+        orders: list[Order] = []
+        with self._lock:
+            for k, n in zip(keys, sizes):
+                orders += self.placement.put_cold(k, n)
+        self._dispatch(orders)
+
+    def forget(self, keys: list[str], cold_keys: list[str]) -> None:
+        """A reader found these warm copies lost or corrupt, and these cold objects missing or corrupt."""
+        with self._lock:
+            orders = self.placement.forget(keys)
+            self.placement.forget_cold(cold_keys)
+        self._dispatch(orders)
+
+    def delete(self, keys: list[str]) -> int:
+        with self._lock:
+            n, orders = self.placement.delete(keys)
+        self._dispatch(orders)
+        return n
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            out = self.placement.stats()
+        refs = {sid: info.handle.stats.remote() for sid, info in self.shards.items()}
+        shards = []
+        for sid, ref in refs.items():
+            index = out["shards"].get(sid, {})
+            try:
+                s = ray.get(ref, timeout=self.cfg.rpc_timeout_s)
+                s["alive"] = True
+            except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
+                s = {"id": sid, "alive": False, "error": type(e).__name__, "node_id": self.shards[sid].node_id}
+            s["index_blocks"], s["index_bytes"] = index.get("blocks", 0), index.get("bytes", 0)
+            s.setdefault("capacity_bytes", self.cfg.shard_bytes)
+            shards.append(s)
+        out["shards"] = shards
+        if self.cold is not None:
+            out["cold"]["uri"] = self.cfg.cold_uri
+        out["controller"] = {"errors": self.errors, "uptime_s": time.time() - self.started, "namespace": self.namespace}
+        return out
+
+    def stop(self) -> int:
+        """Kill this tier's shards (the caller then kills the controller). Cold data stays."""
+        self._stop.set()
+        for info in self.shards.values():
+            try:
+                ray.kill(info.handle, no_restart=True)
+            except ray.exceptions.RayActorError:
+                pass
+        return len(self.shards)
