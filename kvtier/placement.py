@@ -123,6 +123,7 @@ class _TierCounters:
     evictions: int = 0
     demotions: int = 0
     failures: int = 0  # cold only: demotions whose cold write failed (the block left the system)
+    dropped: int = 0   # blocks that left the system from this tier (no copy below)
 
 
 @dataclass
@@ -165,6 +166,7 @@ class Placement:
                     lost.append(key)
         if lru is not None:
             self.counters["warm"].evictions += len(lost)
+            self.counters["warm"].dropped += len(lost)
         return lost
 
     # ---- writes ---------------------------------------------------------
@@ -214,6 +216,7 @@ class Placement:
         elif e.shard is None and not e.cold:
             del self.entries[key]  # the cold write failed and no copy is left: it left the system
             self.counters["cold"].failures += 1
+            self.counters["warm"].dropped += 1
         return orders
 
     def forget(self, keys: Iterable[str], shard: str | None = None) -> list[Order]:
@@ -347,6 +350,7 @@ class Placement:
                 self._clear_warm(e)
                 if not e.cold:
                     del self.entries[key]
+                    self.counters["warm"].dropped += 1
             else:  # the shard writes it down; the copy stays readable until it reports back
                 e.moving = True
                 demote.append((key, e.gen))
@@ -365,6 +369,7 @@ class Placement:
             self.counters["cold"].evictions += 1
             if e.shard is None:
                 del self.entries[key]
+                self.counters["cold"].dropped += 1
         return _merge(gone)
 
     def _drop_cold(self, e: Entry, key: str) -> list[Order]:
@@ -384,9 +389,10 @@ class Placement:
         return {
             "warm": {"blocks": sum(len(l) for l in self.shards.values()), "bytes": sum(l.used for l in self.shards.values()),
                      "capacity_bytes": warm_cap, "hits": w.hits, "misses": w.misses, "evictions": w.evictions,
-                     "demotions": w.demotions},
+                     "demotions": w.demotions, "dropped": w.dropped},
             "cold": {"blocks": len(self.cold), "bytes": self.cold.used, "capacity_bytes": self.cold.capacity,
                      "hits": c.hits, "misses": c.misses, "evictions": c.evictions, "write_failures": c.failures,
+                     "dropped": c.dropped,
                      "enabled": self.cold_enabled},
             "shards": {sid: {"blocks": len(l), "bytes": l.used, "capacity_bytes": l.capacity} for sid, l in self.shards.items()},
             "keys": len(self.entries), "leases": len(self._leases),

@@ -39,6 +39,7 @@ from kvtier.codecs import compress
 from kvtier.config import TierConfig
 from kvtier.errors import BlockFormatError, KvtierError
 from kvtier.keys import check_keys
+from kvtier.metrics import TierMetrics
 from kvtier.runtime.names import open_cold_store
 from kvtier.tiers.hot import HotTier, decode_block
 
@@ -65,6 +66,8 @@ class Client:
         self.counters = {"puts": 0, "gets": 0, "errors": 0, "corrupt": 0, "lost": 0, "promotions": 0,
                          "put_bytes": 0, "raw_put_bytes": 0}
         self._last_log = 0.0
+        self.metrics = TierMetrics("client")
+        self._cold_transport = "s3" if self.cfg.cold_uri.startswith("s3://") else "file"
 
     # ---- put ------------------------------------------------------------
     def put(self, keys: Sequence[str], kvs: Sequence[torch.Tensor], codec: str | None = None) -> None:
@@ -72,6 +75,7 @@ class Client:
         if len(keys) != len(kvs):
             raise ValueError(f"put got {len(keys)} keys and {len(kvs)} tensors; they must pair up")
         codec = codec or self.cfg.codec
+        t0 = time.perf_counter()
         blocks = [compress(kv, codec, key=k) for k, kv in zip(keys, kvs)]
         wires = [b.to_arrow() for b in blocks]
         for key, wire in zip(keys, wires):
@@ -89,6 +93,12 @@ class Client:
         self.counters["puts"] += len(keys)
         self.counters["put_bytes"] += sum(w.size for w in wires)
         self.counters["raw_put_bytes"] += sum(b.raw_nbytes for b in blocks)
+        m = self.metrics
+        m.put_latency(time.perf_counter() - t0)
+        for b in blocks:
+            m.compression(b.codec, b.raw_nbytes, b.nbytes)
+        m.transfer("object_store", sum(w.size for w in wires))
+        self._hot_usage()
 
     def _pick_shard(self, key: str) -> dict:
         shards = self._shards
@@ -120,8 +130,10 @@ class Client:
     # ---- get ------------------------------------------------------------
     def get(self, keys: Sequence[str], device: str | torch.device | None = None) -> list[torch.Tensor | None]:
         keys = check_keys(keys)
+        t0 = time.perf_counter()
         out: list[torch.Tensor | None] = [None] * len(keys)
         need = []
+        served = "hot"
         for i, key in enumerate(keys):
             try:
                 out[i] = self.hot.get_kv(key, device)
@@ -130,8 +142,11 @@ class Client:
                 self.hot.delete(key)
             if out[i] is None:
                 need.append(i)
+        m = self.metrics
+        m.hit("hot", len(keys) - len(need))
+        m.miss("hot", len(need))
         if need:
-            blocks = self._fetch([keys[i] for i in need])
+            blocks, served = self._fetch([keys[i] for i in need])
             for i in need:
                 block = blocks.get(keys[i])
                 if block is None:
@@ -143,10 +158,15 @@ class Client:
                     self._corrupt(keys[i], "decode", e)
                     self.hot.delete(keys[i])
         self.counters["gets"] += len(keys)
+        misses = sum(x is None for x in out)
+        m.miss("none", misses)
+        m.get_latency(time.perf_counter() - t0, "none" if misses == len(out) else served)
+        self._hot_usage()
         return out
 
-    def _fetch(self, keys: list[str]) -> dict[str, Block]:
-        """Blocks of ``keys`` from warm, then cold; absent keys are misses. One controller call."""
+    def _fetch(self, keys: list[str]) -> tuple[dict[str, Block], str]:
+        """Blocks of ``keys`` from warm, then cold (absent keys are misses), and the
+        lowest tier that served one. One controller call."""
         try:
             locs, lease = ray.get(self.controller.locate.remote(keys), timeout=self.timeout)
         except _RPC_ERRORS as e:
@@ -162,6 +182,7 @@ class Client:
                 try:
                     data = ray.get(ref, timeout=0.001)
                     found[key] = Block.from_arrow(pa.py_buffer(data), expect_key=key)
+                    self.metrics.transfer("object_store", data.nbytes)
                 except ray.exceptions.GetTimeoutError:
                     self._error(f"warm copy of {key[:16]} did not arrive within {self.timeout}s")
                 except BlockFormatError as e:
@@ -185,6 +206,7 @@ class Client:
                         cold_lost.append(key)
                     continue
                 found[key] = block
+                self.metrics.transfer(self._cold_transport, block.nbytes)
                 if loc[1] is None:
                     promote.append(key)
         if promote:  # cold hit: a warm copy for the next reader, without waiting for it
@@ -197,7 +219,12 @@ class Client:
                 self.controller.forget.remote(lost, cold_lost)
         except ray.exceptions.RayActorError:
             pass
-        return found
+        n_warm = sum(1 for k, _ in warm if k in found)
+        self.metrics.hit("warm", n_warm)
+        self.metrics.miss("warm", len(keys) - n_warm)
+        n_cold = len(found) - n_warm
+        self.metrics.hit("cold", max(n_cold, 0))
+        return found, "cold" if n_cold > 0 else "warm"
 
     # ---- metadata -------------------------------------------------------
     def lookup(self, keys: Sequence[str]) -> int:
@@ -228,7 +255,7 @@ class Client:
 
         def pull() -> int:
             missing = [k for k in keys if k not in self.hot]
-            blocks = self._fetch(missing) if missing else {}
+            blocks = self._fetch(missing)[0] if missing else {}
             for b in blocks.values():
                 self.hot.put(b)
             return len(keys) - len(missing) + len(blocks)
@@ -264,8 +291,13 @@ class Client:
         except _RPC_ERRORS:
             pass
 
+    def _hot_usage(self) -> None:
+        h = self.hot
+        self.metrics.tier_usage("hot", len(h), h._lru.used, h.capacity)
+
     def _corrupt(self, key: str, where: str, e: Exception) -> None:
         self.counters["corrupt"] += 1
+        self.metrics.corrupt(where if where in ("hot", "warm", "cold") else "hot")
         self._error(f"corrupt {where} block {key[:16]} treated as a miss: {e}")
 
     def _error(self, msg: str) -> None:

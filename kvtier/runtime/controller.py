@@ -20,6 +20,7 @@ Not here: placement policy (``kvtier.placement``), data, decompression.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from typing import Any
@@ -29,6 +30,7 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from kvtier.config import TierConfig
 from kvtier.errors import KvtierError
+from kvtier.metrics import TierMetrics
 from kvtier.placement import Order, Placement
 from kvtier.runtime.names import open_cold_store, shard_name
 from kvtier.runtime.shard import Shard
@@ -61,6 +63,8 @@ class Controller:
         self.started = time.time()
         self.shards = {shard_name(i): _ShardInfo(shard_name(i), self._ensure_shard(i)) for i in range(self.cfg.num_shards)}
         self._rebuild()
+        self.metrics = TierMetrics("controller")
+        self._reported = {"warm": 0, "cold": 0}  # drop counts already exported
         self._stop = threading.Event()
         threading.Thread(target=self._monitor, name="kvtier-monitor", daemon=True).start()
 
@@ -109,7 +113,9 @@ class Controller:
                 self._check_shards()
                 with self._lock:
                     orders = self.placement.expire()
+                    st = self.placement.stats()
                 self._dispatch(orders)
+                self._export(st)
             except Exception as e:  # the monitor must survive anything one round throws
                 self._error(f"monitor round failed: {type(e).__name__}: {e}")
 
@@ -137,6 +143,16 @@ class Controller:
                     continue
                 self._dispatch(self._sync(info, inv))
 
+    def _export(self, st: dict) -> None:
+        """Cold occupancy (reported here only: shards report warm, clients hot) and drops since last round."""
+        c = st["cold"]
+        self.metrics.tier_usage("cold", c["blocks"], c["bytes"], c["capacity_bytes"])
+        for tier in ("warm", "cold"):
+            n = st[tier]["dropped"] - self._reported[tier]
+            if n > 0:
+                self.metrics.eviction(tier, n)
+                self._reported[tier] += n
+
     def _dispatch(self, orders: list[Order]) -> None:
         for o in orders:
             if o.kind == "delete_cold":
@@ -148,6 +164,7 @@ class Controller:
 
     def _error(self, msg: str) -> None:
         self.errors += 1
+        self.metrics.error("warm", "controller")
         log.warning("kvtier controller: %s", msg)
 
     # ---- called by shards -----------------------------------------------
@@ -233,7 +250,8 @@ class Controller:
         out["shards"] = shards
         if self.cold is not None:
             out["cold"]["uri"] = self.cfg.cold_uri
-        out["controller"] = {"errors": self.errors, "uptime_s": time.time() - self.started, "namespace": self.namespace}
+        out["controller"] = {"errors": self.errors, "uptime_s": time.time() - self.started, "namespace": self.namespace,
+                             "pid": os.getpid(), "node_id": ray.get_runtime_context().get_node_id()}
         return out
 
     def stop(self) -> int:

@@ -31,6 +31,7 @@ import ray
 from kvtier.block import Block
 from kvtier.config import TierConfig
 from kvtier.errors import BlockFormatError, KvtierError
+from kvtier.metrics import TierMetrics
 from kvtier.runtime.names import CONTROLLER, open_cold_store
 from kvtier.tiers.warm import WarmStore
 
@@ -50,6 +51,8 @@ class Shard:
         self._lock = threading.Lock()
         self.errors = 0
         self._last_log = 0.0
+        self.metrics = TierMetrics("shard", shard=shard_id)
+        self._usage()
 
     # ---- health ---------------------------------------------------------
     def ping(self) -> dict[str, Any]:
@@ -76,6 +79,7 @@ class Shard:
         for key, arr in zip(keys, arrays):
             ref = ray.put(np.asarray(arr))  # copy out of the caller's argument into an object this shard owns
             items.append(self.store_.add(key, arr.nbytes, ref))
+        self._usage()
         if register:
             entries = [(i.key, i.size, i.gen, [i.handle]) for i in items]
             try:
@@ -103,8 +107,10 @@ class Shard:
                     self.cold.put(key, data)
                     ok = True
                 except BlockFormatError as e:
+                    self.metrics.corrupt("warm")
                     self._error(f"warm block {key[:16]} is corrupt, dropped instead of demoted: {e}")
                 except (KvtierError, OSError, ray.exceptions.RayError) as e:
+                    self.metrics.error("cold", "write")
                     self._error(f"demotion of {key[:16]} to the cold tier failed: {type(e).__name__}: {e}")
             self.store_.remove(key, gen)
             if ok:
@@ -112,13 +118,17 @@ class Shard:
             else:
                 self.store_.demote_failures += 1
             done.append((key, gen, ok))
+        self.metrics.demotion("warm", "cold", sum(ok for _, _, ok in done))
+        self._usage()
         try:
             self._ctl().demoted.remote(self.id, done)
         except ray.exceptions.RayActorError:
             self._error("could not report demotions: the controller is gone")
 
     def drop(self, keys: list[str], gens: list[int]) -> int:
-        return sum(self.store_.remove(k, g) is not None for k, g in zip(keys, gens or [0] * len(keys)))
+        n = sum(self.store_.remove(k, g) is not None for k, g in zip(keys, gens or [0] * len(keys)))
+        self._usage()
+        return n
 
     def delete_cold(self, keys: list[str]) -> int:
         if self.cold is None:
@@ -139,6 +149,9 @@ class Shard:
         return n
 
     # ---- helpers --------------------------------------------------------
+    def _usage(self) -> None:
+        self.metrics.tier_usage("warm", len(self.store_), self.store_.bytes, self.store_.capacity)
+
     def _ctl(self):
         if self._controller is None:
             self._controller = ray.get_actor(CONTROLLER, namespace=self.namespace)
