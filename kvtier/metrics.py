@@ -61,7 +61,7 @@ class MetricSpec:
     boundaries: tuple[float, ...] = ()
 
 
-_DEFAULT_TAGS = ("role", "shard")
+DEFAULT_TAGS = ("role", "shard")  # on every series: who records, and which warm shard
 
 METRICS: tuple[MetricSpec, ...] = (
     MetricSpec("kvtier_hits", "counter", "Gets served from this tier", ("tier",)),
@@ -147,7 +147,7 @@ class TierMetrics:
         defaults = {"role": role, "shard": shard}
         made = {}
         for spec in METRICS:
-            keys = spec.tag_keys + _DEFAULT_TAGS
+            keys = spec.tag_keys + DEFAULT_TAGS
             if spec.kind == "counter":
                 m = rm.Counter(spec.name, spec.description, tag_keys=keys)
             elif spec.kind == "gauge":

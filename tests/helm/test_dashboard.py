@@ -13,7 +13,7 @@ import re
 import pytest
 
 from helmkit import CHART
-from kvtier.metrics import _DEFAULT_TAGS, METRICS, exported_names
+from kvtier.metrics import DEFAULT_TAGS, METRICS, exported_names
 
 # PromQL functions, aggregations and keywords the dashboard may use; any other
 # identifier outside label matchers, ranges and label lists is a metric name.
@@ -79,7 +79,7 @@ def test_every_expr_uses_only_metrics_that_kvtier_exports(dashboard):
 
 
 def test_every_label_is_one_kvtier_or_ray_sets(dashboard):
-    known = {k for m in METRICS for k in m.tag_keys} | set(_DEFAULT_TAGS) | RAY_LABELS
+    known = {k for m in METRICS for k in m.tag_keys} | set(DEFAULT_TAGS) | RAY_LABELS
     for title, expr in _targets(dashboard):
         assert label_names(expr) <= known, f"{title!r}: unknown labels {sorted(label_names(expr) - known)}"
 
