@@ -70,8 +70,10 @@ class Controller:
 
     # ---- shards ---------------------------------------------------------
     def _ensure_shard(self, i: int):
+        # hard affinity to node i mod n: soft affinity is a hint only, and on a two-node Cluster here it put both
+        # 0-CPU shards on one node; a shard whose node dies fails, and the monitor recreates it on a live node
         nodes = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
-        strategy = NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=True) if nodes else "DEFAULT"
+        strategy = NodeAffinitySchedulingStrategy(nodes[i % len(nodes)], soft=False) if nodes else "DEFAULT"
         return ShardActor.options(
             name=shard_name(i), namespace=self.namespace, lifetime="detached", get_if_exists=True,
             max_restarts=-1, max_task_retries=0, num_cpus=0, max_concurrency=8, scheduling_strategy=strategy,

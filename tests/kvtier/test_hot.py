@@ -1,0 +1,87 @@
+"""The hot tier (one process's LRU of compressed blocks) and the warm shard's table. No Ray."""
+
+import pytest
+import torch
+
+import kvtier
+from kvtier.tiers.hot import HotTier, decode_block
+from kvtier.tiers.warm import WarmStore
+
+SHAPE = (2, 2, 2, 256, 64)
+
+
+def block(i, codec="none"):
+    key = kvtier.chunk_keys(list(range(256 * (i + 1))), "hot-test")[-1]
+    kv = torch.randn(SHAPE, generator=torch.Generator().manual_seed(i))
+    return kvtier.compress(kv, codec, key=key), kv
+
+
+def test_budget_and_lru_order():
+    blocks = [block(i)[0] for i in range(4)]
+    one = blocks[0].nbytes
+    hot = HotTier(3 * one, device="cpu")
+    for b in blocks[:3]:
+        assert hot.put(b) == []
+    assert hot.get(blocks[0].key) is blocks[0]  # touch: blocks[1] is now the oldest
+    assert hot.put(blocks[3]) == [blocks[1].key]
+    st = hot.stats()
+    assert (st["blocks"], st["bytes"], st["capacity_bytes"], st["evictions"]) == (3, 3 * one, 3 * one, 1)
+    assert (st["hits"], st["misses"]) == (1, 0)
+    assert hot.get(blocks[1].key) is None and hot.stats()["misses"] == 1
+
+
+def test_a_block_larger_than_the_budget_is_not_kept_and_zero_disables():
+    b, _ = block(0)
+    assert HotTier(b.nbytes - 1).put(b) == []
+    hot = HotTier(0)
+    hot.put(b)
+    assert len(hot) == 0 and hot.get_kv(b.key) is None
+    with pytest.raises(ValueError, match="capacity_bytes=-5"):
+        HotTier(-5)
+
+
+@pytest.mark.parametrize("codec", ["none", "kivi4", "none+zstd"])
+def test_get_kv_decodes_and_the_caller_owns_the_result(codec):
+    if codec.split("+")[0] not in kvtier.list_codecs():
+        pytest.skip(f"codec {codec} is not registered in this checkout")
+    b, kv = block(1, codec)
+    hot = HotTier(1 << 30, device="cpu")
+    hot.put(b)
+    out = hot.get_kv(b.key)
+    assert torch.equal(out, kvtier.decompress(b))
+    out.mul_(0)  # writing into the result must not change the cached block
+    assert torch.equal(hot.get_kv(b.key), kvtier.decompress(b))
+    if codec == "none":
+        assert torch.equal(out.add_(kv), kv)  # sanity: out was a real, writable tensor
+
+
+def test_decode_block_copies_only_when_aliasing():
+    b, kv = block(2)
+    out = decode_block(b)
+    assert torch.equal(out, kv)
+    payload = b.buffers["data"]
+    assert not (payload.address <= out.data_ptr() < payload.address + payload.size), "none codec output was copied"
+
+
+def test_delete_and_clear():
+    b0, b1 = block(0)[0], block(1)[0]
+    hot = HotTier(1 << 30)
+    hot.put(b0)
+    hot.put(b1)
+    assert hot.delete(b0.key) and not hot.delete(b0.key)
+    assert b0.key not in hot and b1.key in hot
+    hot.clear()
+    assert len(hot) == 0 and hot.stats()["bytes"] == 0
+
+
+def test_warm_store_generations_protect_newer_copies():
+    w = WarmStore(1000)
+    a1 = w.add("a", 100, "ref1")
+    a2 = w.add("a", 120, "ref2")  # put again: new generation, bytes replaced, not added
+    assert a2.gen > a1.gen and w.bytes == 120 and len(w) == 1
+    assert w.remove("a", a1.gen) is None, "an order about the old copy must not drop the new one"
+    assert w.get("a").handle == "ref2"
+    assert w.remove("a", a2.gen).handle == "ref2"
+    assert w.bytes == 0 and w.stats()["dropped"] == 1
+    with pytest.raises(ValueError, match="capacity_bytes=-1"):
+        WarmStore(-1)
