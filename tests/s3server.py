@@ -208,7 +208,7 @@ class S3Server:
                "-s3.port.iceberg=0", "-s3.port.lance=0",  # extra listeners we do not need (defaults 8181, 9101)
                f"-filer.localSocket={self.dir}/filer.sock", f"-s3.localSocket={self.dir}/s3.sock",
                "-master.telemetry=false", "-master.resumeState=false", "-master.electionTimeout=1s",
-               "-volume.max=8", "-master.volumeSizeLimitMB=64"]  # small volumes: ~100 KiB on disk per test run
+               "-volume.max=300", "-master.volumeSizeLimitMB=64"]  # ~7 volumes per bucket, sparse (~4 KiB each)
         if self._log is None:
             self._log = open(os.path.join(self.dir, "weed.log"), "ab")
         self._proc = subprocess.Popen(cmd, stdout=self._log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,

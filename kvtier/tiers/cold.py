@@ -1,0 +1,381 @@
+"""The cold tier: serialized blocks as objects in a local directory (NVMe) or on S3.
+
+One object per block, at ``<root>/<shard>/<key>.kvb`` where ``shard`` is the
+key's first two hex characters (256 folders: a million blocks make ~4,000 files
+per folder, which every filesystem lists quickly). The object holds exactly the
+block's Arrow IPC bytes (``Block.to_arrow()``), so a cold hit can be promoted to
+warm without re-serializing.
+
+Guarantees:
+- Writes are atomic: a local write goes to a hidden temp file in the same
+  folder, is fsynced and renamed over the final name; an S3 object appears only
+  when its upload completes. A reader sees the old object, the new one, or none.
+- Every read is verified (``Block.from_arrow`` with the expected key and model):
+  a corrupt, truncated, swapped or foreign object is a miss, counted in
+  ``stats()["corrupt"]``, logged and deleted. It is never returned.
+- A failing backend (disk full, read-only, S3 down) never crashes a caller:
+  ``put``/``delete``/``list`` raise ``TierUnavailableError`` naming the URI,
+  ``get``/``contains`` return a miss; each failure counts in ``stats()["errors"]``
+  and is logged at most once per ``LOG_INTERVAL_S``. S3 calls time out after
+  1 s (connect) / 2 s (no bytes moving), one retry; after a failed S3 call the
+  store fails fast for ``RETRY_AFTER_S`` instead of making every caller wait
+  out the timeouts again (``available()`` probes for real and ends that early).
+- S3 credentials come from ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``
+  (``AWS_SESSION_TOKEN``) or the SDK's default chain; they never appear in
+  logs, errors or stats (backend messages are scrubbed of them).
+
+It is not a policy: it never evicts. The controller's placement decides what
+leaves the cold tier and calls ``delete``; ``capacity_bytes`` is only reported.
+Block and byte counts come from a scan (the first ``stats()`` or a complete
+``list()``) plus this process's own puts and deletes; other processes writing
+the same store are seen at the next scan.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import threading
+import time
+from typing import Any, Iterator
+from urllib.parse import urlsplit
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+
+from kvtier.block import MAX_BLOCK_BYTES, Block
+from kvtier.errors import BlockFormatError, TierUnavailableError
+
+log = logging.getLogger("kvtier.cold")
+
+SUFFIX = ".kvb"
+MAX_OBJECT_BYTES = MAX_BLOCK_BYTES + (1 << 20)  # a block of the largest raw size with the `none` codec + header
+TEMP_MAX_AGE_S = 60.0  # a 130 MiB put takes ~1 s here; an older temp file belongs to a writer that died
+LOG_INTERVAL_S = 30.0  # backend failures: one log line per interval, with the count since the last one
+RETRY_AFTER_S = 2.0  # after a failed S3 call, fail fast this long (measured: a hung endpoint costs 2-4 s a call)
+S3_CONNECT_TIMEOUT_S = 1.0
+S3_REQUEST_TIMEOUT_S = 2.0  # curl low-speed time: 2 s with no byte moving, not a cap on a whole transfer
+S3_MAX_ATTEMPTS = 2  # one retry: absorbs a transient 5xx/throttle; a refused connection fails in ~0.1-1 s
+_KEY_RE = re.compile(r"[A-Za-z0-9_=-][A-Za-z0-9._=-]{0,199}")  # no '/', no leading '.', fits a file name
+_HEX2 = re.compile(r"[0-9a-f]{2}")
+
+
+class ColdStore:
+    """Blocks as objects under ``uri``: a local path, ``file:///path`` or ``s3://bucket/prefix``."""
+
+    def __init__(self, uri: str, capacity_bytes: int = 0, *, s3_endpoint: str = "", s3_region: str = "us-east-1") -> None:
+        if not isinstance(uri, str) or not uri.strip():
+            raise ValueError(f"cold uri={uri!r} must be a local path, file:///path or s3://bucket/prefix")
+        if not isinstance(capacity_bytes, int) or isinstance(capacity_bytes, bool) or capacity_bytes < 0:
+            raise ValueError(f"capacity_bytes={capacity_bytes!r} must be an int >= 0 (0 = unbounded)")
+        self.capacity_bytes = capacity_bytes
+        self._secrets = [v for v in (os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_SECRET_ACCESS_KEY"),
+                                     os.environ.get("AWS_SESSION_TOKEN")) if v and len(v) >= 4]
+        scheme = uri.split("://", 1)[0].lower() if "://" in uri else ""
+        if scheme == "s3":
+            parts = urlsplit(uri)
+            if "@" in parts.netloc:  # never echo it: it would be the credentials
+                raise ValueError("cold uri must not carry credentials (s3://KEY:SECRET@...); "
+                                 "set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY instead")
+            bucket, prefix = parts.netloc, parts.path.strip("/")
+            if not bucket:
+                raise ValueError(f"cold uri={uri!r} names no bucket; expected s3://bucket/prefix")
+            self.s3 = True
+            self.uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
+            self._bucket = bucket
+            self.root = f"{bucket}/{prefix}" if prefix else bucket
+            self.fs: pafs.FileSystem = _s3_filesystem(s3_endpoint, s3_region)
+        elif scheme in ("", "file"):
+            path = urlsplit(uri).path if scheme == "file" else uri
+            self.s3 = False
+            self.root = os.path.abspath(os.path.expanduser(path))
+            self.uri = self.root
+            self._bucket = ""
+            self.fs = pafs.LocalFileSystem()
+        else:
+            raise ValueError(f"cold uri={uri!r} has unknown scheme {scheme!r}; expected a local path, file:// or s3://")
+        self._lock = threading.Lock()
+        self._n = {"blocks": 0, "bytes": 0, "hits": 0, "misses": 0, "corrupt": 0, "errors": 0}
+        self._counted = False
+        self._bucket_ok = False
+        self._down_until = 0.0  # S3 only: fail fast until then (monotonic seconds)
+        self._last_log = -LOG_INTERVAL_S
+        self._unlogged = 0
+
+    # ---- writes --------------------------------------------------------
+    def put(self, key: str, data: Any) -> int:
+        """Store the serialized block ``data`` (``pa.Buffer``, bytes, a uint8 array or a ``Block``) under
+        ``key``, replacing any object there. Returns the bytes written. Raises ``BlockFormatError`` if
+        ``data`` is not a valid block of ``key`` and ``TierUnavailableError`` if the backend fails."""
+        buf = data.to_arrow() if isinstance(data, Block) else data
+        buf = buf if isinstance(buf, pa.Buffer) else pa.py_buffer(buf)
+        Block.from_arrow(buf, expect_key=self._check_key(key))  # never store what a read would reject (~0.5 ms/8 MiB)
+        path = self._path(key)
+        self._fail_fast("put", key)
+        try:
+            old = self._size(path)
+            if self.s3:
+                self._ensure_bucket()
+                with self.fs.open_output_stream(path) as f:  # one PutObject; S3 shows it only once complete
+                    f.write(buf)
+            else:
+                _atomic_write(path, buf)
+        except (OSError, pa.ArrowException) as e:
+            raise TierUnavailableError(self._failed("put", key, e)) from None
+        with self._lock:
+            self._n["blocks"] += old is None
+            self._n["bytes"] += buf.size - (old or 0)
+        return buf.size
+
+    def delete(self, key: str) -> bool:
+        """Remove ``key``'s object. True if it existed; ``TierUnavailableError`` if the backend fails."""
+        if not _KEY_RE.fullmatch(key if isinstance(key, str) else "") or ".." in key:
+            return False  # put() never stores such a key
+        path = self._path(key)
+        self._fail_fast("delete", key)
+        try:
+            size = self._size(path)
+            if size is None:
+                return False
+            self.fs.delete_file(path)
+        except FileNotFoundError:
+            return False  # removed by another process between the two calls
+        except (OSError, pa.ArrowException) as e:
+            raise TierUnavailableError(self._failed("delete", key, e)) from None
+        with self._lock:
+            self._n["blocks"] -= 1
+            self._n["bytes"] -= size
+        return True
+
+    # ---- reads ---------------------------------------------------------
+    def get(self, key: str, expect_model: str | None = None) -> Block | None:
+        """The verified block of ``key``, or None (absent, corrupt, or backend down: see ``stats()``)."""
+        return self._read(key, expect_model)
+
+    def get_bytes(self, key: str, expect_model: str | None = None) -> pa.Buffer | None:
+        """Like ``get`` but returns the verified wire bytes (promotion to warm without re-serializing)."""
+        block = self._read(key, expect_model)
+        return None if block is None else block.to_arrow()
+
+    def contains(self, key: str) -> bool:
+        """Whether an object exists for ``key`` (its contents are verified by ``get``, not here)."""
+        if not _KEY_RE.fullmatch(key if isinstance(key, str) else "") or ".." in key:
+            return False
+        if self._in_backoff():
+            self._count_error()
+            return False
+        try:
+            return self._size(self._path(key)) is not None
+        except (OSError, pa.ArrowException) as e:
+            self._failed("contains", key, e)
+            return False
+
+    def list(self) -> Iterator[tuple[str, int]]:
+        """``(key, size)`` of every stored object (temp files of unfinished writes are skipped, and
+        removed once older than ``TEMP_MAX_AGE_S``). Raises ``TierUnavailableError`` if the backend
+        fails: an empty answer always means an empty store. A complete iteration resets the counts."""
+        self._fail_fast("list", "")
+        try:
+            infos = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True, allow_not_found=True))
+        except (OSError, pa.ArrowException) as e:
+            raise TierUnavailableError(self._failed("list", "", e)) from None
+        blocks = nbytes = 0
+        now = time.time()
+        for info in infos:
+            if info.type != pafs.FileType.File:
+                continue
+            rel = info.path[len(self.root):].strip("/")
+            shard, _, name = rel.rpartition("/")
+            if name.startswith(".") and name.endswith(".tmp"):
+                mtime = info.mtime.timestamp() if info.mtime is not None else now
+                if now - mtime > TEMP_MAX_AGE_S:
+                    self._remove_quietly(info.path)
+                continue
+            key = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else ""
+            if not key or "/" in shard or not _KEY_RE.fullmatch(key) or ".." in key or shard != _shard(key):
+                continue  # not ours, or somewhere get() would never look
+            blocks, nbytes = blocks + 1, nbytes + info.size
+            yield key, info.size
+        with self._lock:
+            self._n["blocks"], self._n["bytes"] = blocks, nbytes
+            self._counted = True
+
+    def stats(self) -> dict[str, Any]:
+        """Counts of this store (no credentials). The first call scans the store for blocks and bytes.
+        ``misses`` counts every get that returned None, ``corrupt`` and ``errors`` the reasons."""
+        if not self._counted:
+            try:
+                for _ in self.list():
+                    pass
+            except TierUnavailableError:
+                pass  # counted in errors; blocks/bytes stay at what this process wrote
+        with self._lock:
+            return dict(self._n, capacity_bytes=self.capacity_bytes, uri=self.uri)
+
+    def available(self) -> bool:
+        """Whether the backend answers now (a real, cheap probe; a success ends the S3 fail-fast window)."""
+        if not self.s3:
+            try:
+                os.makedirs(self.root, exist_ok=True)
+                return os.access(self.root, os.W_OK) and os.statvfs(self.root).f_bavail > 0
+            except OSError:
+                return False
+        try:
+            self.fs.get_file_info(self._bucket)  # HeadBucket: a missing bucket still means "reachable"
+        except (OSError, pa.ArrowException):
+            self._down_until = time.monotonic() + RETRY_AFTER_S
+            return False
+        self._down_until = 0.0
+        return True
+
+    def __repr__(self) -> str:
+        return f"ColdStore({self.uri!r}, capacity_bytes={self.capacity_bytes})"
+
+    # ---- internals ---------------------------------------------------------
+    def _read(self, key: str, expect_model: str | None) -> Block | None:
+        if not _KEY_RE.fullmatch(key if isinstance(key, str) else "") or ".." in key:
+            self._count("misses")
+            return None  # put() never stores such a key
+        if self._in_backoff():
+            self._count("misses")
+            self._count_error()
+            return None
+        path = self._path(key)
+        try:
+            with self.fs.open_input_file(path) as f:  # one ranged GET on S3: 2x faster than an 8 MiB-buffered stream
+                size = f.size()
+                if size > MAX_OBJECT_BYTES:
+                    raise BlockFormatError(f"object of {size} bytes exceeds the largest block ({MAX_OBJECT_BYTES})")
+                buf = f.read_buffer(size)
+            block = Block.from_arrow(buf, expect_key=key, expect_model=expect_model)
+        except FileNotFoundError:
+            self._count("misses")
+            return None
+        except BlockFormatError as e:
+            self._count("misses", "corrupt")
+            log.warning("cold tier %s: object %s is corrupt, deleting it: %s", self.uri, path, e)
+            try:
+                self.delete(key)
+            except TierUnavailableError:
+                pass  # counted and logged by delete; the next read finds it corrupt again
+            return None
+        except (OSError, pa.ArrowException) as e:
+            self._count("misses")
+            self._failed("get", key, e)
+            return None
+        self._count("hits")
+        return block
+
+    def _check_key(self, key: Any) -> str:
+        if not isinstance(key, str) or not _KEY_RE.fullmatch(key) or ".." in key:
+            raise ValueError(f"key={key!r} cannot name a cold object: use 1-200 of [A-Za-z0-9._=-], "
+                             "not starting with '.', without '..' (kvtier.chunk_keys gives such keys)")
+        return key
+
+    def _path(self, key: str) -> str:
+        return f"{self.root}/{_shard(key)}/{key}{SUFFIX}"
+
+    def _size(self, path: str) -> int | None:
+        info = self.fs.get_file_info(path)
+        return info.size if info.type == pafs.FileType.File else None
+
+    def _ensure_bucket(self) -> None:
+        if not self._bucket_ok:
+            self.fs.create_dir(self._bucket)  # HeadBucket, then CreateBucket if missing
+            self._bucket_ok = True
+
+    def _remove_quietly(self, path: str) -> None:
+        try:
+            self.fs.delete_file(path)
+        except (OSError, pa.ArrowException):
+            pass  # a writer finished or removed it meanwhile, or the dir is read-only: next scan
+
+    def _in_backoff(self) -> bool:
+        return self.s3 and time.monotonic() < self._down_until
+
+    def _fail_fast(self, op: str, key: str) -> None:
+        if self._in_backoff():
+            self._count_error()
+            what = f"{op} of {key[:16]}" if key else op
+            raise TierUnavailableError(f"cold tier {self.uri} is unavailable: {what} not attempted, the last S3 call "
+                                       f"failed less than {RETRY_AFTER_S:.0f} s ago")
+
+    def _failed(self, op: str, key: str, e: BaseException) -> str:
+        """Count a backend failure, log it (rate-limited), start the S3 fail-fast window; the message."""
+        what = f"{op} of {key[:16]}" if key else op
+        msg = f"cold tier {self.uri} is unavailable: {what} failed: {type(e).__name__}: {self._scrub(str(e))[:300]}"
+        if self.s3:
+            self._down_until = time.monotonic() + RETRY_AFTER_S
+        self._count_error(msg)
+        return msg
+
+    def _count_error(self, msg: str = "") -> None:
+        now = time.monotonic()
+        with self._lock:
+            self._n["errors"] += 1
+            self._unlogged += 1
+            if not msg or now - self._last_log < LOG_INTERVAL_S:
+                return
+            n, self._unlogged, self._last_log = self._unlogged, 0, now
+        log.error("%s (%d failure%s since the last report)", msg, n, "" if n == 1 else "s")
+
+    def _count(self, *names: str) -> None:
+        with self._lock:
+            for name in names:
+                self._n[name] += 1
+
+    def _scrub(self, text: str) -> str:
+        for s in self._secrets:
+            text = text.replace(s, "***")
+        return text
+
+
+def _shard(key: str) -> str:
+    # chunk keys are hex digests: their first two characters spread blocks evenly over 256 folders
+    head = key[:2].lower()
+    return head if _HEX2.fullmatch(head) else "__"
+
+
+def _s3_filesystem(endpoint: str, region: str) -> pafs.S3FileSystem:
+    kw: dict[str, Any] = {}
+    if endpoint:
+        parts = urlsplit(endpoint if "://" in endpoint else f"https://{endpoint}")
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError(f"s3_endpoint={endpoint!r} must look like http://host:port or https://host")
+        kw.update(endpoint_override=parts.netloc, scheme=parts.scheme)
+    if os.environ.get("AWS_ACCESS_KEY_ID"):
+        kw.update(access_key=os.environ["AWS_ACCESS_KEY_ID"], secret_key=os.environ.get("AWS_SECRET_ACCESS_KEY", ""),
+                  session_token=os.environ.get("AWS_SESSION_TOKEN") or None)
+    return pafs.S3FileSystem(
+        region=region or "us-east-1", allow_bucket_creation=True, allow_delayed_open=True,
+        connect_timeout=S3_CONNECT_TIMEOUT_S, request_timeout=S3_REQUEST_TIMEOUT_S,
+        retry_strategy=pafs.AwsStandardS3RetryStrategy(max_attempts=S3_MAX_ATTEMPTS), **kw)
+
+
+def _atomic_write(path: str, buf: pa.Buffer) -> None:
+    """Write to a hidden temp file beside ``path``, fsync, rename over it, fsync the folder."""
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            view = memoryview(buf).cast("B")
+            while view:
+                view = view[os.write(fd, view):]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    dfd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dfd)  # the rename itself survives a power cut only once the folder is synced
+    finally:
+        os.close(dfd)
