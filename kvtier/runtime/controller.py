@@ -209,6 +209,10 @@ class Controller:
         with self._lock:
             return self.placement.present(keys)
 
+    def where(self, keys: list[str]) -> list[str | None]:
+        with self._lock:
+            return self.placement.where(keys)
+
     def unpin(self, lease: int) -> None:
         with self._lock:
             orders = self.placement.unpin(lease)

@@ -28,7 +28,6 @@ from typing import Any
 import numpy as np
 import ray
 
-from kvtier.block import Block
 from kvtier.config import TierConfig
 from kvtier.errors import BlockFormatError, KvtierError
 from kvtier.metrics import TierMetrics
@@ -103,8 +102,7 @@ class Shard:
             if self.cold is not None:
                 try:
                     data = ray.get(item.handle, timeout=self.cfg.rpc_timeout_s)
-                    Block.from_arrow(data, expect_key=key)  # never write down a block that is already bad
-                    self.cold.put(key, data)
+                    self.cold.put(key, data)  # verifies the block first: a bad one is never written down
                     ok = True
                 except BlockFormatError as e:
                     self.metrics.corrupt("warm")

@@ -43,6 +43,12 @@ def tier(**cfg):
         kvtier.shutdown(stop=True)
 
 
+def where(key: str) -> str | None:
+    import ray
+
+    return ray.get(api._get_client().controller.where.remote([key]), timeout=10)[0]
+
+
 def wait_for(cond, timeout=30.0, what="condition"):
     end = time.monotonic() + timeout
     while time.monotonic() < end:
@@ -148,21 +154,75 @@ def test_warm_budget_drops_lru_without_cold_tier(ray_session):
         assert [x is not None for x in kvtier.get(k)] == [False, False, True, True, True]
 
 
-def test_controller_restart_rebuilds_index_from_shards(ray_session):
+def one_block_bytes() -> int:  # every test key has the same length, so every "none" block has this size
+    return kvtier.compress(kv_of(0), "none", key=keys_of(1)[0]).nbytes
+
+
+def settled(one: int, warm_blocks: int, cold_blocks: int):
+    """Stats once the asynchronous demotions have finished: the shards hold what the index says."""
+    def ok():
+        s = kvtier.stats()
+        held = sum(x.get("bytes", 0) for x in s["shards"])
+        return (s["warm"]["blocks"] == warm_blocks and s["cold"]["blocks"] == cold_blocks
+                and held == warm_blocks * one and s) or None
+    return wait_for(ok, what=f"{warm_blocks} warm and {cold_blocks} cold blocks")
+
+
+def test_eviction_cascade_hot_warm_cold_dropped(ray_session, tmp_path):
+    from kvtier.tiers.cold import ColdStore
+
+    one = one_block_bytes()
+    with tier(hot_bytes=2 * one, num_shards=1, warm_bytes=3 * one, cold_uri=str(tmp_path), cold_bytes=3 * one):
+        k = keys_of(10, model="cascade")
+        kvs = [kv_of(i) for i in range(10)]
+        for i in range(10):
+            kvtier.put(k[i], kvs[i])
+        st = settled(one, warm_blocks=3, cold_blocks=3)
+        assert (st["hot"]["blocks"], st["hot"]["bytes"]) == (2, 2 * one)
+        assert (st["warm"]["bytes"], st["warm"]["evictions"], st["warm"]["demotions"]) == (3 * one, 7, 7)
+        assert (st["cold"]["bytes"], st["cold"]["evictions"], st["cold"]["dropped"]) == (3 * one, 4, 4)
+        assert sorted(key for key, _ in ColdStore(str(tmp_path)).list()) == sorted(k[4:7]), "cold dir = index"
+        assert [kvtier.contains(key) for key in k] == [False] * 4 + [True] * 6, "the 4 oldest fell off cold"
+
+        # a cold hit: read, verified, returned, promoted to warm (which pushes warm's LRU block down)
+        api._get_client().hot.clear()
+        assert torch.equal(kvtier.get(k[4]), kvs[4])
+        st = kvtier.stats()
+        assert st["cold"]["hits"] >= 1 and st["client"]["promotions"] == 1
+        wait_for(lambda: where(k[4]) == "warm", what="k4 promoted to a warm shard")
+
+        # a cold object swapped for another key's block is a miss, counted and removed, never data
+        settled(one, warm_blocks=3, cold_blocks=3)
+        victim = next(key for key in k if where(key) == "cold")
+        path = next(p for p in tmp_path.rglob(f"{victim}*") if p.is_file())
+        other = next(p for p in tmp_path.rglob("*.kvb") if p.is_file() and victim not in p.name)
+        path.write_bytes(other.read_bytes())
+        assert kvtier.get(victim) is None
+        assert not path.exists(), "the corrupt object was deleted"
+        assert kvtier.stats()["cold"]["client_corrupt"] >= 1
+        wait_for(lambda: not kvtier.contains(victim), what="the index forgot the corrupt cold block")
+
+
+def test_controller_restart_rebuilds_index_from_shards_and_cold(ray_session, tmp_path):
     import ray
 
-    with tier(hot_bytes=0) as info:
-        k = keys_of(6, model="restart")
-        kvs = [kv_of(i) for i in range(6)]
-        kvtier.put(k, kvs)
-        pid = kvtier.stats()["controller"]["pid"]
+    one = one_block_bytes()
+    with tier(hot_bytes=0, num_shards=2, warm_bytes=8 * one, cold_uri=str(tmp_path)) as info:
+        k = keys_of(12, model="restart")
+        kvs = [kv_of(i) for i in range(12)]
+        for i in range(12):
+            kvtier.put(k[i], kvs[i])
+        st = wait_for(lambda: (s := kvtier.stats())["warm"]["blocks"] + s["cold"]["blocks"] == 12
+                      and s["cold"]["blocks"] >= 4 and s, what="demotions settled")
+        before = (st["warm"]["blocks"], st["cold"]["blocks"])
+        pid = st["controller"]["pid"]
         ctl = ray.get_actor(api.CONTROLLER, namespace=info["namespace"])
-        ray.kill(ctl, no_restart=False)  # Ray restarts it (max_restarts=-1); it must rebuild from the shards
+        ray.kill(ctl, no_restart=False)  # Ray restarts it (max_restarts=-1); it must rebuild its index
         # calls during the restart time out after rpc_timeout_s (5 s) instead of hanging
         st = wait_for(lambda: (s := kvtier.stats()).get("controller", {}).get("pid") not in (None, pid) and s,
                       timeout=90, what="a new controller process")
-        assert st["warm"]["blocks"] == 6 and st["keys"] == 6, "the new controller rebuilt its index from the shards"
-        assert kvtier.lookup(k) == 6
+        assert (st["warm"]["blocks"], st["cold"]["blocks"]) == before, "rebuilt from the shards and the cold store"
+        assert st["keys"] == 12 and kvtier.lookup(k) == 12
         out = kvtier.get(k)
         assert all(x is not None and torch.equal(x, y) for x, y in zip(out, kvs))
 
