@@ -5,7 +5,8 @@ shared with this process but the Ray cluster: three clients joining one
 cluster at once (one controller, everyone reads everyone's blocks), a
 two-node ``ray.cluster_utils.Cluster`` (shards spread over nodes, a block put
 on one node read on the other), and ``kvtier.init()`` with no Ray running
-(an embedded tier that ``shutdown()`` stops).
+(an embedded tier, its cold blocks on a real S3 server on 127.0.0.1, that
+``shutdown()`` stops).
 """
 
 from __future__ import annotations
@@ -63,8 +64,9 @@ CLIENT = COMMON + textwrap.dedent("""
 """)
 
 
-def run_all(scripts: list[list[str]], timeout: float = 240.0) -> list[str]:
+def run_all(scripts: list[list[str]], timeout: float = 240.0, extra_env: dict | None = None) -> list[str]:
     env = subprocess_env()
+    env.update(extra_env or {})
     env.pop("RAY_ADDRESS", None)  # each script says which cluster it joins
     procs = [subprocess.Popen([sys.executable, "-c", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               text=True, env=env) for args in scripts]
@@ -144,24 +146,38 @@ def test_two_node_cluster_block_put_on_one_node_is_read_on_the_other():
 
 
 EMBEDDED = COMMON + textwrap.dedent("""
-    import os, tempfile
+    import os
     import ray
+    from kvtier.tiers.cold import ColdStore
+
+    endpoint = sys.argv[1]
     assert not ray.is_initialized() and "RAY_ADDRESS" not in os.environ
-    cold = tempfile.mkdtemp()
-    info = kvtier.init(config=dict(CFG, cold_uri=""))
+    one = kvtier.compress(kv_of("x", 0), "none", key=keys_of("embedded", 1)[0]).nbytes
+    uri = "s3://kvtier-test/embedded"
+    info = kvtier.init(config=dict(CFG, num_shards=1, warm_bytes=2 * one, cold_uri=uri, s3_endpoint=endpoint))
     assert info["embedded"] and ray.is_initialized()
-    k = keys_of("embedded", 3)
-    kvtier.put(k, [kv_of("embedded", i) for i in range(3)])
-    assert kvtier.lookup(k) == 3
+    k = keys_of("embedded", 4)
+    kvtier.put(k, [kv_of("embedded", i) for i in range(4)])
+    # the warm shard holds 2 blocks: the 2 older ones are demoted to S3 by the shard
+    wait_for(lambda: kvtier.stats()["cold"]["blocks"] == 2)
+    on_s3 = sorted(key for key, _ in ColdStore(uri, s3_endpoint=endpoint).list())
+    assert on_s3 == sorted(k[:2]), on_s3
+    assert kvtier.lookup(k) == 4
     got = kvtier.get(k)
-    assert all(torch.equal(x, kv_of("embedded", i)) for i, x in enumerate(got))
-    n_shards = len(kvtier.stats()["shards"])
+    assert all(x is not None and torch.equal(x, kv_of("embedded", i)) for i, x in enumerate(got))
+    st = kvtier.stats()
+    assert st["cold"]["hits"] == 2 and st["warm"]["hits"] == 2, st
     kvtier.shutdown()
     assert not ray.is_initialized(), "shutdown of an embedded tier stops its Ray"
-    print(json.dumps({"ok": True, "shards": n_shards}))
+    print(json.dumps({"ok": True, "shards": len(st["shards"]), "on_s3": len(on_s3)}))
 """)
 
 
-def test_embedded_tier_starts_and_stops_with_the_process():
-    (out,) = run_all([[EMBEDDED]], timeout=240)
-    assert json.loads(out) == {"ok": True, "shards": 2}
+def test_embedded_tier_with_an_s3_cold_store_starts_and_stops_with_the_process():
+    """kvtier.init() with no Ray running: a local Ray, one shard, cold blocks on a real S3 server."""
+    from s3server import s3_server
+
+    with s3_server() as s3:
+        env = dict(s3.env())  # credentials reach every Ray process through the environment, never the config
+        (out,) = run_all([[EMBEDDED, s3.endpoint]], timeout=240, extra_env=env)
+    assert json.loads(out) == {"ok": True, "shards": 1, "on_s3": 2}
