@@ -49,6 +49,13 @@ class DictStore:
 
 @pytest.fixture(scope="module")
 def model():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matmuls: a second OpenMP thread only adds sync cost on a busy 2-core box
+    yield _tiny_llama()
+    torch.set_num_threads(threads)
+
+
+def _tiny_llama():
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=512,
