@@ -20,7 +20,8 @@ and filer stores are on disk). On restart the master's raft state is not
 resumed and the election timeout is 1 s: with resumed state a restart took 22 s
 here, without it 4 s. If ``weed`` is missing or does not come up, moto's
 ``ThreadedMotoServer`` runs in this process instead (state in memory, so it
-survives stop/start too); ``kind`` says which one runs.
+survives stop/start too); ``kind`` says which one runs. ``KVTIER_TEST_S3=moto``
+(or ``seaweedfs``) forces one.
 
 This is test tooling: it is not part of kvtier and is not a mock of S3.
 """
@@ -70,9 +71,10 @@ class S3Server:
 
     region = "us-east-1"
 
-    def __init__(self, kind: str = "auto") -> None:
+    def __init__(self, kind: str = "") -> None:
+        kind = kind or os.environ.get("KVTIER_TEST_S3", "auto")  # KVTIER_TEST_S3=moto tests the fallback
         if kind not in ("auto", "seaweedfs", "moto"):
-            raise ValueError(f"kind={kind!r} must be 'auto', 'seaweedfs' or 'moto'")
+            raise ValueError(f"kind={kind!r} (or $KVTIER_TEST_S3) must be 'auto', 'seaweedfs' or 'moto'")
         self._want = kind
         self.kind = ""
         self.access_key = "kvtier-test-" + os.urandom(4).hex()
@@ -270,7 +272,7 @@ class S3Server:
 
 
 @contextlib.contextmanager
-def s3_server(kind: str = "auto") -> Iterator[S3Server]:
+def s3_server(kind: str = "") -> Iterator[S3Server]:
     """Start an S3 server on loopback, yield it, stop it and delete its data."""
     server = S3Server(kind)
     try:

@@ -14,15 +14,12 @@ import json
 import logging
 import os
 import shutil
-import signal
 import subprocess
 import sys
-import textwrap
 import time
 import uuid
 
 import numpy as np
-import pyarrow as pa
 import pytest
 import torch
 
