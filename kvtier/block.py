@@ -123,10 +123,14 @@ class Block:
         arrays = [pa.Array.from_buffers(pa.large_binary(), 1, [None, pa.py_buffer(np.array([0, self.buffers[n].size], dtype="<i8")),
                                                               self.buffers[n]]) for n in names]
         batch = pa.record_batch(arrays, schema=schema)
-        sink = pa.BufferOutputStream()
-        with pa.ipc.new_stream(sink, schema) as writer:
+        # size first (a mock stream copies nothing), then write once into a buffer of that size:
+        # a growing BufferOutputStream re-allocated and copied 32 MiB blocks (~120 ms here vs ~4 ms)
+        mock = pa.MockOutputStream()
+        with pa.ipc.new_stream(mock, schema) as writer:
             writer.write_batch(batch)
-        buf = sink.getvalue()
+        buf = pa.allocate_buffer(mock.size())
+        with pa.ipc.new_stream(pa.FixedSizeBufferWriter(buf), schema) as writer:
+            writer.write_batch(batch)
         self._wire.append(buf)
         return buf
 
