@@ -1,0 +1,326 @@
+"""Tier benchmark: put/get throughput and latency per tier, lookup rate, shard memory.
+
+    python bench/tiers.py [--clients 1,8] [--ops 12] [--out bench/results/tiers.md]
+
+Starts a local Ray (num_cpus=2) and three tiers in it: ``main`` (hot + warm +
+cold dir), ``cold`` (one shard holding one block, so round-robin reads are cold
+hits) and ``wt`` (write-through to cold at put). For each KV shape and codec it
+measures, with 1 and 8 concurrent client processes (each its own Python process
+joining the cluster, started together behind a file barrier):
+
+    put        kvtier.put: compress, hot tier, write to a warm shard, registered
+    put+cold   the same with write_through=True (also written to the cold dir)
+    get hot    kvtier.get of a block in this process's hot tier
+    get warm   kvtier.get with the hot tier cleared: locate + ray.get + verify + decode
+    get cold   kvtier.get of a block only in the cold dir: read, verify, decode, promote
+    lookup     kvtier.lookup of 64 keys (keys/s)
+
+Throughput is raw (uncompressed) KV bytes per second over the wall time of a
+phase, summed over clients; p50/p99 are per operation. Baselines in the same
+run, same process: ``ray.put``/``ray.get`` of the raw tensor bytes (no tier, no
+checksum, no copy out), and pickle + zlib to a file and back (the kvtc
+proof-of-concept's cold path). Writes a markdown table with date, device and
+command to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zlib
+
+import numpy as np
+import torch
+
+SHAPES = {  # [layers, 2, kv_heads, tokens, head_dim], bf16
+    "llama8b": (32, 2, 8, 256, 128),   # 32 MiB raw
+    "smollm2": (30, 2, 3, 256, 64),    # 5.6 MiB raw
+}
+LOOKUP_BATCH = 64
+
+
+def kv_for(shape: tuple, i: int) -> torch.Tensor:
+    return torch.randn(shape, generator=torch.Generator().manual_seed(i)).to(torch.bfloat16)
+
+
+def keys_for(tag: str, n: int) -> list[str]:
+    import kvtier
+
+    return kvtier.chunk_keys(list(range(256 * n)), f"bench-{tag}", chunk_tokens=256)
+
+
+def raw_bytes(shape: tuple) -> int:
+    return int(np.prod(shape)) * 2
+
+
+# ---- the client side: run in this process (1 client) or in workers (N clients) ------
+def barrier(d: str, name: str, me: int, n: int, timeout: float = 600.0) -> None:
+    open(os.path.join(d, f"{name}.{me}"), "w").close()
+    end = time.monotonic() + timeout
+    while sum(f.startswith(name + ".") for f in os.listdir(d)) < n:
+        if time.monotonic() > end:
+            raise TimeoutError(f"barrier {name}: not all {n} clients arrived")
+        time.sleep(0.005)
+
+
+def run_phases(spec: dict) -> list[dict]:
+    """One client's share of every phase: [{phase, t0, t1, lat: [s...], bytes}]. Times of all
+    clients are on one clock (wall time in workers), so a phase's wall time spans every client."""
+    import kvtier
+    from kvtier.runtime import api
+
+    me, n, d = spec["me"], spec["n"], spec["barrier"]
+    shape, tag, codec, ops = tuple(spec["shape"]), spec["tag"], spec["codec"], spec["ops"]
+    raw = raw_bytes(shape)
+    out = []
+
+    def phase(name, ns, fn, count, nbytes):
+        kvtier.init(namespace=ns, config=dict(spec["configs"][ns], codec=codec))
+        barrier(d, f"{tag}-{name}", me, n)
+        lat = []
+        t0 = time.perf_counter()
+        for i in range(count):
+            s = time.perf_counter()
+            fn(i)
+            lat.append(time.perf_counter() - s)
+        out.append({"phase": name, "t0": t0 + spec["clock_offset"], "t1": time.perf_counter() + spec["clock_offset"],
+                    "lat": lat, "bytes": nbytes * count})
+
+    kv = kv_for(shape, me)
+    put_keys = keys_for(f"{tag}-put-{me}-{spec['run']}", ops)
+    phase("put", "main", lambda i: kvtier.put(put_keys[i], kv), ops, raw)
+    wt_keys = keys_for(f"{tag}-wt-{me}-{spec['run']}", ops)
+    phase("put+cold", "wt", lambda i: kvtier.put(wt_keys[i], kv), ops, raw)
+
+    warm = keys_for(f"{tag}-shared", spec["shared"])
+
+    def get_hot(i):
+        assert kvtier.get(warm[me % len(warm)]) is not None
+
+    kvtier.init(namespace="main", config=dict(spec["configs"]["main"], codec=codec))
+    kvtier.get(warm[me % len(warm)])  # into this process's hot tier
+    phase("get hot", "main", get_hot, ops, raw)
+
+    def get_warm(i):
+        api._get_client().hot.clear()  # force the warm path every time
+        assert kvtier.get(warm[(me + i) % len(warm)]) is not None
+
+    phase("get warm", "main", get_warm, ops, raw)
+    cold = keys_for(f"{tag}-cold", spec["shared"])
+
+    def get_cold(i):
+        api._get_client().hot.clear()
+        assert kvtier.get(cold[(me + i) % len(cold)]) is not None
+
+    phase("get cold", "cold", get_cold, max(2, ops // 2), raw)
+    lk = keys_for("lookup", LOOKUP_BATCH)
+
+    def lookup(i):
+        assert kvtier.lookup(lk) == LOOKUP_BATCH
+
+    phase("lookup", "main", lookup, ops * 10, LOOKUP_BATCH)
+    return out
+
+
+def worker_main(spec_json: str) -> int:
+    import ray
+
+    spec = json.loads(spec_json)
+    ray.init(address=spec["address"], log_to_driver=False)
+    spec["clock_offset"] = time.time() - time.perf_counter()
+    res = run_phases(spec)
+    print("RESULT " + json.dumps(res), flush=True)
+    return 0
+
+
+# ---- the driver -------------------------------------------------------------------
+def prepare(tag: str, shape: tuple, codec: str, configs: dict, shared: int) -> None:
+    """Blocks every client reads: ``shared`` chunks in main (warm) and in the cold tier, lookup keys."""
+    import kvtier
+    from kvtier.runtime import api
+
+    kvtier.init(namespace="main", config=dict(configs["main"], codec=codec))
+    kvtier.put(keys_for(f"{tag}-shared", shared), [kv_for(shape, 100 + i) for i in range(shared)])
+    small = (1, 2, 1, 256, 8)
+    kvtier.put(keys_for("lookup", LOOKUP_BATCH), [kv_for(small, i) for i in range(LOOKUP_BATCH)], codec="none")
+    kvtier.init(namespace="cold", config=dict(configs["cold"], codec=codec))
+    ck = keys_for(f"{tag}-cold", shared)
+    for i, k in enumerate(ck):
+        kvtier.put(k, kv_for(shape, 200 + i))
+    end = time.monotonic() + 120
+    while kvtier.stats()["cold"]["blocks"] < shared - 1 and time.monotonic() < end:
+        time.sleep(0.1)
+    api._get_client().hot.clear()
+
+
+def summarize(results: list[list[dict]], shape: tuple) -> list[dict]:
+    rows = []
+    for name in [r["phase"] for r in results[0]]:
+        per = [next(r for r in res if r["phase"] == name) for res in results]
+        lat = np.array(sum((p["lat"] for p in per), []))
+        wall = max(p["t1"] for p in per) - min(p["t0"] for p in per)
+        total = sum(p["bytes"] for p in per)
+        rows.append({"phase": name, "clients": len(results), "ops": len(lat), "wall_s": wall,
+                     "rate": total / wall, "p50_ms": 1e3 * float(np.percentile(lat, 50)),
+                     "p99_ms": 1e3 * float(np.percentile(lat, 99))})
+    return rows
+
+
+def baselines(shape: tuple, ops: int, tmp: str) -> list[dict]:
+    import ray
+
+    kv = kv_for(shape, 0)
+    raw = raw_bytes(shape)
+    arr = kv.view(torch.uint8).numpy()
+    rows = []
+
+    def measure(name, fn, count):
+        lat = []
+        for i in range(count):
+            s = time.perf_counter()
+            fn(i)
+            lat.append(time.perf_counter() - s)
+        lat = np.array(lat)
+        rows.append({"phase": name, "clients": 1, "ops": count, "wall_s": float(lat.sum()),
+                     "rate": raw * count / float(lat.sum()), "p50_ms": 1e3 * float(np.percentile(lat, 50)),
+                     "p99_ms": 1e3 * float(np.percentile(lat, 99))})
+
+    refs = []
+    measure("baseline ray.put raw", lambda i: refs.append(ray.put(arr)), ops)
+    measure("baseline ray.get raw", lambda i: ray.get(refs[i % len(refs)]), ops)
+    del refs
+    path = os.path.join(tmp, "pickle.zlib")
+
+    def pz_put(i):
+        with open(path, "wb") as f:
+            f.write(zlib.compress(pickle.dumps(kv)))
+
+    def pz_get(i):
+        with open(path, "rb") as f:
+            pickle.loads(zlib.decompress(f.read()))  # the baseline being measured; kvtier never unpickles
+
+    measure("baseline pickle+zlib put", pz_put, 3)
+    measure("baseline pickle+zlib get", pz_get, 3)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--clients", default="1,8", help="client counts (comma-separated)")
+    ap.add_argument("--ops", type=int, default=12, help="operations per client per phase")
+    ap.add_argument("--cases", default="llama8b:none,smollm2:none,smollm2:kivi4",
+                    help="shape:codec pairs (shapes: %s)" % ",".join(SHAPES))
+    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tiers.md"))
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        return worker_main(args.worker)
+
+    import ray
+
+    import kvtier
+    from kvtier.runtime import api
+
+    tmp = tempfile.mkdtemp(prefix="kvtb", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=os.path.join(tmp, "ray"), log_to_driver=False)
+    address = ray.get_runtime_context().gcs_address
+    clients = [int(c) for c in args.clients.split(",")]
+    cases = [tuple(c.split(":")) for c in args.cases.split(",")]
+    report, mem = [], []
+    try:
+        for run, (shape_name, codec) in enumerate(cases):
+            shape = SHAPES[shape_name]
+            one = kvtier.compress(kv_for(shape, 0), codec, key=keys_for("x", 1)[0]).nbytes
+            shared = 8
+            configs = {
+                "main": dict(hot_bytes=4 * one, warm_bytes=max(64 * one, 1 << 30), num_shards=2,
+                             cold_uri=os.path.join(tmp, "cold-main"), rpc_timeout_s=30.0),
+                "cold": dict(hot_bytes=4 * one, warm_bytes=one, num_shards=1,
+                             cold_uri=os.path.join(tmp, f"cold-{run}"), rpc_timeout_s=30.0),
+                "wt": dict(hot_bytes=4 * one, warm_bytes=max(64 * one, 1 << 30), num_shards=2, write_through=True,
+                           cold_uri=os.path.join(tmp, "cold-wt"), rpc_timeout_s=30.0),
+            }
+            tag = f"{shape_name}-{codec}"
+            prepare(tag, shape, codec, configs, shared)
+            for n in clients:
+                bdir = tempfile.mkdtemp(dir=tmp)
+                spec = {"address": address, "n": n, "barrier": bdir, "shape": shape, "tag": tag, "codec": codec,
+                        "ops": args.ops, "configs": configs, "shared": shared, "run": f"{run}-{n}"}
+                print(f"[{tag}] {n} client(s)...", flush=True)
+                if n == 1:
+                    results = [run_phases(dict(spec, me=0, clock_offset=0.0))]
+                else:
+                    procs = [subprocess.Popen([sys.executable, __file__, "--worker", json.dumps(dict(spec, me=i))],
+                                              stdout=subprocess.PIPE, text=True) for i in range(n)]
+                    results = []
+                    for p in procs:
+                        stdout, _ = p.communicate(timeout=1800)
+                        line = [ln for ln in stdout.splitlines() if ln.startswith("RESULT ")]
+                        if p.returncode != 0 or not line:
+                            raise RuntimeError(f"bench worker failed with status {p.returncode}")
+                        results.append(json.loads(line[-1][7:]))
+                for row in summarize(results, shape):
+                    report.append(dict(row, case=tag, raw=raw_bytes(shape)))
+            for row in baselines(shape, args.ops, tmp):
+                report.append(dict(row, case=tag, raw=raw_bytes(shape)))
+            kvtier.init(namespace="main", config=dict(configs["main"], codec=codec))
+            st = kvtier.stats()
+            for s in st["shards"]:
+                mem.append({"case": tag, "shard": s["id"], "bytes": s.get("bytes", 0), "capacity": s.get("capacity_bytes", 0),
+                            "index": s.get("index_bytes", 0)})
+            used = ray.cluster_resources().get("object_store_memory", 0) - ray.available_resources().get("object_store_memory", 0)
+            mem.append({"case": tag, "shard": "object store (node, all tiers)", "bytes": int(used), "capacity": 0, "index": 0})
+            for ns in ("main", "cold", "wt"):
+                api.stop_tier(ns)
+    finally:
+        kvtier.shutdown()
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+    text = render(report, mem, argv)
+    print(text)
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text)
+    return 0
+
+
+def render(report: list[dict], mem: list[dict], argv) -> str:
+    import datetime
+
+    cpu = platform.processor() or platform.machine()
+    lines = [
+        "# Tier benchmark (bench/tiers.py)", "",
+        f"- date: {datetime.datetime.now().isoformat(timespec='seconds')}",
+        f"- device: {os.cpu_count()} CPU cores ({cpu}), no GPU; torch {torch.__version__}, "
+        f"ray {__import__('ray').__version__}, Python {platform.python_version()}",
+        f"- command: `python bench/tiers.py {' '.join(argv if argv is not None else sys.argv[1:])}`",
+        "- GB/s = raw (uncompressed bf16) KV bytes per second over the phase's wall time, all clients together;"
+        " lookup rates are keys/s in batches of 64. p50/p99 per operation.", "",
+        "| case | operation | clients | ops | GB/s raw (total) | GB/s per client | p50 ms | p99 ms |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in report:
+        if r["phase"] == "lookup":
+            rate = f"{r['rate']:,.0f} keys/s"
+            per = f"{r['rate'] / r['clients']:,.0f} keys/s"
+        else:
+            rate, per = f"{r['rate'] / 1e9:.2f}", f"{r['rate'] / 1e9 / r['clients']:.2f}"
+        lines.append(f"| {r['case']} | {r['phase']} | {r['clients']} | {r['ops']} | {rate} | {per} | "
+                     f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+    lines += ["", "## Memory held by the warm shards (main tier, end of each case)", "",
+              "| case | shard | bytes held | budget | index says |", "|---|---|---:|---:|---:|"]
+    for m in mem:
+        lines.append(f"| {m['case']} | {m['shard']} | {m['bytes']:,} | {m['capacity']:,} | {m['index']:,} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    sys.exit(main())
