@@ -1,0 +1,223 @@
+"""The lossy codecs through kvtier.compress / decompress (torch path, CPU).
+
+Ratios count every serialized byte (Block.nbytes); error bounds per codec and
+dtype; +zstd is lossless on top; ragged token counts; bad input and corrupt
+blocks raise clear errors. Kernel-vs-reference comparisons live in
+tests/kernels/.
+"""
+
+import math
+
+import pytest
+import torch
+
+import kvtier
+from kvtier import Block, BlockFormatError, CodecError, compress, decompress, get_codec
+from kvtier.codecs.rot import RotCodec
+
+LOSSY = ["fp8", "kivi4", "kivi2", "rot4", "rot3", "rot2"]
+DTYPES = [torch.bfloat16, torch.float16, torch.float32]
+# bits per element of each format at head_dim 64 (codes + fp16 scale/zero or int8 exponent per group)
+BITS_D64 = {"fp8": 8 + 8 / 64, "kivi4": 4 + 16 / 64 + 16 / 64, "kivi2": 2 + 16 / 32 + 16 / 32,
+            "rot4": 4 + 32 / 64, "rot3": 3 + 32 / 64, "rot2": 2 + 32 / 64}
+RATIO_AIMS = {"fp8": 1.9, "kivi4": 3.5, "rot4": 3.5, "rot3": 4.5}
+
+
+def kv_like(shape, dtype=torch.bfloat16, seed=0):
+    """Random KV with what real keys have: outlier channels and per-channel offsets."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    x[:, 0] = x[:, 0] * torch.logspace(-1, 1, shape[-1]) + 2 * torch.randn(shape[-1], generator=g)
+    return x.to(dtype)
+
+
+def roundtrip(kv, codec):
+    block = compress(kv, codec, key="k" * 32, model_id="m")
+    again = Block.from_arrow(block.to_arrow(), expect_key="k" * 32)
+    return block, decompress(again)
+
+
+def test_all_codecs_registered():
+    assert set(LOSSY) | {"none"} <= set(kvtier.list_codecs())
+    for name in LOSSY:
+        assert get_codec(name).name == name and not get_codec(name).lossless
+
+
+@pytest.mark.parametrize("codec", LOSSY)
+def test_ratio_on_bf16_counts_every_byte(codec):
+    kv = kv_like((8, 2, 3, 256, 64))  # 1.5 MiB of bf16, a SmolLM2-shaped chunk of 8 layers
+    block, out = roundtrip(kv, codec)
+    payload_bits = 8 * block.payload_nbytes / kv.numel()
+    assert payload_bits == pytest.approx(BITS_D64[codec], abs=1e-9)
+    assert block.nbytes > block.payload_nbytes  # header and Arrow framing are counted too
+    assert block.ratio == pytest.approx(16 / BITS_D64[codec], rel=0.01)
+    if codec in RATIO_AIMS:
+        assert block.ratio >= RATIO_AIMS[codec]
+    assert out.shape == kv.shape and out.dtype == kv.dtype
+
+
+@pytest.mark.parametrize("codec,bits", [("kivi4", 4.5), ("rot4", 4.25), ("rot3", 3.25)])
+def test_ratio_at_head_dim_128(codec, bits):
+    # rot's group is the row (128 channels at D=128); kivi keeps groups of 64 tokens and 64 channels
+    block, _ = roundtrip(kv_like((4, 2, 2, 256, 128)), codec)
+    assert 8 * block.payload_nbytes / (4 * 2 * 2 * 256 * 128) == bits
+    assert block.ratio >= 0.99 * 16 / bits
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("codec", LOSSY)
+def test_error_bound_through_blocks(codec, dtype):
+    kv = kv_like((2, 2, 3, 77, 64), dtype, seed=3)
+    block, out = roundtrip(kv, codec)
+    x, y = kv.double(), out.double()
+    if codec == "fp8":
+        e = torch.frombuffer(bytearray(block.buffers["exp"]), dtype=torch.int8).reshape(kv.shape[:-1]).double()
+        bound = torch.maximum(x.abs() * 2**-4, 2.0 ** (e - 10).unsqueeze(-1)) + 2**-25
+        assert ((x - y).abs() <= bound).all()
+    else:
+        # coarser than the per-group bounds of tests/kernels (those use the stored scales): the error is
+        # at most half a step, a step is (range of the group) / (2**bits - 1), and a rotation keeps a
+        # row's L2 norm, so per row ||x - x^|| <= sqrt(D) * max range / (2 * qmax) plus rounding
+        bits = get_codec(codec).bits
+        qmax = 2**bits - 1
+        d = kv.shape[-1]
+        if codec.startswith("kivi"):
+            rng = 2 * x.abs().amax()
+            assert (x - y).abs().max() <= rng / (2 * qmax) * 1.01 + 1e-3
+        else:
+            rng = 2 * math.sqrt(d) * x.abs().amax(-1, keepdim=True)  # a rotated coordinate is <= ||row||
+            assert ((x - y).norm(dim=-1, keepdim=True) <= math.sqrt(d) * rng / (2 * qmax) * 1.01 + 1e-2).all()
+    rel = ((x - y).norm() / x.norm()).item()
+    assert rel < {"fp8": 0.03, "kivi4": 0.1, "rot4": 0.1, "rot3": 0.2, "kivi2": 0.45, "rot2": 0.5}[codec]
+
+
+@pytest.mark.parametrize("codec", LOSSY)
+def test_zstd_stage_is_lossless_on_top(codec):
+    kv = kv_like((2, 2, 3, 130, 64), seed=5)
+    plain, out = roundtrip(kv, codec)
+    zb, zout = roundtrip(kv, codec + "+zstd")
+    assert zb.codec == codec + "+zstd"
+    assert torch.equal(out, zout)
+    assert zb.nbytes < plain.nbytes  # scales, zeros and skewed codes leave something to entropy-code
+
+
+@pytest.mark.parametrize("codec", ["kivi4", "kivi2", "rot3", "fp8"])
+@pytest.mark.parametrize("tokens", [1, 63, 65, 123])
+def test_ragged_token_counts(codec, tokens):
+    kv = kv_like((2, 2, 3, tokens, 64), seed=tokens)
+    block, out = roundtrip(kv, codec)
+    assert out.shape == kv.shape
+    assert ((out.float() - kv.float()).norm() / kv.float().norm()) < 0.45
+    if codec == "kivi4":  # the last key group is ragged: ceil(T/64) groups stored, nothing padded
+        assert block.buffers["k_scale"].size == 2 * 3 * math.ceil(tokens / 64) * 64 * 2
+        assert block.buffers["q"].size == kv.numel() // 2
+
+
+def test_kivi_v_group_follows_head_dim():
+    kv = kv_like((1, 2, 2, 40, 48))  # 48 = 16 * 3: value groups of 16 channels
+    block, out = roundtrip(kv, "kivi4")
+    assert block.params == {"bits": 4, "k_group": 64, "v_group": 16}
+    assert ((out.float() - kv.float()).norm() / kv.float().norm()) < 0.1
+
+
+def test_constant_input_is_exact_where_the_format_allows():
+    kv = torch.full((1, 2, 2, 70, 64), 0.375, dtype=torch.bfloat16)
+    for codec in ("fp8", "kivi4", "kivi2"):
+        assert torch.equal(roundtrip(kv, codec)[1], kv), codec  # kivi: scale 0, every value is the fp16 zero
+    # rot is not exact here: the random signs turn a constant row into a spread one before quantizing
+    out = roundtrip(kv, "rot4")[1].float()
+    assert 0 < ((out - kv.float()).norm() / kv.float().norm()) < 0.15
+
+
+def test_rot_decodes_with_the_seed_in_the_block():
+    kv = kv_like((1, 2, 2, 16, 64))
+    a, b = RotCodec("rot4-a", 4, seed=1), RotCodec("rot4-b", 4, seed=2)
+    bufs_a, params_a = a.encode(kv)
+    bufs_b, _ = b.encode(kv)
+    assert params_a["seed"] == 1 and not torch.equal(bufs_a["q"], bufs_b["q"])
+    as_u8 = {k: v.contiguous().view(-1).view(torch.uint8) for k, v in bufs_a.items()}
+    out_by_b = b.decode(as_u8, params_a, tuple(kv.shape), kv.dtype, torch.device("cpu"))
+    out_by_a = a.decode(as_u8, params_a, tuple(kv.shape), kv.dtype, torch.device("cpu"))
+    assert torch.equal(out_by_a, out_by_b)  # the codec object's own seed plays no part in decoding
+    assert ((out_by_a.float() - kv.float()).norm() / kv.float().norm()) < 0.1
+
+
+# ---------------------------------------------------------------- bad input
+@pytest.mark.parametrize("codec", LOSSY)
+def test_bad_input_is_refused_with_a_clear_error(codec):
+    good = kv_like((1, 2, 2, 8, 64))
+    with pytest.raises(ValueError, match="4 dims, expected 5"):
+        compress(good[0], codec)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        compress(torch.where(torch.arange(64) == 5, float("nan"), good.float()), codec)
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        compress(torch.where(torch.arange(64) == 5, float("-inf"), good.float()), codec)
+    with pytest.raises(ValueError, match="dtype torch.int32"):
+        compress(good.to(torch.int32), codec)
+    with pytest.raises(ValueError, match="empty"):
+        compress(good[:, :, :, :0], codec)
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        compress(good.float().numpy(), codec)
+
+
+def test_unknown_codec_name():
+    with pytest.raises(CodecError, match="unknown codec 'kivi3'.*kivi4"):
+        compress(kv_like((1, 2, 1, 4, 64)), "kivi3")
+    with pytest.raises(CodecError, match="unknown codec 'rot4\\+lz4'"):
+        get_codec("rot4+lz4")
+
+
+@pytest.mark.parametrize("d", [48, 96, 8, 512])
+def test_rot_needs_power_of_two_head_dim(d):
+    with pytest.raises(CodecError, match=f"head_dim {d} must be a power of two in \\[16, 256\\]"):
+        compress(kv_like((1, 2, 1, 4, d)), "rot3")
+
+
+def test_kivi2_needs_head_dim_multiple_of_four():
+    with pytest.raises(CodecError, match="head_dim 6 must be a multiple of 4"):
+        compress(kv_like((1, 2, 1, 4, 6)), "kivi2")
+
+
+@pytest.mark.parametrize("codec", ["kivi4", "rot4"])
+def test_values_beyond_fp16_scales_are_refused(codec):
+    kv = kv_like((1, 2, 1, 4, 64), torch.float32)
+    kv[0, 1, 0, 2, 3] = 1e6
+    with pytest.raises(CodecError, match="fp16 scales.*1e\\+06"):
+        compress(kv, codec)
+    out = roundtrip(kv, "fp8")[1]  # fp8's power-of-two scales take it (its row's small values go subnormal)
+    assert abs(out[0, 1, 0, 2, 3] - 1e6) <= 1e6 * 2**-4
+    others = torch.ones(kv.shape[:-1], dtype=torch.bool)
+    others[0, 1, 0, 2] = False
+    assert torch.allclose(out[others], kv[others], rtol=2**-4, atol=0)
+
+
+# ---------------------------------------------------------------- corrupt blocks
+def _rebuild(block, params=None, buffers=None):
+    return Block.build(key=block.key, model=block.model, codec=block.codec, shape=block.shape, dtype=block.dtype,
+                       params=block.params if params is None else params,
+                       buffers=block.buffers if buffers is None else buffers)
+
+
+@pytest.mark.parametrize("codec", LOSSY)
+def test_corrupt_blocks_raise_block_format_error(codec):
+    block = compress(kv_like((1, 2, 2, 20, 64)), codec)
+    name = "codes" if codec == "fp8" else "q"
+    short = dict(block.buffers)
+    short[name] = block.buffers[name].slice(0, block.buffers[name].size - 1)
+    with pytest.raises(BlockFormatError, match=f"buffer '{name}' holds"):
+        decompress(_rebuild(block, buffers=short))
+    extra = dict(block.buffers, junk=b"x")
+    with pytest.raises(BlockFormatError, match="do not match"):
+        decompress(_rebuild(block, buffers=extra))
+    key, bad = {"fp8": ("format", "e5m2"), "kivi4": ("bits", 5), "kivi2": ("k_group", 3),
+                "rot4": ("seed", -1), "rot3": ("bits", "3"), "rot2": ("rotation", "dct")}[codec]
+    with pytest.raises(BlockFormatError, match=key):
+        decompress(_rebuild(block, params=dict(block.params, **{key: bad})))
+
+
+def test_fp8_exponent_out_of_range_is_refused():
+    block = compress(kv_like((1, 2, 1, 4, 64)), "fp8")
+    exp = bytearray(block.buffers["exp"])
+    exp[0] = 127  # 2**127 * 256 would overflow; a valid encoder never writes more than 120
+    with pytest.raises(BlockFormatError, match="exponents span"):
+        decompress(_rebuild(block, buffers=dict(block.buffers, exp=bytes(exp))))
