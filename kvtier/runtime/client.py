@@ -45,6 +45,13 @@ from kvtier.tiers.hot import HotTier, decode_block
 
 log = logging.getLogger("kvtier.client")
 _RPC_ERRORS = (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError)
+MAX_BATCH_KEYS = 4096  # 1M tokens in 256-token chunks; one locate answer stays well under Ray's inline limits
+
+
+def _keys(keys: Sequence[str]) -> list[str]:
+    if len(keys) > MAX_BATCH_KEYS:
+        raise ValueError(f"a batch of {len(keys)} keys exceeds the maximum batch size MAX_BATCH_KEYS={MAX_BATCH_KEYS}")
+    return check_keys(keys)
 
 
 class Client:
@@ -71,7 +78,7 @@ class Client:
 
     # ---- put ------------------------------------------------------------
     def put(self, keys: Sequence[str], kvs: Sequence[torch.Tensor], codec: str | None = None) -> None:
-        keys = check_keys(keys)
+        keys = _keys(keys)
         if len(keys) != len(kvs):
             raise ValueError(f"put got {len(keys)} keys and {len(kvs)} tensors; they must pair up")
         codec = codec or self.cfg.codec
@@ -87,7 +94,7 @@ class Client:
                 try:
                     self.cold.put(key, wire)
                     cold[i] = True
-                except (KvtierError, OSError) as e:
+                except (KvtierError, OSError, ValueError) as e:
                     self._error(f"write-through of {key[:16]} to the cold tier failed: {type(e).__name__}: {e}")
         self._send_warm(keys, wires, cold, wait=True)
         self.counters["puts"] += len(keys)
@@ -129,7 +136,7 @@ class Client:
 
     # ---- get ------------------------------------------------------------
     def get(self, keys: Sequence[str], device: str | torch.device | None = None) -> list[torch.Tensor | None]:
-        keys = check_keys(keys)
+        keys = _keys(keys)
         t0 = time.perf_counter()
         out: list[torch.Tensor | None] = [None] * len(keys)
         need = []
@@ -177,10 +184,15 @@ class Client:
         warm = [(k, loc[2][0]) for k, loc in zip(keys, locs) if loc is not None and loc[2]]
         if warm:
             refs = [r for _, r in warm]
-            ray.wait(refs, num_returns=len(refs), timeout=self.timeout, fetch_local=True)
-            for key, ref in warm:
+            try:  # the common case in one call; any failure sorts them out one by one below
+                datas = ray.get(refs, timeout=self.timeout)
+            except ray.exceptions.RayError as e:  # the budget is spent on a timeout, not on a dead owner
+                wait_s = 0 if isinstance(e, ray.exceptions.GetTimeoutError) else self.timeout
+                ray.wait(refs, num_returns=len(refs), timeout=wait_s, fetch_local=True)
+                datas = None
+            for j, (key, ref) in enumerate(warm):
                 try:
-                    data = ray.get(ref, timeout=0.001)
+                    data = datas[j] if datas is not None else ray.get(ref, timeout=0.001)
                     found[key] = Block.from_arrow(pa.py_buffer(data), expect_key=key)
                     self.metrics.transfer("object_store", data.nbytes)
                 except ray.exceptions.GetTimeoutError:
@@ -228,7 +240,7 @@ class Client:
 
     # ---- metadata -------------------------------------------------------
     def lookup(self, keys: Sequence[str]) -> int:
-        keys = check_keys(keys)
+        keys = _keys(keys)
         have = [k in self.hot for k in keys]
         lead = next((i for i, h in enumerate(have) if not h), len(keys))
         if lead == len(keys):
@@ -251,7 +263,7 @@ class Client:
 
     def prefetch(self, keys: Sequence[str]) -> Future:
         """Pull ``keys`` into this process's hot tier in the background; the future gives how many arrived."""
-        keys = check_keys(keys)
+        keys = _keys(keys)
 
         def pull() -> int:
             missing = [k for k in keys if k not in self.hot]
@@ -263,7 +275,7 @@ class Client:
         return self._pool.submit(pull)
 
     def delete(self, keys: Sequence[str]) -> int:
-        keys = check_keys(keys)
+        keys = _keys(keys)
         n_hot = sum(self.hot.delete(k) for k in keys)
         try:
             return max(n_hot, int(ray.get(self.controller.delete.remote(keys), timeout=self.timeout)))

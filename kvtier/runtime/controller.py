@@ -176,6 +176,12 @@ class Controller:
             info = self.shards.get(shard)
             if info is None:
                 raise ValueError(f"unknown shard {shard!r}")
+            if info.incarnation is not None and incarnation != info.incarnation:
+                # the shard restarted (empty) before the monitor noticed: its old blocks died with it
+                lost = self.placement.remove_shard(shard)
+                self.placement.add_shard(shard, self.cfg.shard_bytes)
+                info.incarnation = incarnation
+                self._error(f"shard {shard} restarted; forgot {len(lost)} blocks it held")
             for i, (key, size, gen, ref) in enumerate(entries):
                 if i < len(cold) and cold[i] and self.cold is not None:
                     orders += self.placement.put_cold(key, size)

@@ -120,6 +120,8 @@ def test_bad_arguments_get_clear_errors(warm_only):
         kvtier.get(["a/b"])
     with pytest.raises(kvtier.CodecError, match="unknown codec 'nope'"):
         kvtier.put(k[0], kv_of(0), codec="nope")
+    with pytest.raises(ValueError, match="batch of 4097 keys exceeds the maximum batch size"):
+        kvtier.lookup([k[0]] * 4097)
     assert kvtier.lookup(k) == 0, "nothing was stored by the failed puts"
 
 
