@@ -1,0 +1,486 @@
+"""End-to-end benchmark: time to first token (TTFT) for a kvtier hit from each tier against recompute.
+
+For each prompt length, TTFT is the time from having the token ids to the
+first generated token (argmax of the last position's logits):
+  recompute  a full prefill of the prompt;
+  hit        chunk keys -> lookup -> get the prefix's blocks from one tier
+             (hot / warm / cold) -> decompress onto the device -> rebuild the
+             DynamicCache -> prefill only the uncached tail (at least the last
+             token; with 256-token chunks a 16384-token prompt reuses 16128).
+Both paths ask the model for the last position's logits only (``logits_to_keep=1``),
+as a serving engine does. Median of ``--reps`` timed repetitions after an
+untimed first run; speedup = recompute / hit, both measured in this run.
+The untimed first hit also checks correctness: its first token against
+recompute's (must match with codec ``none``), the top-1 agreement over the
+whole uncached tail, and the tail logits' relative error.
+
+Two backends:
+  ray     (CPU default) the real tier: ``kvtier.init()`` embedded; hot = this
+          process, warm = the shard actors, cold = a local directory. Tiers are
+          forced through the runtime: warm = this process's hot tier cleared;
+          cold = hot cleared and the warm copies dropped with the controller's
+          ``forget`` (the cold copies come from ``write_through``).
+  direct  (GPU default; Ray does not travel to the GPU machine) the tier classes
+          without Ray: hot = ``HotTier`` on the device (payload in device
+          memory), warm = ``WarmStore`` of blocks' Arrow bytes in pinned host
+          memory -> checksum check (threads: xxhash drops the GIL) -> H2D on a
+          copy stream overlapped with decode, cold = ``ColdStore`` files.
+Before each cold repetition the block files are evicted from the page cache
+(``posix_fadvise(DONTNEED)``), so a cold hit reads the disk.
+
+    python bench/e2e.py                  # CPU: SmolLM2-135M, 512..8192 tokens, Ray tier
+    python bench/e2e.py --device cuda    # GPU: Llama-8B-shaped random bf16 model, 1K..16K tokens
+
+Prints a table and writes ``bench/results/e2e-<device>.md`` (``--out``).
+Not a throughput benchmark: one request at a time, batch 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import platform
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import torch
+
+# ``python bench/e2e.py`` puts bench/ first on sys.path, where bench/kernels.py would shadow the kernels
+# package; the repo root goes there instead (the GPU machine has no installed kvtier)
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [str(_HERE.parent)] + [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+
+import kvtier  # noqa: E402
+from kvtier import hf  # noqa: E402
+from kvtier.block import Block  # noqa: E402
+from kvtier.codecs import TORCH_DTYPES, compress, get_codec  # noqa: E402
+from kvtier.tiers.cold import ColdStore  # noqa: E402
+from kvtier.tiers.hot import HotTier, decode_block  # noqa: E402
+from kvtier.tiers.warm import WarmStore  # noqa: E402
+
+TIERS = ("hot", "warm", "cold")
+REPO = _HERE.parent
+EVAL_TEXT = Path(os.environ.get("KVTIER_EVAL_TEXT", REPO.parent / "shared" / "data" / "eval-text"))
+# Llama-3-8B's shape: 16K tokens of bf16 KV = 32 layers x 2 x 8 heads x 128 x 2 B = 128 KiB/token = 2 GiB
+LLAMA8B = dict(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+               intermediate_size=14336, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0)
+TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+            intermediate_size=128, vocab_size=256, max_position_embeddings=512)
+
+
+# ---- model and prompts --------------------------------------------------------------------------
+
+def build_model(name: str, device: torch.device, dtype: torch.dtype | None = None):
+    """(model, tokenizer or None, model_id). ``llama8b``/``tiny`` have random weights: timing does not depend on them."""
+    if name == "smollm2":
+        from kvtier.model import load_model, model_id_for
+
+        model, tok = load_model(dtype=dtype or torch.float32, device=device, progress=None)
+        return model, tok, model_id_for(model)
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    if name not in ("llama8b", "tiny"):
+        raise ValueError(f"--model {name!r}: expected smollm2, llama8b or tiny")
+    config = LlamaConfig(**(LLAMA8B if name == "llama8b" else TINY), attn_implementation="sdpa")
+    dtype = dtype or (torch.bfloat16 if name == "llama8b" else torch.float32)
+    torch.manual_seed(0)
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)  # built in bf16 directly: an fp32 8B model would need 32 GiB first
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(config)
+    finally:
+        torch.set_default_dtype(old)
+    return model.eval(), None, kvtier.model_fingerprint(f"bench-{name}", config.num_hidden_layers,
+                                                      config.num_key_value_heads, config.head_dim, str(dtype)[6:])
+
+
+def prompt_ids(n: int, tok, vocab: int) -> tuple[np.ndarray, str]:
+    """``n`` token ids: the eval text (Python docs) through the tokenizer if there is one, else seeded random ids."""
+    if tok is not None and EVAL_TEXT.is_dir():
+        text = "\n".join(p.read_text(errors="replace") for p in sorted(EVAL_TEXT.rglob("*.rst.txt")))
+        ids = np.asarray(tok(text)["input_ids"], dtype=np.int64)
+        if len(ids) >= n:
+            return ids[:n], "Python 3.11 docs (tutorial, faq)"
+    return np.random.default_rng(n).integers(0, vocab, n, dtype=np.int64), "random token ids"
+
+
+def sync(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+@torch.inference_mode()
+def forward(model, ids: torch.Tensor, cache=None, start: int = 0, keep: int = 1):
+    """Logits of the last ``keep`` positions, and the cache."""
+    out = model(ids[:, start:], past_key_values=cache, use_cache=True, logits_to_keep=keep)
+    return out.logits[0].float(), out.past_key_values
+
+
+def hit(model, ids: torch.Tensor, ids_np: np.ndarray, store, model_id: str, ct: int, keep: int = 1,
+        marks: list | None = None):
+    """A cache hit: keys -> lookup -> get -> rebuild the cache -> prefill the tail. Returns (logits, cached tokens)."""
+    keys = kvtier.chunk_keys(ids_np, model_id, ct)[: hf.reusable_chunks(len(ids_np), ct)]
+    n = store.lookup(keys)
+    kvs = store.get(keys[:n])
+    if any(kv is None for kv in kvs):
+        raise RuntimeError(f"{sum(kv is None for kv in kvs)} of {n} blocks vanished between lookup and get")
+    if marks is not None:
+        marks.append(sync(ids.device))
+    with torch.inference_mode():
+        cache = hf.chunks_to_cache(kvs, model.config)
+    del kvs
+    if marks is not None:
+        marks.append(sync(ids.device))
+    logits, _ = forward(model, ids, cache, n * ct, keep)
+    if marks is not None:
+        marks.append(sync(ids.device))
+    return logits, n * ct
+
+
+# ---- backends: where the blocks live --------------------------------------------------------------
+
+class Direct:
+    """The tier classes without Ray: one of hot/warm/cold serves ``lookup``/``get`` (``self.tier``)."""
+
+    def __init__(self, device: torch.device, cold_root: str, threads: int = 8):
+        self.device, self.tier = device, "hot"
+        self.hot = HotTier(1 << 40, device)  # no budget: one prompt's blocks at a time, deleted after
+        self.warm = WarmStore(1 << 40)  # handle = the block's Arrow bytes in a (pinned on CUDA) uint8 tensor
+        self.cold = ColdStore(cold_root)
+        self.cold_root = cold_root
+        self.pool = ThreadPoolExecutor(threads, thread_name_prefix="bench-verify")
+        self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+
+    def put(self, keys, chunks, codec: str) -> tuple[int, int]:
+        nbytes = raw = 0
+        for key, kv in zip(keys, chunks):
+            block = compress(kv, codec, key=key)
+            wire = block.to_arrow()
+            self.hot.put(Block.from_arrow(wire, expect_key=key))
+            host = torch.empty(wire.size, dtype=torch.uint8, pin_memory=self.device.type == "cuda")
+            host.numpy()[:] = np.frombuffer(wire, dtype=np.uint8)
+            self.warm.add(key, wire.size, host)
+            self.cold.put(key, wire)
+            nbytes, raw = nbytes + wire.size, raw + block.raw_nbytes
+        return nbytes, raw
+
+    def prepare(self, tier: str, keys) -> None:
+        self.tier = tier
+        if tier == "cold":
+            drop_page_cache(self.cold_root)
+
+    def lookup(self, keys) -> int:
+        has = {"hot": self.hot.__contains__, "warm": self.warm.__contains__, "cold": self.cold.contains}[self.tier]
+        return next((i for i, k in enumerate(keys) if not has(k)), len(keys))
+
+    def get(self, keys):
+        if self.tier == "hot":
+            return [self.hot.get_kv(k) for k in keys]
+        if self.tier == "cold":  # reads and checksums overlap in the pool; the library's own H2D + decode
+            return [None if b is None else decode_block(b, self.device) for b in self.pool.map(self.cold.get, keys)]
+        hosts = [self.warm.get(k).handle for k in keys]
+        blocks = self.pool.map(lambda kh: Block.from_arrow(pa.py_buffer(kh[1].numpy()), expect_key=kh[0]),
+                               zip(keys, hosts))
+        out = []
+        for host, block in zip(hosts, blocks):
+            if self.device.type != "cuda":
+                out.append(decode_block(block, self.device))
+                continue
+            base, main = host.data_ptr(), torch.cuda.current_stream(self.device)
+            with torch.cuda.stream(self.copy_stream):  # H2D of block i+1 overlaps the decode of block i
+                dev = {}
+                for name, b in block.buffers.items():
+                    off = b.address - base
+                    dev[name] = host[off:off + b.size].to(self.device, non_blocking=True)
+                    dev[name].record_stream(main)
+                ready = torch.cuda.Event()
+                ready.record(self.copy_stream)
+            main.wait_event(ready)
+            out.append(get_codec(block.codec).decode(dev, block.params, tuple(block.shape),
+                                                     TORCH_DTYPES[block.dtype], self.device))
+        return out
+
+    def delete(self, keys) -> None:
+        for k in keys:
+            self.hot.delete(k)
+            self.warm.remove(k)
+            self.cold.delete(k)
+
+    def close(self) -> None:
+        self.pool.shutdown()
+
+
+class RayTier:
+    """The real tier through the public API (embedded ``kvtier.init``, or the running Ray's)."""
+
+    def __init__(self, cold_root: str, ct: int):
+        from kvtier.runtime import api
+
+        self.cold_root = cold_root
+        kvtier.init(namespace=f"kvtier-bench-{os.getpid()}", config=dict(
+            hot_bytes="4GiB", warm_bytes="4GiB", num_shards=2, cold_uri=cold_root, write_through=True,
+            codec="none", chunk_tokens=ct, rpc_timeout_s=60.0))
+        self.client = api._get_client()
+        self.lookup, self.get = kvtier.lookup, kvtier.get
+
+    def put(self, keys, chunks, codec: str) -> tuple[int, int]:
+        c0 = dict(self.client.counters)
+        kvtier.put(keys, chunks, codec=codec)
+        c = self.client.counters
+        return c["put_bytes"] - c0["put_bytes"], c["raw_put_bytes"] - c0["raw_put_bytes"]
+
+    def _where(self, keys) -> list:
+        import ray
+
+        return ray.get(self.client.controller.where.remote(keys), timeout=60)
+
+    def _wait(self, keys, want: str, what: str) -> None:
+        end = time.monotonic() + 120
+        while (w := self._where(keys)) != [want] * len(keys):
+            if time.monotonic() > end:
+                raise RuntimeError(f"{what}: tiers are {sorted(set(map(str, w)))} after 120 s, expected all {want}")
+            time.sleep(0.05)
+
+    def prepare(self, tier: str, keys) -> None:
+        if tier == "hot":
+            missing = sum(k not in self.client.hot for k in keys)
+            if missing:
+                raise RuntimeError(f"{missing} of {len(keys)} blocks are not in the hot tier: raise hot_bytes")
+            return
+        self.client.hot.clear()
+        # a previous cold hit promotes its blocks to warm in the background: let that land first
+        self._wait(keys, "warm", "blocks did not settle in warm")
+        if tier == "cold":
+            import ray
+
+            ray.get(self.client.controller.forget.remote(list(keys), []), timeout=60)  # drop warm, keep cold
+            self._wait(keys, "cold", "warm copies were not dropped")
+            drop_page_cache(self.cold_root)
+        self.promotions = self.client.counters["promotions"]
+
+    def served_cold(self) -> int:
+        return self.client.counters["promotions"] - self.promotions
+
+    def delete(self, keys) -> None:
+        kvtier.delete(list(keys))
+
+    def close(self) -> None:
+        kvtier.shutdown(stop=True)
+
+
+def drop_page_cache(root: str) -> None:
+    """Evict the cold files from the page cache: a cold hit must read the disk, not RAM."""
+    for folder, _, files in os.walk(root):
+        for f in files:
+            fd = os.open(os.path.join(folder, f), os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+# ---- the run ----------------------------------------------------------------------------------
+
+def run(args) -> tuple[list[dict], dict]:
+    device = torch.device(args.device)
+    model, tok, base_id = build_model(args.model, device, args.dtype and getattr(torch, args.dtype))
+    max_pos = int(model.config.max_position_embeddings)
+    lengths = [n for n in args.lengths if n <= max_pos]
+    notes = [f"lengths above max_position_embeddings={max_pos} dropped: {sorted(set(args.lengths) - set(lengths))}"
+             ] if len(lengths) < len(args.lengths) else []
+    cold_root = tempfile.mkdtemp(prefix="kvtier-bench-cold-", dir=args.cold_dir)
+    backend = RayTier(cold_root, args.chunk_tokens) if args.backend == "ray" else Direct(device, cold_root)
+    rows, ct, src = [], args.chunk_tokens, ""
+    try:
+        for n_tok in lengths:
+            ids_np, src = prompt_ids(n_tok, tok, model.config.vocab_size)
+            ids = torch.from_numpy(ids_np).to(device).unsqueeze(0)
+            cached = hf.reusable_chunks(n_tok, ct) * ct
+            tail = n_tok - cached
+            ref_logits, cache = forward(model, ids, keep=tail)  # untimed first run: the KV to store + reference logits
+            ref_top = ref_logits.argmax(-1)
+            chunks = hf.cache_to_chunks(cache, ct)[: cached // ct]
+            del cache
+            reps = args.reps if n_tok < args.long_from else args.long_reps
+            times = []
+            for _ in range(reps):
+                t0 = sync(device)
+                logits, _ = forward(model, ids)
+                times.append(sync(device) - t0)
+                if int(logits[-1].argmax()) != int(ref_top[-1]):
+                    raise RuntimeError(f"recompute at {n_tok} tokens is not deterministic")
+            recompute = statistics.median(times)
+            rows.append(dict(tokens=n_tok, tier="recompute", codec="-", cached=0, ttft=recompute, recompute=recompute,
+                             first_ok=True, agree=1.0, rel=0.0, mb=0.0, ratio=None, stages=None))
+            say(rows[-1])
+            for codec in args.codecs:
+                model_id = f"{base_id}|bench-codec={codec}"  # one key space per codec: both live in the tier at once
+                keys = kvtier.chunk_keys(ids_np, model_id, ct)[: cached // ct]
+                nbytes, raw = backend.put(keys, chunks, codec)
+                for tier in args.tiers:
+                    backend.prepare(tier, keys)
+                    logits, got = hit(model, ids, ids_np, backend, model_id, ct, keep=tail)  # untimed: check
+                    if got != cached:
+                        raise RuntimeError(f"{tier} hit at {n_tok} tokens reused {got} tokens, expected {cached}")
+                    top = logits.argmax(-1)
+                    rel = float((logits - ref_logits).norm() / ref_logits.norm())
+                    marks = [sync(device)]
+                    backend.prepare(tier, keys)
+                    marks[0] = sync(device)
+                    hit(model, ids, ids_np, backend, model_id, ct, marks=marks)  # one rep timed by stage
+                    stages = [b - a for a, b in zip(marks, marks[1:])]
+                    times = []
+                    for _ in range(args.reps):
+                        backend.prepare(tier, keys)
+                        t0 = sync(device)
+                        logits, _ = hit(model, ids, ids_np, backend, model_id, ct)
+                        times.append(sync(device) - t0)
+                        if int(logits[-1].argmax()) != int(top[-1]):
+                            raise RuntimeError(f"{tier}/{codec} hit at {n_tok} tokens changed its first token")
+                        if tier == "cold" and isinstance(backend, RayTier) and backend.served_cold() != len(keys):
+                            raise RuntimeError(f"cold hit at {n_tok} tokens: only {backend.served_cold()} of "
+                                               f"{len(keys)} blocks came from the cold tier")
+                    ttft = statistics.median(times)
+                    rows.append(dict(tokens=n_tok, tier=tier, codec=codec, cached=cached, ttft=ttft, recompute=recompute,
+                                     first_ok=int(top[-1]) == int(ref_top[-1]), agree=float((top == ref_top).float().mean()),
+                                     rel=rel, mb=nbytes / 1e6, ratio=raw / nbytes, stages=stages))
+                    say(rows[-1])
+                backend.delete(keys)
+            del chunks
+    finally:
+        backend.close()
+        shutil.rmtree(cold_root, ignore_errors=True)
+    notes.append(f"prompts: {src}; chunk_tokens={ct}; the last partial (or, for exact multiples, the last whole) "
+                 "chunk is always recomputed")
+    return rows, {"notes": notes, "max_pos": max_pos}
+
+
+# ---- output -----------------------------------------------------------------------------------
+
+HEAD = ("tokens", "tier", "codec", "cached", "TTFT ms", "recompute ms", "speedup", "1st tok = recompute",
+        "tail top-1 agree", "tail logit rel err", "MB read", "ratio", "get / rebuild / tail ms")
+
+
+def cells(r: dict) -> list[str]:
+    st = "-" if r["stages"] is None else " / ".join(f"{s * 1e3:.1f}" for s in r["stages"])
+    return [str(r["tokens"]), r["tier"], r["codec"], str(r["cached"]), f"{r['ttft'] * 1e3:.1f}",
+            f"{r['recompute'] * 1e3:.1f}", f"{r['recompute'] / r['ttft']:.1f}x", "yes" if r["first_ok"] else "NO",
+            f"{r['agree']:.3f}", f"{r['rel']:.1e}", f"{r['mb']:.4g}", "-" if r["ratio"] is None else f"{r['ratio']:.2f}", st]
+
+
+def say(r: dict) -> None:
+    print("  " + " | ".join(cells(r)), flush=True)
+
+
+def markdown(rows: list[dict]) -> str:
+    lines = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+    return "\n".join(lines + ["| " + " | ".join(cells(r)) + " |" for r in rows])
+
+
+def device_name(device: torch.device) -> tuple[str, str]:
+    """(description, file tag): 'NVIDIA H100 80GB HBM3', 'h100'; or the CPU."""
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        tag = next((t for t in ("h100", "h200", "a100", "l40s", "b200") if t in name.lower()), "gpu")
+        return name, tag
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")),
+               platform.processor()) if os.path.exists("/proc/cpuinfo") else platform.processor()
+    return f"{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads", "cpu"
+
+
+def aim(rows: list[dict], args) -> str:
+    """The aim of the issue: a warm hit at the longest prompt >= 20x faster than recompute (GPU)."""
+    warm = [r for r in rows if r["tier"] == "warm" and r["tokens"] == max(r["tokens"] for r in rows)]
+    if not warm:
+        return ""
+    best = max(warm, key=lambda r: r["recompute"] / r["ttft"])
+    x = best["recompute"] / best["ttft"]
+    return (f"Aim (GPU): warm hit at the longest prompt >= 20x recompute. Best here: {best['codec']} at "
+            f"{best['tokens']} tokens, {x:.1f}x: {'met' if x >= 20 else 'missed'}.")
+
+
+def write_report(rows, info, args, path: Path, wall: float) -> None:
+    import transformers
+
+    dev, _ = device_name(torch.device(args.device))
+    text = [f"# kvtier end-to-end benchmark: time to first token, hit vs recompute ({args.device})", "",
+            f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
+            f"- device: {dev}",
+            f"- command: `python bench/e2e.py {' '.join(sys.argv[1:])}`",
+            f"- model: {args.model}; backend: {args.backend}; codecs: {', '.join(args.codecs)}; "
+            f"repetitions: {args.reps} per hit, {args.reps}/{args.long_reps} recompute (below/from {args.long_from} tokens)",
+            f"- torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}; "
+            f"wall time {wall:.0f} s",
+            *[f"- {n}" for n in info["notes"]], "",
+            "TTFT = median of the timed repetitions; speedup = recompute / hit; 'MB read' = the blocks' serialized bytes "
+            "fetched from the tier; ratio = raw KV bytes / serialized bytes; 'get / rebuild / tail' = one extra "
+            "repetition timed by stage (fetch + verify + transfer + decompress / DynamicCache rebuild / tail prefill).",
+            "", markdown(rows), ""]
+    if args.device.startswith("cuda"):
+        text += [aim(rows, args), ""]
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(text))
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--model", help="smollm2 (CPU default), llama8b (GPU default: random bf16 weights) or tiny")
+    p.add_argument("--backend", choices=("ray", "direct"), help="ray (CPU default) or direct (GPU default)")
+    p.add_argument("--lengths", help="prompt lengths in tokens, comma separated")
+    p.add_argument("--codecs", help="comma separated (CPU default none,kivi4; GPU none,kivi4,rot4)")
+    p.add_argument("--tiers", default=",".join(TIERS))
+    p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="model and KV dtype (default: bfloat16 for llama8b, float32 otherwise)")
+    p.add_argument("--chunk-tokens", type=int, default=256)
+    p.add_argument("--reps", type=int, help="timed repetitions (CPU default 3, GPU 5)")
+    p.add_argument("--long-reps", type=int, help="recompute repetitions from --long-from tokens on (CPU default 2)")
+    p.add_argument("--long-from", type=int, default=4096)
+    p.add_argument("--cold-dir", help="where the cold tier's temporary folder goes (default: the system temp dir)")
+    p.add_argument("--out", help="report file, or a folder for e2e-<device>.md (default bench/results/)")
+    a = p.parse_args(argv)
+    gpu = a.device.startswith("cuda")
+    a.model = a.model or ("llama8b" if gpu else "smollm2")
+    a.backend = a.backend or ("direct" if gpu else "ray")
+    a.lengths = [int(x) for x in (a.lengths or ("1024,4096,8192,16384" if gpu else "512,1024,2048,4096,8192")).split(",")]
+    a.codecs = (a.codecs or ("none,kivi4,rot4" if gpu else "none,kivi4")).split(",")
+    a.tiers = a.tiers.split(",")
+    if bad := [t for t in a.tiers if t not in TIERS]:
+        p.error(f"--tiers {bad}: expected some of {TIERS}")
+    a.reps = a.reps or (5 if gpu else 3)
+    a.long_reps = a.long_reps or (a.reps if gpu else 2)
+    return a
+
+
+def main(argv=None) -> list[dict]:
+    args = parse(argv)
+    t0 = time.perf_counter()
+    print(f"e2e: {args.model} on {args.device}, backend {args.backend}, lengths {args.lengths}, codecs {args.codecs}")
+    print("  " + " | ".join(HEAD), flush=True)
+    rows, info = run(args)
+    out = Path(args.out or REPO / "bench" / "results")
+    if out.is_dir():
+        out = out / f"e2e-{device_name(torch.device(args.device))[1]}.md"
+    write_report(rows, info, args, out, time.perf_counter() - t0)
+    print("\n" + markdown(rows))
+    for n in info["notes"]:
+        print("note:", n)
+    if args.device.startswith("cuda"):
+        print(aim(rows, args))
+    print(f"wrote {out}")
+    return rows
+
+
+if __name__ == "__main__":
+    main()
