@@ -83,7 +83,7 @@ def _e4m3_value(c):
 
 
 @triton.jit
-def _fp8_encode_kernel(x_ptr, c_ptr, e_ptr, n_rows, D, R: tl.constexpr, BD: tl.constexpr):
+def _fp8_encode_kernel(x_ptr, c_ptr, e_ptr, n_rows, D: tl.constexpr, R: tl.constexpr, BD: tl.constexpr):
     rows = tl.program_id(0) * R + tl.arange(0, R)
     cols = tl.arange(0, BD)
     rmask = rows < n_rows
@@ -100,7 +100,7 @@ def _fp8_encode_kernel(x_ptr, c_ptr, e_ptr, n_rows, D, R: tl.constexpr, BD: tl.c
 
 
 @triton.jit
-def _fp8_decode_kernel(c_ptr, e_ptr, o_ptr, n_rows, D, R: tl.constexpr, BD: tl.constexpr):
+def _fp8_decode_kernel(c_ptr, e_ptr, o_ptr, n_rows, D: tl.constexpr, R: tl.constexpr, BD: tl.constexpr):
     rows = tl.program_id(0) * R + tl.arange(0, R)
     cols = tl.arange(0, BD)
     rmask = rows < n_rows
@@ -114,8 +114,9 @@ def _fp8_decode_kernel(c_ptr, e_ptr, o_ptr, n_rows, D, R: tl.constexpr, BD: tl.c
 
 
 # elements per program: 8192 (16 KiB of bf16) keeps the H100 busy with 16-byte loads
-# and the CPU interpreter at a few dozen programs for test shapes
+# and the CPU interpreter at a few dozen programs for test shapes (bench/kernels.py --sweep tries others)
 TILE = 8192
+NUM_WARPS = 8
 
 
 def _rows(d: int) -> tuple[int, int]:
@@ -130,7 +131,7 @@ def encode_triton(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     codes = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
     exp = torch.empty(x.shape[:-1], dtype=torch.int8, device=x.device)
     r, bd = _rows(d)
-    _fp8_encode_kernel[(triton.cdiv(n, r),)](x2, codes, exp, n, d, R=r, BD=bd, num_warps=8)
+    _fp8_encode_kernel[(triton.cdiv(n, r),)](x2, codes, exp, n, d, R=r, BD=bd, num_warps=NUM_WARPS)
     return codes, exp
 
 
@@ -140,5 +141,5 @@ def decode_triton(codes: torch.Tensor, exp: torch.Tensor, dtype: torch.dtype) ->
     out = torch.empty(codes.shape, dtype=dtype, device=codes.device)
     r, bd = _rows(d)
     _fp8_decode_kernel[(triton.cdiv(n, r),)](codes.contiguous(), exp.contiguous(), out, n, d, R=r, BD=bd,
-                                             num_warps=8)
+                                             num_warps=NUM_WARPS)
     return out

@@ -33,6 +33,7 @@ import triton.language as tl
 from kernels.pack import load_codes, out_value, out_view, pack_torch, store_codes, unpack_torch
 
 TILE = 8192  # elements per program: 16 KiB of bf16 (see kernels/NOTES.md)
+NUM_WARPS = 8
 
 
 def quant_params(mn: torch.Tensor, mx: torch.Tensor, qmax: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -86,7 +87,7 @@ def decode_torch(bufs: dict[str, torch.Tensor], shape, dtype: torch.dtype, bits:
 
 # ---------------------------------------------------------------- Triton kernels
 @triton.jit
-def _kivi_encode_kernel(x_ptr, pa, pb, s_ptr, z_ptr, H, T, D, NG,
+def _kivi_encode_kernel(x_ptr, pa, pb, s_ptr, z_ptr, H, T, NG, D: tl.constexpr,
                         KV: tl.constexpr, R: tl.constexpr, BD: tl.constexpr, G: tl.constexpr,
                         BITS: tl.constexpr):
     pid_s = tl.program_id(0)  # (layer, head)
@@ -139,7 +140,7 @@ def _kivi_encode_kernel(x_ptr, pa, pb, s_ptr, z_ptr, H, T, D, NG,
 
 
 @triton.jit
-def _kivi_decode_kernel(pa, pb, s_ptr, z_ptr, o_ptr, H, T, D, NG,
+def _kivi_decode_kernel(pa, pb, s_ptr, z_ptr, o_ptr, H, T, NG, D: tl.constexpr,
                         KV: tl.constexpr, R: tl.constexpr, BD: tl.constexpr, G: tl.constexpr,
                         BITS: tl.constexpr, BF16: tl.constexpr):
     pid_s = tl.program_id(0)
@@ -190,10 +191,10 @@ def encode_triton(kv: torch.Tensor, bits: int, k_group: int, v_group: int) -> di
     out["v_scale"], out["v_zero"] = (torch.empty(L, H, T, D // v_group, dtype=torch.float16, device=dev) for _ in range(2))
     bd, rk, rv = _tiles(T, D, k_group)
     pa, pb = planes[0], planes[-1]
-    _kivi_encode_kernel[(L * H, triton.cdiv(T, rk))](x, pa, pb, out["k_scale"], out["k_zero"], H, T, D, ng,
-                                                     KV=0, R=rk, BD=bd, G=k_group, BITS=bits, num_warps=8)
-    _kivi_encode_kernel[(L * H, triton.cdiv(T, rv))](x, pa, pb, out["v_scale"], out["v_zero"], H, T, D, ng,
-                                                     KV=1, R=rv, BD=bd, G=v_group, BITS=bits, num_warps=8)
+    _kivi_encode_kernel[(L * H, triton.cdiv(T, rk))](x, pa, pb, out["k_scale"], out["k_zero"], H, T, ng, D,
+                                                     KV=0, R=rk, BD=bd, G=k_group, BITS=bits, num_warps=NUM_WARPS)
+    _kivi_encode_kernel[(L * H, triton.cdiv(T, rv))](x, pa, pb, out["v_scale"], out["v_zero"], H, T, ng, D,
+                                                     KV=1, R=rv, BD=bd, G=v_group, BITS=bits, num_warps=NUM_WARPS)
     return out
 
 
@@ -206,10 +207,10 @@ def decode_triton(bufs: dict[str, torch.Tensor], shape, dtype: torch.dtype, bits
     pa = bufs["q"].contiguous()
     pb = bufs["q1"].contiguous() if bits == 3 else pa
     bd, rk, rv = _tiles(T, D, k_group)
-    _kivi_decode_kernel[(L * H, triton.cdiv(T, rk))](pa, pb, bufs["k_scale"], bufs["k_zero"], o, H, T, D, ng,
+    _kivi_decode_kernel[(L * H, triton.cdiv(T, rk))](pa, pb, bufs["k_scale"], bufs["k_zero"], o, H, T, ng, D,
                                                      KV=0, R=rk, BD=bd, G=k_group, BITS=bits, BF16=bf16,
-                                                     num_warps=8)
-    _kivi_decode_kernel[(L * H, triton.cdiv(T, rv))](pa, pb, bufs["v_scale"], bufs["v_zero"], o, H, T, D, ng,
+                                                     num_warps=NUM_WARPS)
+    _kivi_decode_kernel[(L * H, triton.cdiv(T, rv))](pa, pb, bufs["v_scale"], bufs["v_zero"], o, H, T, ng, D,
                                                      KV=1, R=rv, BD=bd, G=v_group, BITS=bits, BF16=bf16,
-                                                     num_warps=8)
+                                                     num_warps=NUM_WARPS)
     return out

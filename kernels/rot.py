@@ -41,6 +41,8 @@ from kernels.kivi import quant_params, quantize
 from kernels.pack import load_codes, out_value, out_view, pack_torch, store_codes, unpack_torch
 
 TILE = 8192  # elements per row block: 64 rows of D=128
+NUM_WARPS = 8
+PROGRAMS_PER_SM = 4
 _M64 = (1 << 64) - 1
 
 
@@ -169,8 +171,8 @@ def _interpreting() -> bool:
 def _grid(n_rows: int, r: int, device: torch.device) -> int:
     nblk = triton.cdiv(n_rows, r)
     if device.type == "cuda":
-        # 4 programs per SM keep enough loads in flight; E is loaded once per program
-        return min(nblk, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+        # several programs per SM keep enough loads in flight; E is loaded once per program
+        return min(nblk, PROGRAMS_PER_SM * torch.cuda.get_device_properties(device).multi_processor_count)
     return min(nblk, 16)  # CPU interpreter: each program costs ~1 ms of Python, blocks are what matter
 
 
@@ -187,7 +189,7 @@ def encode_triton(x: torch.Tensor, bits: int, seed: int) -> dict[str, torch.Tens
     _rot_encode_kernel[(_grid(n, r, x.device),)](x2, e, planes[0], planes[-1], out["scale"], out["zero"], n,
                                                  inv_sqrt(d), D=d, R=r, BITS=bits,
                                                  IEEE=x.dtype == torch.float32, UPCAST=_interpreting() and x.dtype == torch.bfloat16,
-                                                 num_warps=8)
+                                                 num_warps=NUM_WARPS)
     return out
 
 
@@ -202,5 +204,5 @@ def decode_triton(bufs: dict[str, torch.Tensor], shape, dtype: torch.dtype, bits
     r = max(16, TILE // d)
     _rot_decode_kernel[(_grid(n, r, dev),)](pa, pb, bufs["scale"], bufs["zero"], e, c, out_view(out), n,
                                             inv_sqrt(d), D=d, R=r, BITS=bits, BF16=dtype == torch.bfloat16,
-                                            num_warps=8)
+                                            num_warps=NUM_WARPS)
     return out
