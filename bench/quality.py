@@ -82,7 +82,10 @@ def codec_list(spec: str | None) -> list[str]:
     else:
         names = [c.strip() for c in spec.split(",") if c.strip()]
         for c in names:
-            kvtier.get_codec(c)  # raises CodecError naming the unknown codec
+            try:
+                kvtier.get_codec(c)
+            except kvtier.CodecError as e:
+                raise SystemExit(f"--codecs: {e}") from None
         if "none" not in names:
             names.insert(0, "none")  # the reference rows need it
     return list(dict.fromkeys(names))

@@ -84,9 +84,11 @@ def chunks_to_cache(chunks: Sequence[torch.Tensor], config_or_model: Any = None,
                     dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> DynamicCache:
     """A new ``DynamicCache`` holding ``chunks`` in order (token 0 first). With a
     model or config the cache gets its layer types and the chunks are checked
-    against its KV shape; ``dtype``/``device`` convert the chunks on the way."""
+    against its KV shape; ``dtype``/``device`` convert the chunks on the way
+    (default: a model's own dtype and device, else the chunks')."""
     config = getattr(config_or_model, "config", config_or_model)
     cache = DynamicCache(config=config) if config is not None else DynamicCache()
+    dtype, device = _model_dtype_device(config_or_model, dtype, device)
     return append_chunks(cache, chunks, dtype=dtype, device=device,
                          layout=kv_layout(config) if config is not None else None)
 
@@ -127,13 +129,14 @@ def load_prefix(store: Any, token_ids: Any, model_id: str, chunk_tokens: int = 2
     Returns (cache, n_cached_tokens): a ``DynamicCache`` holding the KV of the
     first ``n_cached_tokens`` tokens (a multiple of ``chunk_tokens``, at most
     ``len(token_ids) - 1``), empty on a miss. A block that vanished between
-    lookup and get ends the prefix there (a miss, never a gap).
+    lookup and get ends the prefix there (a miss, never a gap). ``config``
+    (a model or its config) checks the chunks' shape and gives the cache its
+    layer types; a model also sets the default ``dtype``/``device``.
     """
     loaded, _ = _fetch(store, token_ids, model_id, chunk_tokens, config)
-    cache = DynamicCache(config=getattr(config, "config", config)) if config is not None else DynamicCache()
-    append_chunks(cache, loaded, dtype=dtype, device=device,
-                  layout=kv_layout(config) if config is not None else None)
-    return cache, len(loaded) * chunk_tokens
+    if not loaded:
+        return (DynamicCache(config=getattr(config, "config", config)) if config is not None else DynamicCache()), 0
+    return chunks_to_cache(loaded, config, dtype=dtype, device=device), len(loaded) * chunk_tokens
 
 
 def store_chunks(store: Any, token_ids: Any, cache: DynamicCache, model_id: str, chunk_tokens: int = 256,
@@ -168,6 +171,8 @@ class KVTierCache(DynamicCache):
     ``cached_tokens``: tokens loaded from the store; ``stored_chunks``: chunks
     this cache put. ``save(token_ids)`` also stores chunks completed by
     generated tokens (pass the prompt + output ids after ``generate``).
+    Pass ``generate`` the same ``input_ids`` the cache was built for: it skips
+    as many leading tokens as the cache holds. One cache per request.
     """
 
     def __init__(self, store: Any, model: Any, token_ids: Any, chunk_tokens: int = 256, *,
@@ -184,10 +189,9 @@ class KVTierCache(DynamicCache):
         self.num_layers = kv_layout(config)[0]
         self.stored_chunks = 0
         self._prompt_done = False
-        param = next(model.parameters(), None) if hasattr(model, "parameters") else None
         loaded, n_hit = _fetch(store, self.token_ids, model_id, chunk_tokens, config)
-        append_chunks(self, loaded, layout=kv_layout(config), dtype=param.dtype if param is not None else None,
-                      device=param.device if param is not None else None)
+        dtype, device = _model_dtype_device(model, None, None)
+        append_chunks(self, loaded, layout=kv_layout(config), dtype=dtype, device=device)
         self.cached_tokens = len(loaded) * chunk_tokens
         self._stored_upto = n_hit * chunk_tokens  # chunks the store already holds need no put
 
@@ -220,6 +224,15 @@ class KVTierCache(DynamicCache):
 def _check_chunk_tokens(chunk_tokens: Any) -> None:
     if not isinstance(chunk_tokens, int) or isinstance(chunk_tokens, bool) or chunk_tokens < 1:
         raise ValueError(f"chunk_tokens={chunk_tokens!r} must be a positive int")
+
+
+def _model_dtype_device(obj: Any, dtype: torch.dtype | None, device: Any) -> tuple[torch.dtype | None, Any]:
+    """Fill a missing dtype/device from a model's first parameter (a config has none)."""
+    param = next(obj.parameters(), None) if hasattr(obj, "parameters") else None
+    if param is not None:
+        dtype = dtype or param.dtype
+        device = device if device is not None else param.device
+    return dtype, device
 
 
 def _full_attention_layers(cache: Any) -> list:

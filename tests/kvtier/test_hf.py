@@ -232,3 +232,6 @@ def test_kvtiercache_stores_bf16_and_loads_into_an_fp32_model(model, tokens):
     assert len(blocks) == 2 and {b.dtype for b in blocks} == {"bfloat16"}
     cache = hf.KVTierCache(store, model, ids, CT, model_id=bf16_id, kv_dtype=torch.bfloat16)
     assert cache.cached_tokens == 32 and cache.layers[0].keys.dtype == torch.float32
+    loaded, n = hf.load_prefix(store, ids[0], bf16_id, CT, config=model)  # a model sets the cache's dtype
+    assert n == 32 and loaded.layers[1].values.dtype == torch.float32
+    assert torch.equal(loaded.layers[1].values, cache.layers[1].values)
