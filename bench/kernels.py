@@ -88,7 +88,7 @@ def check(lines: list[str]) -> bool:
     cases += [("kivi4", (2, 2, 3, 77, 96)), ("rot4", (2, 2, 3, 50, 256)), ("rot3", (2, 2, 3, 50, 16)),
               ("fp8", (2, 2, 3, 50, 80))]
     ok_all = True
-    lines += ["| codec | shape | dtype | codes differing | max abs code diff | scales differing | "
+    lines += ["| codec | shape | dtype | codes differing | max abs code diff | scales/zeros differing (max rel) | "
               "decoded values > 1 ulp apart | ok |", "|---|---|---|---|---|---|---|---|"]
     for name, shape in cases:
         for dtype in (torch.bfloat16, torch.float16, torch.float32):
@@ -110,16 +110,20 @@ def _check_case(name, shape, dtype, lines, ulp) -> bool:
     frac_q = (dq > 0).float().mean().item()
     if name == "fp8":
         frac_s = (bt[1] != br[1]).float().mean().item()
+        ds = 0.0 if frac_s == 0 else float("inf")  # power-of-two exponents: equal or wrong
     else:
         sk = [k for k in bt if "scale" in k or "zero" in k]
         frac_s = sum((bt[k] != br[k]).sum().item() for k in sk) / sum(bt[k].numel() for k in sk)
+        ds = max(((bt[k].float() - br[k].float()).abs() / br[k].float().abs().clamp_min(2**-14)).max().item()
+                 for k in sk)
     xt, xr = dt(bt), dr(bt)  # both decoders on the same (Triton-encoded) buffers
     far = ((xt.double() - xr.double()).abs() > ulp[dtype] * xr.double().abs() + 1e-30).float().mean().item()
-    # rot encodes in fp32 on tensor cores vs float64 in torch: a code may move by one at a boundary;
-    # elsewhere FMA fusion in the kernel can move a code by one at an exact tie
-    ok = dq.max().item() <= 1 and frac_q <= (1e-3 if name.startswith("rot") else 1e-5) \
-        and frac_s <= 1e-3 and far == 0.0
-    lines.append(f"| {name} | {shape} | {str(dtype)[6:]} | {frac_q:.2e} | {dq.max().item()} | {frac_s:.2e} "
+    # rot encodes in fp32 on tensor cores vs float64 in torch: a code may move by one at a boundary, a
+    # scale or zero by one fp16 ulp (2**-10); kivi: the kernel's FMA (x - z) * inv + 1/2 moves a code by one
+    # where torch's two roundings land on the other side of a half (measured 0.5-2e-5 of codes, H100)
+    ok = dq.max().item() <= 1 and frac_q <= (1e-3 if name.startswith("rot") else 1e-4) \
+        and ds <= 2**-10 and far == 0.0
+    lines.append(f"| {name} | {shape} | {str(dtype)[6:]} | {frac_q:.2e} | {dq.max().item()} | {frac_s:.2e} ({ds:.1e}) "
                  f"| {far:.2e} | {'yes' if ok else 'NO'} |")
     print(lines[-1], flush=True)
     return ok

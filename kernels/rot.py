@@ -38,11 +38,13 @@ import triton
 import triton.language as tl
 
 from kernels.kivi import quant_params, quantize
-from kernels.pack import load_codes, out_value, out_view, pack_torch, store_codes, unpack_torch
+from kernels.pack import PLANES, load_codes, out_value, out_view, pack_torch, store_codes, unpack_torch
 
-TILE = 8192  # elements per row block: 64 rows of D=128
-NUM_WARPS = 8
-PROGRAMS_PER_SM = 4
+# 64 rows of D=128 per block, 4 warps, 8 programs per SM: the fastest of 18 configurations tried on
+# an H100 (encode 2.2 TB/s, decode 1.65 TB/s of bf16; kernels/NOTES.md)
+TILE = 8192
+NUM_WARPS = 4
+PROGRAMS_PER_SM = 8
 _M64 = (1 << 64) - 1
 
 
@@ -116,7 +118,7 @@ def decode_torch(bufs: dict[str, torch.Tensor], shape, dtype: torch.dtype, bits:
 # ---------------------------------------------------------------- Triton kernels
 @triton.jit
 def _rot_encode_kernel(x_ptr, e_ptr, pa, pb, s_ptr, z_ptr, n_rows, rs,
-                       D: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr, IEEE: tl.constexpr,
+                       D: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr, SPLIT: tl.constexpr,
                        UPCAST: tl.constexpr):
     # persistent: each program loads E once and walks row blocks pid, pid + nprog, ...
     i = tl.arange(0, D)
@@ -127,9 +129,18 @@ def _rot_encode_kernel(x_ptr, e_ptr, pa, pb, s_ptr, z_ptr, n_rows, rs,
         rmask = rows < n_rows
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * D + i[None, :], mask=rmask[:, None], other=0.0)
         if UPCAST:  # the CPU interpreter multiplies bf16 as raw uint16 (triton 3.9 create_dot): same math in fp32
-            x = x.to(tl.float32)
-        if IEEE or UPCAST:  # fp32 input: tf32 would round x to 10 mantissa bits
-            acc = tl.dot(x, E.to(x.dtype), input_precision="ieee")
+            acc = tl.dot(x.to(tl.float32), E.to(tl.float32), input_precision="ieee")
+        elif SPLIT:
+            # fp32 input: x = hi + mid + lo exactly, each a bf16 (8 significant bits each); three bf16
+            # tensor-core products with E (+-1, exact) accumulate in fp32. An fp32 E would need 256 KiB of
+            # shared memory at D=256 (measured: OutOfResources on the H100), tf32 would keep 11 bits of x.
+            hi = x.to(tl.bfloat16)
+            r = x - hi.to(tl.float32)
+            mid = r.to(tl.bfloat16)
+            lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
+            acc = tl.dot(hi, E)
+            acc = tl.dot(mid, E, acc)
+            acc = tl.dot(lo, E, acc)
         else:  # bf16/fp16: +-1 * x is exact, products accumulate in fp32
             acc = tl.dot(x, E)
         y = acc * rs
@@ -181,14 +192,15 @@ def encode_triton(x: torch.Tensor, bits: int, seed: int) -> dict[str, torch.Tens
     x2 = x.contiguous()
     n = x2.numel() // d
     lead = tuple(x.shape[:-1])
-    e, _ = rotation(d, seed, x.dtype, x.device)
-    planes = [torch.empty(*lead, d * b // 8, dtype=torch.uint8, device=x.device) for b in ((2, 1) if bits == 3 else (bits,))]
+    e, _ = rotation(d, seed, torch.float16 if x.dtype == torch.float16 else torch.bfloat16, x.device)
+    planes = [torch.empty(*lead, d * b // 8, dtype=torch.uint8, device=x.device) for b in PLANES[bits]]
     out = dict(zip(("q", "q1"), planes))
     out["scale"], out["zero"] = (torch.empty(lead, dtype=torch.float16, device=x.device) for _ in range(2))
     r = max(16, TILE // d)
     _rot_encode_kernel[(_grid(n, r, x.device),)](x2, e, planes[0], planes[-1], out["scale"], out["zero"], n,
                                                  inv_sqrt(d), D=d, R=r, BITS=bits,
-                                                 IEEE=x.dtype == torch.float32, UPCAST=_interpreting() and x.dtype == torch.bfloat16,
+                                                 SPLIT=x.dtype == torch.float32,
+                                                 UPCAST=_interpreting() and x.dtype != torch.float16,
                                                  num_warps=NUM_WARPS)
     return out
 

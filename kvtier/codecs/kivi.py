@@ -83,7 +83,8 @@ class KiviCodec(Codec):
         d = kv.shape[-1]
         per = 8 // self.bits
         if d % per:
-            raise CodecError(f"codec {self.name!r} packs {per} codes to a byte: head_dim {d} must be a multiple of {per}")
+            raise CodecError(f"codec {self.name!r} packs {per} codes to a byte: "
+                             f"head_dim {d} must be a multiple of {per}")
         check_fp16_range(kv, self.name)
 
     def encode(self, kv: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
