@@ -127,13 +127,17 @@ def forward(model, ids: torch.Tensor, cache=None, start: int = 0, keep: int = 1)
 
 
 def hit(model, ids: torch.Tensor, ids_np: np.ndarray, store, model_id: str, ct: int, keep: int = 1,
-        marks: list | None = None):
-    """A cache hit: keys -> lookup -> get -> rebuild the cache -> prefill the tail. Returns (logits, cached tokens)."""
+        marks: list | None = None, want: list | None = None):
+    """A cache hit: keys -> lookup -> get -> rebuild the cache -> prefill the tail. Returns (logits, cached
+    tokens, relative error of the fetched KV against ``want``). ``marks`` gets a synced clock after the get,
+    the rebuild, the tail's return to Python (its kernels launched) and the tail's end."""
     keys = kvtier.chunk_keys(ids_np, model_id, ct)[: hf.reusable_chunks(len(ids_np), ct)]
     n = store.lookup(keys)
     kvs = store.get(keys[:n])
     if any(kv is None for kv in kvs):
         raise RuntimeError(f"{sum(kv is None for kv in kvs)} of {n} blocks vanished between lookup and get")
+    err = None if want is None else float(sum((a.float() - b.float()).square().sum() for a, b in zip(kvs, want))
+                                          / sum(b.float().square().sum() for b in want)) ** 0.5
     if marks is not None:
         marks.append(sync(ids.device))
     with torch.inference_mode():
@@ -143,8 +147,8 @@ def hit(model, ids: torch.Tensor, ids_np: np.ndarray, store, model_id: str, ct: 
         marks.append(sync(ids.device))
     logits, _ = forward(model, ids, cache, n * ct, keep)
     if marks is not None:
-        marks.append(sync(ids.device))
-    return logits, n * ct
+        marks += [time.perf_counter(), sync(ids.device)]
+    return logits, n * ct, err
 
 
 # ---- backends: where the blocks live --------------------------------------------------------------
@@ -152,7 +156,7 @@ def hit(model, ids: torch.Tensor, ids_np: np.ndarray, store, model_id: str, ct: 
 class Direct:
     """The tier classes without Ray: one of hot/warm/cold serves ``lookup``/``get`` (``self.tier``)."""
 
-    def __init__(self, device: torch.device, cold_root: str, threads: int = 8):
+    def __init__(self, device: torch.device, cold_root: str, threads: int = min(16, os.cpu_count() or 2)):
         self.device, self.tier = device, "hot"
         self.hot = HotTier(1 << 40, device)  # no budget: one prompt's blocks at a time, deleted after
         self.warm = WarmStore(1 << 40)  # handle = the block's Arrow bytes in a (pinned on CUDA) uint8 tensor
@@ -160,6 +164,7 @@ class Direct:
         self.cold_root = cold_root
         self.pool = ThreadPoolExecutor(threads, thread_name_prefix="bench-verify")
         self.copy_stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.parts: list | None = None  # set to [] to time the phases of the next get
 
     def put(self, keys, chunks, codec: str) -> tuple[int, int]:
         nbytes = raw = 0
@@ -184,31 +189,46 @@ class Direct:
         return next((i for i, k in enumerate(keys) if not has(k)), len(keys))
 
     def get(self, keys):
+        """Decoded chunks on the device. With ``self.parts`` a list, each phase is synced and timed into it."""
+        t = [sync(self.device)] if self.parts is not None else None
         if self.tier == "hot":
-            return [self.hot.get_kv(k) for k in keys]
+            return self._mark(t, "decode", [self.hot.get_kv(k) for k in keys])
         if self.tier == "cold":  # reads and checksums overlap in the pool; the library's own H2D + decode
-            return [None if b is None else decode_block(b, self.device) for b in self.pool.map(self.cold.get, keys)]
+            return self._mark(t, "read+verify+h2d+decode", [None if b is None else decode_block(b, self.device)
+                                                            for b in self.pool.map(self.cold.get, keys)])
         hosts = [self.warm.get(k).handle for k in keys]
-        blocks = self.pool.map(lambda kh: Block.from_arrow(pa.py_buffer(kh[1].numpy()), expect_key=kh[0]),
-                               zip(keys, hosts))
-        out = []
-        for host, block in zip(hosts, blocks):
-            if self.device.type != "cuda":
-                out.append(decode_block(block, self.device))
-                continue
-            base, main = host.data_ptr(), torch.cuda.current_stream(self.device)
-            with torch.cuda.stream(self.copy_stream):  # H2D of block i+1 overlaps the decode of block i
-                dev = {}
+        # every checksum first, in threads (xxhash drops the GIL) while this thread waits: interleaving them with
+        # the copy/decode loop below made the threads queue for the GIL (~0.9 ms a block on the H100, run 1)
+        blocks = self._mark(t, "verify", list(self.pool.map(
+            lambda k, h: Block.from_arrow(pa.py_buffer(h.numpy()), expect_key=k), keys, hosts)))
+        if self.device.type != "cuda":
+            return self._mark(t, "decode", [decode_block(b, self.device) for b in blocks])
+        main, staged = torch.cuda.current_stream(self.device), []
+        with torch.cuda.stream(self.copy_stream):  # all H2D copies queued at once; decodes start as blocks land
+            for host, block in zip(hosts, blocks):
+                dev = {}  # one device tensor per buffer: 512-byte aligned for the kernels (Arrow offsets are 8)
                 for name, b in block.buffers.items():
-                    off = b.address - base
+                    off = b.address - host.data_ptr()
                     dev[name] = host[off:off + b.size].to(self.device, non_blocking=True)
                     dev[name].record_stream(main)
                 ready = torch.cuda.Event()
                 ready.record(self.copy_stream)
+                staged.append((block, dev, ready))
+        if t is not None:
+            self.copy_stream.synchronize()
+            self._mark(t, "h2d", None)
+        out = []
+        for block, dev, ready in staged:
             main.wait_event(ready)
             out.append(get_codec(block.codec).decode(dev, block.params, tuple(block.shape),
                                                      TORCH_DTYPES[block.dtype], self.device))
-        return out
+        return self._mark(t, "decode", out)
+
+    def _mark(self, t, name: str, value):
+        if t is not None:
+            t.append(sync(self.device))
+            self.parts.append((name, t[-1] - t[-2]))
+        return value
 
     def delete(self, keys) -> None:
         for k in keys:
@@ -292,7 +312,7 @@ def drop_page_cache(root: str) -> None:
 
 # ---- the run ----------------------------------------------------------------------------------
 
-def run(args) -> tuple[list[dict], dict]:
+def run(args, checkpoint=lambda rows, info: None) -> tuple[list[dict], dict]:
     device = torch.device(args.device)
     model, tok, base_id = build_model(args.model, device, args.dtype and getattr(torch, args.dtype))
     max_pos = int(model.config.max_position_embeddings)
@@ -322,7 +342,8 @@ def run(args) -> tuple[list[dict], dict]:
                     raise RuntimeError(f"recompute at {n_tok} tokens is not deterministic")
             recompute = statistics.median(times)
             rows.append(dict(tokens=n_tok, tier="recompute", codec="-", cached=0, ttft=recompute, recompute=recompute,
-                             first_ok=True, agree=1.0, rel=0.0, mb=0.0, ratio=None, stages=None))
+                             first_ok=True, agree=1.0, rel=0.0, mb=0.0, ratio=None, stages=None, kv_err=None,
+                             parts=None))
             say(rows[-1])
             for codec in args.codecs:
                 model_id = f"{base_id}|bench-codec={codec}"  # one key space per codec: both live in the tier at once
@@ -330,21 +351,22 @@ def run(args) -> tuple[list[dict], dict]:
                 nbytes, raw = backend.put(keys, chunks, codec)
                 for tier in args.tiers:
                     backend.prepare(tier, keys)
-                    logits, got = hit(model, ids, ids_np, backend, model_id, ct, keep=tail)  # untimed: check
+                    logits, got, kv_err = hit(model, ids, ids_np, backend, model_id, ct, keep=tail, want=chunks)
                     if got != cached:
                         raise RuntimeError(f"{tier} hit at {n_tok} tokens reused {got} tokens, expected {cached}")
                     top = logits.argmax(-1)
                     rel = float((logits - ref_logits).norm() / ref_logits.norm())
-                    marks = [sync(device)]
                     backend.prepare(tier, keys)
-                    marks[0] = sync(device)
+                    backend.parts = [] if isinstance(backend, Direct) else None
+                    marks = [sync(device)]
                     hit(model, ids, ids_np, backend, model_id, ct, marks=marks)  # one rep timed by stage
-                    stages = [b - a for a, b in zip(marks, marks[1:])]
+                    stages = [marks[1] - marks[0], marks[2] - marks[1], marks[3] - marks[2], marks[4] - marks[2]]
+                    parts, backend.parts = getattr(backend, "parts", None), None
                     times = []
                     for _ in range(args.reps):
                         backend.prepare(tier, keys)
                         t0 = sync(device)
-                        logits, _ = hit(model, ids, ids_np, backend, model_id, ct)
+                        logits, _, _ = hit(model, ids, ids_np, backend, model_id, ct)
                         times.append(sync(device) - t0)
                         if int(logits[-1].argmax()) != int(top[-1]):
                             raise RuntimeError(f"{tier}/{codec} hit at {n_tok} tokens changed its first token")
@@ -354,10 +376,12 @@ def run(args) -> tuple[list[dict], dict]:
                     ttft = statistics.median(times)
                     rows.append(dict(tokens=n_tok, tier=tier, codec=codec, cached=cached, ttft=ttft, recompute=recompute,
                                      first_ok=int(top[-1]) == int(ref_top[-1]), agree=float((top == ref_top).float().mean()),
-                                     rel=rel, mb=nbytes / 1e6, ratio=raw / nbytes, stages=stages))
+                                     rel=rel, mb=nbytes / 1e6, ratio=raw / nbytes, stages=stages, kv_err=kv_err,
+                                     parts=parts))
                     say(rows[-1])
                 backend.delete(keys)
             del chunks
+            checkpoint(rows, {"notes": notes + [f"partial: lengths after {n_tok} not run yet"]})
     finally:
         backend.close()
         shutil.rmtree(cold_root, ignore_errors=True)
@@ -369,23 +393,30 @@ def run(args) -> tuple[list[dict], dict]:
 # ---- output -----------------------------------------------------------------------------------
 
 HEAD = ("tokens", "tier", "codec", "cached", "TTFT ms", "recompute ms", "speedup", "1st tok = recompute",
-        "tail top-1 agree", "tail logit rel err", "MB read", "ratio", "get / rebuild / tail ms")
+        "tail top-1 agree", "tail logit rel err", "KV rel err", "MB read", "ratio")
+STAGES = ("tokens", "tier", "codec", "get ms", "rebuild ms", "tail ms (kernels launched after)", "get phases ms")
 
 
 def cells(r: dict) -> list[str]:
-    st = "-" if r["stages"] is None else " / ".join(f"{s * 1e3:.1f}" for s in r["stages"])
     return [str(r["tokens"]), r["tier"], r["codec"], str(r["cached"]), f"{r['ttft'] * 1e3:.1f}",
             f"{r['recompute'] * 1e3:.1f}", f"{r['recompute'] / r['ttft']:.1f}x", "yes" if r["first_ok"] else "NO",
-            f"{r['agree']:.3f}", f"{r['rel']:.1e}", f"{r['mb']:.4g}", "-" if r["ratio"] is None else f"{r['ratio']:.2f}", st]
+            f"{r['agree']:.3f}", f"{r['rel']:.1e}", "-" if r["kv_err"] is None else f"{r['kv_err']:.1e}",
+            f"{r['mb']:.4g}", "-" if r["ratio"] is None else f"{r['ratio']:.2f}"]
+
+
+def stage_cells(r: dict) -> list[str]:
+    get, rebuild, launch, tail = (f"{x * 1e3:.1f}" for x in r["stages"])
+    parts = " + ".join(f"{n} {x * 1e3:.1f}" for n, x in r["parts"]) if r["parts"] else "-"
+    return [str(r["tokens"]), r["tier"], r["codec"], get, rebuild, f"{tail} ({launch})", parts]
 
 
 def say(r: dict) -> None:
     print("  " + " | ".join(cells(r)), flush=True)
 
 
-def markdown(rows: list[dict]) -> str:
-    lines = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
-    return "\n".join(lines + ["| " + " | ".join(cells(r)) + " |" for r in rows])
+def markdown(rows: list[dict], head=HEAD, fmt=cells) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(fmt(r)) + " |" for r in rows])
 
 
 def device_name(device: torch.device) -> tuple[str, str]:
@@ -423,10 +454,16 @@ def write_report(rows, info, args, path: Path, wall: float) -> None:
             f"- torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}; "
             f"wall time {wall:.0f} s",
             *[f"- {n}" for n in info["notes"]], "",
-            "TTFT = median of the timed repetitions; speedup = recompute / hit; 'MB read' = the blocks' serialized bytes "
-            "fetched from the tier; ratio = raw KV bytes / serialized bytes; 'get / rebuild / tail' = one extra "
-            "repetition timed by stage (fetch + verify + transfer + decompress / DynamicCache rebuild / tail prefill).",
-            "", markdown(rows), ""]
+            "TTFT = median of the timed repetitions; speedup = recompute / hit. Agreement and errors come from the "
+            "untimed first hit: its first token against recompute's, top-1 agreement and relative logit error over "
+            "the whole recomputed tail, and the relative error of the fetched KV against what the prefill computed. "
+            "'MB read' = the blocks' serialized bytes fetched from the tier; ratio = raw KV bytes / serialized bytes.",
+            "", markdown(rows), "",
+            "One more repetition timed by stage, the device synced between stages (the timed repetitions overlap "
+            "them): get = keys, lookup, fetch, verify, transfer, decompress; rebuild = DynamicCache from the chunks; "
+            "tail = prefill of the uncached tail to the first token (in brackets: when its kernels were all launched, "
+            "i.e. the Python/launch time); get phases: the same get split further (direct backend).", "",
+            markdown([r for r in rows if r["stages"]], STAGES, stage_cells), ""]
     if args.device.startswith("cuda"):
         text += [aim(rows, args), ""]
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -453,7 +490,7 @@ def parse(argv=None):
     gpu = a.device.startswith("cuda")
     a.model = a.model or ("llama8b" if gpu else "smollm2")
     a.backend = a.backend or ("direct" if gpu else "ray")
-    a.lengths = [int(x) for x in (a.lengths or ("1024,4096,8192,16384" if gpu else "512,1024,2048,4096,8192")).split(",")]
+    a.lengths = [int(x) for x in (a.lengths or ("1024,4096,8192,16384,16385" if gpu else "512,1024,2048,4096,8192")).split(",")]
     a.codecs = (a.codecs or ("none,kivi4,rot4" if gpu else "none,kivi4")).split(",")
     a.tiers = a.tiers.split(",")
     if bad := [t for t in a.tiers if t not in TIERS]:
@@ -468,12 +505,13 @@ def main(argv=None) -> list[dict]:
     t0 = time.perf_counter()
     print(f"e2e: {args.model} on {args.device}, backend {args.backend}, lengths {args.lengths}, codecs {args.codecs}")
     print("  " + " | ".join(HEAD), flush=True)
-    rows, info = run(args)
     out = Path(args.out or REPO / "bench" / "results")
     if out.is_dir():
         out = out / f"e2e-{device_name(torch.device(args.device))[1]}.md"
+    # the report is rewritten after each prompt length: a run cut short still leaves what it measured
+    rows, info = run(args, lambda r, i: write_report(r, i, args, out, time.perf_counter() - t0))
     write_report(rows, info, args, out, time.perf_counter() - t0)
-    print("\n" + markdown(rows))
+    print("\n" + markdown(rows) + "\n\n" + markdown([r for r in rows if r["stages"]], STAGES, stage_cells))
     for n in info["notes"]:
         print("note:", n)
     if args.device.startswith("cuda"):
