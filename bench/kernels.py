@@ -263,7 +263,8 @@ def main(argv=None) -> int:
             tb, sp = r["gbps"] / 1e3, r["t_torch"] / r["t_triton"]
             if tb < AIM_TBPS or sp < AIM_SPEEDUP:
                 aims.append(f"- {r['codec']} {r['op']}: {tb:.2f} TB/s (aim {AIM_TBPS}), {sp:.0f}x torch (aim "
-                            f"{AIM_SPEEDUP:.0f}x); the floor allows {(kv.numel() * 2 / r['floor']) / 1e12:.2f} TB/s")
+                            f"{AIM_SPEEDUP:.0f}x); the floor allows {(kv.numel() * 2 / r['floor']) / 1e12:.2f} TB/s "
+                            f"and caps the speedup over this torch path at {r['t_torch'] / r['floor']:.1f}x")
     lines += ["## Aims (fp8, kivi4, rot4: >= 1.5 TB/s and >= 20x torch)", ""] + (aims or ["- all met"]) + [""]
     if args.sweep:
         sw = ["## Configurations tried (Triton path)", ""]
