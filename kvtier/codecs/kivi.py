@@ -10,17 +10,21 @@ dispatches: Triton on CUDA tensors, the torch reference elsewhere.
 Bits per element (two fp16 per group): bits + 16/k_group + 16/v_group.
   kivi4: k_group 64 tokens, v_group 64 channels -> 4.5 bits, ratio 3.56 on bf16
   kivi2: k_group 32 tokens, v_group 32 channels -> 3.0 bits, ratio 5.33 on bf16
-kivi2 uses groups of 32 (KIVI's own choice for 2 bits): with 3 levels per
-group the range is what limits quality, and a 64-group doubles the range an
-outlier token stretches; 0.5 bit/elem is the price.
+Group sizes from a quick probe on SmolLM2-135M (kernels/NOTES.md; Δppl):
+kivi4 at 64/64 +0.48 %, at 32/32 +0.72 % (no gain for 0.5 bit more), at
+128/64 +0.73 %; kivi2 at 32/32 +19.7 %, at 64/64 +27.5 %, at 16/16 +10.8 %
+(but 4 bits/elem, kivi4's size). Two bits stay poor without KIVI's fp16
+window of recent tokens, which a stored prefix chunk cannot have.
 
 Also the small helpers the other quantizing codecs share: ``take`` (a stored
-buffer of exactly the expected size, viewed as the expected dtype/shape) and
-``check_fp16_range``.
+buffer of exactly the expected size, viewed as the expected dtype/shape),
+``check_fp16_range`` and ``on_device`` (Triton launches on the current CUDA
+device: a worker holding tensors on cuda:1 must make that device current).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Any, Mapping
 
@@ -60,6 +64,10 @@ def check_fp16_range(kv: torch.Tensor, codec: str, limit: float = FP16_MAX) -> N
                          f"use 'fp8' or 'none' for such values")
 
 
+def on_device(device: torch.device):
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+
+
 def int_param(params: Mapping[str, Any], name: str, ok) -> int:
     v = params.get(name)
     if not isinstance(v, int) or isinstance(v, bool) or not ok(v):
@@ -90,7 +98,9 @@ class KiviCodec(Codec):
     def encode(self, kv: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         vg = self.v_group_for(kv.shape[-1])
         enc = K.encode_triton if kv.is_cuda else K.encode_torch
-        return enc(kv, self.bits, self.k_group, vg), {"bits": self.bits, "k_group": self.k_group, "v_group": vg}
+        with on_device(kv.device):
+            bufs = enc(kv, self.bits, self.k_group, vg)
+        return bufs, {"bits": self.bits, "k_group": self.k_group, "v_group": vg}
 
     def decode(self, buffers: Mapping[str, torch.Tensor], params: Mapping[str, Any],
                shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -110,7 +120,8 @@ class KiviCodec(Codec):
             for part in ("scale", "zero"):
                 bufs[f"{kind}_{part}"] = take(buffers, f"{kind}_{part}", torch.float16, gshape)
         dec = K.decode_triton if device.type == "cuda" else K.decode_torch
-        return dec(bufs, shape, dtype, bits, kg, vg)
+        with on_device(device):
+            return dec(bufs, shape, dtype, bits, kg, vg)
 
 
 register_codec(KiviCodec("kivi4", bits=4, k_group=64, v_group=64))

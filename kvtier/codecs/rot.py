@@ -25,7 +25,7 @@ import torch
 from kernels import rot as R
 from kernels.pack import plane_bytes
 from kvtier.codecs import Codec, register_codec
-from kvtier.codecs.kivi import FP16_MAX, check_fp16_range, expect_names, int_param, is_pow2, take
+from kvtier.codecs.kivi import FP16_MAX, check_fp16_range, expect_names, int_param, is_pow2, on_device, take
 from kvtier.errors import CodecError
 
 SEED = 0x6B76746965720001  # any fixed 64-bit value; stored in every block, so it may change without breaking old blocks
@@ -47,7 +47,9 @@ class RotCodec(Codec):
 
     def encode(self, kv: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         enc = R.encode_triton if kv.is_cuda else R.encode_torch
-        return enc(kv, self.bits, self.seed), {"bits": self.bits, "seed": self.seed, "rotation": ROTATION}
+        with on_device(kv.device):
+            bufs = enc(kv, self.bits, self.seed)
+        return bufs, {"bits": self.bits, "seed": self.seed, "rotation": ROTATION}
 
     def decode(self, buffers: Mapping[str, torch.Tensor], params: Mapping[str, Any],
                shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -65,7 +67,8 @@ class RotCodec(Codec):
         for name in ("scale", "zero"):
             bufs[name] = take(buffers, name, torch.float16, tuple(shape[:-1]))
         dec = R.decode_triton if device.type == "cuda" else R.decode_torch
-        return dec(bufs, shape, dtype, bits, seed)
+        with on_device(device):
+            return dec(bufs, shape, dtype, bits, seed)
 
 
 register_codec(RotCodec("rot4", 4))
