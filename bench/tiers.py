@@ -37,8 +37,13 @@ import tempfile
 import time
 import zlib
 
-import numpy as np
-import torch
+# `python bench/tiers.py` puts bench/ first on sys.path, where bench/kernels.py would shadow the
+# `kernels` package that the codecs import: drop it (the repo's packages come from the install).
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != _HERE]
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
 
 SHAPES = {  # [layers, 2, kv_heads, tokens, head_dim], bf16
     "llama8b": (32, 2, 8, 256, 128),   # 32 MiB raw
@@ -218,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--ops", type=int, default=12, help="operations per client per phase")
     ap.add_argument("--cases", default="llama8b:none,smollm2:none,smollm2:kivi4",
                     help="shape:codec pairs (shapes: %s)" % ",".join(SHAPES))
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results", "tiers.md"))
+    ap.add_argument("--out", default=os.path.join(_HERE, "results", "tiers.md"))
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.worker:

@@ -143,8 +143,15 @@ def stats() -> dict[str, Any]:
 
 
 def stop_tier(namespace: str = DEFAULT_NAMESPACE, timeout_s: float = 30.0) -> bool:
-    """Stop a tier's controller and shards in ``namespace`` (cold data stays). True if one was running."""
+    """Stop a tier's controller and shards in ``namespace`` (cold data stays). True if one was running.
+    This process's client of that tier is closed too."""
+    global _client
     import ray
+
+    with _lock:
+        if _client is not None and _client.namespace == namespace:
+            _client.close()
+            _client = None
 
     try:
         controller = ray.get_actor(CONTROLLER, namespace=namespace)

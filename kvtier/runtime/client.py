@@ -214,7 +214,9 @@ class Client:
                     self._error(f"cold read of {key[:16]} failed: {type(e).__name__}: {e}")
                     continue
                 if block is None or block.key != key:
-                    if loc[2] is None and lease:  # the index said cold: the store removed or lost it
+                    # the index said cold: forget it only if the store answers (a corrupt object was deleted,
+                    # or it is gone), never because S3 is down for a while (it comes back with its objects)
+                    if loc[2] is None and lease and self.cold.available():
                         cold_lost.append(key)
                     continue
                 found[key] = block

@@ -262,3 +262,26 @@ def test_dead_shard_is_forgotten_and_gets_do_not_hang(ray_session):
         assert st["warm"]["blocks"] == 8 - len(on0)
         kvtier.put(k[on0[0]], kvs[on0[0]])
         assert torch.equal(kvtier.get(k[on0[0]]), kvs[on0[0]])
+
+
+def test_kvtier_start_once_then_status_reads_the_running_tier(ray_session, tmp_path, capsys):
+    import json
+
+    from kvtier.runtime import start, status
+
+    ns = f"kvt-test-{next(_ns)}"
+    cfg = tmp_path / "tier.json"
+    cfg.write_text(json.dumps({"codec": "none", "cold_uri": "", "warm_bytes": "8MiB", "num_shards": 2}))
+    assert start.main(["--address", ray_session, "--namespace", ns, "--config", str(cfg), "--once"]) == 0
+    assert "2 warm shards of 4.0 MiB" in capsys.readouterr().out
+    try:
+        assert status.main(["--namespace", ns]) == 0
+        out = capsys.readouterr().out
+        assert "kvtier-shard-0" in out and "kvtier-shard-1" in out and "4.0 MiB" in out
+        assert status.main(["--namespace", ns, "--json"]) == 0
+        st = json.loads(capsys.readouterr().out)
+        assert st["warm"]["capacity_bytes"] == 8 << 20 and len(st["shards"]) == 2
+    finally:
+        assert api.stop_tier(ns)
+    assert status.main(["--namespace", ns]) == 1, "status never creates a tier"
+    assert start.main(["--config", str(tmp_path / "missing.json")]) == 2
