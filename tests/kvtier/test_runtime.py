@@ -229,19 +229,22 @@ def test_controller_restart_rebuilds_index_from_shards_and_cold(ray_session, tmp
         assert all(x is not None and torch.equal(x, y) for x, y in zip(out, kvs))
 
 
-def test_dead_shard_is_forgotten_and_gets_do_not_hang(ray_session):
+def test_dead_shard_is_forgotten_gets_fall_back_to_cold_or_miss_and_never_hang(ray_session, tmp_path):
     import ray
 
-    with tier(hot_bytes=0, rpc_timeout_s=3.0) as info:
-        k = keys_of(8, model="dead-shard")
-        kvs = [kv_of(i) for i in range(8)]
-        kvtier.put(k, kvs)
+    with tier(hot_bytes=0, rpc_timeout_s=3.0, cold_uri=str(tmp_path)) as info:
+        k = keys_of(12, model="dead-shard")
+        kvs = [kv_of(i) for i in range(12)]
         client = api._get_client()
-        on0 = [i for i, key in enumerate(k) if client._pick_shard(key)["id"] == "kvtier-shard-0"]
-        assert 0 < len(on0) < 8, "keys spread over both shards"
+        kvtier.put(k[:8], kvs[:8])  # warm only
+        client.cfg = client.cfg.replace(write_through=True)
+        kvtier.put(k[8:], kvs[8:])  # warm and cold
+        on0 = {i for i, key in enumerate(k) if client._pick_shard(key)["id"] == "kvtier-shard-0"}
+        lost, saved = sorted(on0 & set(range(8))), sorted(on0 & set(range(8, 12)))
+        assert lost and saved and len(on0) < 12, "these keys spread over both shards, with and without cold copies"
         ray.kill(ray.get_actor("kvtier-shard-0", namespace=info["namespace"]), no_restart=False)
         # ray.kill is asynchronous: until the process is gone its blocks may still be read (correctly);
-        # after that they are misses. Every answer is right or None, and every get is bounded.
+        # after that they are misses, or cold hits where a cold copy exists. Every get is bounded.
         deadline = time.monotonic() + 30
         while True:
             t0 = time.monotonic()
@@ -249,19 +252,22 @@ def test_dead_shard_is_forgotten_and_gets_do_not_hang(ray_session):
             assert time.monotonic() - t0 < 3 * 3.0 + 5, "a get on a dead shard is bounded by the rpc timeout"
             for i, x in enumerate(out):
                 assert x is None or torch.equal(x, kvs[i]), "wrong data"
-                if i not in on0:
-                    assert x is not None, "blocks of the live shard stay gettable"
-            if all(out[i] is None for i in on0):
+                if i not in lost:
+                    assert x is not None, "blocks of the live shard and blocks with a cold copy stay gettable"
+            if all(out[i] is None for i in lost):
                 break
             assert time.monotonic() < deadline, "the dead shard's blocks were still served 30 s after the kill"
             time.sleep(0.2)
-        # the controller forgets the dead shard's blocks; Ray restarts the shard and puts work again
-        wait_for(lambda: kvtier.lookup([k[i] for i in on0[:1]]) == 0, what="dead shard's blocks forgotten")
+        # the controller forgets the dead shard's warm copies; Ray restarts the shard and puts work again
+        wait_for(lambda: kvtier.lookup([k[lost[0]]]) == 0, what="dead shard's blocks forgotten")
+        assert all(kvtier.contains(k[i]) for i in saved), "blocks with a cold copy are still in the index"
         st = wait_for(lambda: (s := kvtier.stats()) and all(x.get("alive") for x in s["shards"]) and s,
                       what="shard restarted")
-        assert st["warm"]["blocks"] == 8 - len(on0)
-        kvtier.put(k[on0[0]], kvs[on0[0]])
-        assert torch.equal(kvtier.get(k[on0[0]]), kvs[on0[0]])
+        assert st["warm"]["blocks"] == 12 - len(on0)
+        assert all(torch.equal(x, kvs[i]) for i, x in zip(saved, kvtier.get([k[i] for i in saved])))
+        assert kvtier.stats()["cold"]["hits"] >= st["cold"]["hits"] + len(saved), "now the index points to cold"
+        kvtier.put(k[lost[0]], kvs[lost[0]])
+        assert torch.equal(kvtier.get(k[lost[0]]), kvs[lost[0]])
 
 
 def test_kvtier_start_once_then_status_reads_the_running_tier(ray_session, tmp_path, capsys):
