@@ -320,6 +320,19 @@ def render(report: list[dict], mem: list[dict], argv) -> str:
             rate, per = f"{r['rate'] / 1e9:.2f}", f"{r['rate'] / 1e9 / r['clients']:.2f}"
         lines.append(f"| {r['case']} | {r['phase']} | {r['clients']} | {r['ops']} | {rate} | {per} | "
                      f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} |")
+    lines += ["", "## Aims (issue 3, this 2-core machine), computed from the rows above", ""]
+    for r in report:
+        if r["clients"] != 1:
+            continue
+        if r["phase"] == "get warm":
+            ok = r["rate"] >= 1e9 and r["p99_ms"] <= 50
+            lines.append(f"- {r['case']}: warm get of one chunk {r['rate'] / 1e9:.2f} GB/s raw per client (aim >= 1), "
+                         f"p99 {r['p99_ms']:.1f} ms (aim <= 50): **{'met' if ok else 'missed'}**")
+        if r["phase"] == "lookup":
+            lines.append(f"- {r['case']}: batched lookups {r['rate']:,.0f} keys/s (aim >= 20,000): "
+                         f"**{'met' if r['rate'] >= 20000 else 'missed'}**")
+    within = all(m["bytes"] <= m["capacity"] for m in mem if m["capacity"])
+    lines.append(f"- every warm shard within its budget at the end of every case: **{'met' if within else 'missed'}**")
     lines += ["", "## Memory held by the warm shards (main tier, end of each case)", "",
               "| case | shard | bytes held | budget | index says |", "|---|---|---:|---:|---:|"]
     for m in mem:

@@ -45,9 +45,6 @@ class LRU:
     def __len__(self) -> int:
         return len(self._order)
 
-    def __iter__(self):
-        return iter(self._order)
-
     def add(self, key: str, size: int) -> None:
         """Insert or resize ``key`` and make it the most recently used."""
         self.used += size - self._order.pop(key, 0)
@@ -61,9 +58,6 @@ class LRU:
         size = self._order.pop(key, 0)
         self.used -= size
         return size
-
-    def size(self, key: str) -> int:
-        return self._order.get(key, 0)
 
     def victims(self, keep: Callable[[str], bool] = lambda k: False, extra: int = 0) -> list[str]:
         """Least recently used keys whose removal brings ``used + extra`` within
@@ -126,12 +120,6 @@ class _TierCounters:
     dropped: int = 0   # blocks that left the system from this tier (no copy below)
 
 
-@dataclass
-class _Lease:
-    keys: list[str]
-    expires: float
-
-
 class Placement:
     """The index and policy of warm shards + cold tier. Not thread-safe: the controller locks."""
 
@@ -143,7 +131,7 @@ class Placement:
         self.cold_enabled = cold_enabled
         self.clock = clock
         self.counters = {"warm": _TierCounters(), "cold": _TierCounters()}
-        self._leases: dict[int, _Lease] = {}
+        self._leases: dict[int, tuple[list[str], float]] = {}  # lease -> (pinned keys, expiry)
         self._lease_ids = itertools.count(1)
         for sid, cap in (shard_capacity or {}).items():
             self.add_shard(sid, cap)
@@ -304,7 +292,7 @@ class Placement:
         lease = 0
         if pinned:
             lease = next(self._lease_ids)
-            self._leases[lease] = _Lease(pinned, now + pin_ttl)
+            self._leases[lease] = (pinned, now + pin_ttl)
         return out, lease
 
     # ---- pins -----------------------------------------------------------
@@ -313,7 +301,7 @@ class Placement:
         held = self._leases.pop(lease, None)
         if held is None:
             return []
-        for k in held.keys:
+        for k in held[0]:
             e = self.entries.get(k)
             if e is not None and e.pins > 0:
                 e.pins -= 1
@@ -323,7 +311,7 @@ class Placement:
         """Release every lease past its expiry (a reader that died or hung)."""
         now = self.clock()
         orders = []
-        for lease in [i for i, l in self._leases.items() if l.expires <= now]:
+        for lease in [i for i, (_, expires) in self._leases.items() if expires <= now]:
             orders += self.unpin(lease)
         return orders
 

@@ -306,8 +306,8 @@ class Client:
             pass
 
     def _hot_usage(self) -> None:
-        h = self.hot
-        self.metrics.tier_usage("hot", len(h), h._lru.used, h.capacity)
+        h = self.hot.stats()
+        self.metrics.tier_usage("hot", h["blocks"], h["bytes"], h["capacity_bytes"])
 
     def _corrupt(self, key: str, where: str, e: Exception) -> None:
         self.counters["corrupt"] += 1

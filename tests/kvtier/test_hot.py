@@ -44,6 +44,8 @@ def test_a_block_larger_than_the_budget_is_not_kept_and_zero_disables():
 def test_get_kv_decodes_and_the_caller_owns_the_result(codec):
     if codec.split("+")[0] not in kvtier.list_codecs():
         pytest.skip(f"codec {codec} is not registered in this checkout")
+    if codec.endswith("+zstd"):
+        pytest.importorskip("zstandard", reason="the GPU machine has no zstandard (CI and dev machines do)")
     b, kv = block(1, codec)
     hot = HotTier(1 << 30, device="cpu")
     hot.put(b)
@@ -85,3 +87,23 @@ def test_warm_store_generations_protect_newer_copies():
     assert w.bytes == 0 and w.stats()["dropped"] == 1
     with pytest.raises(ValueError, match="capacity_bytes=-1"):
         WarmStore(-1)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (the GPU machine, not CI)")
+@pytest.mark.parametrize("codec", ["none", "kivi4"])
+def test_cuda_hot_tier_keeps_payload_on_the_gpu_and_decodes_there(codec):
+    if codec not in kvtier.list_codecs():
+        pytest.skip(f"codec {codec} is not registered in this checkout")
+    b, _ = block(3, codec)
+    hot = HotTier(1 << 30, device="cuda")
+    hot.put(b)
+    assert all(t.is_cuda for t in hot._dev[b.key].values()), "payload kept in device memory"
+    out = hot.get_kv(b.key)
+    assert out.is_cuda
+    ref = kvtier.decompress(b)
+    # none: the same bytes; kivi4: the GPU kernel may round a dequantized bf16 value 1 ulp (2**-7) off the CPU path
+    tol = dict(rtol=0, atol=0) if codec == "none" else dict(rtol=2**-7, atol=2**-7)
+    torch.testing.assert_close(out.cpu(), ref, **tol)
+    out.zero_()
+    torch.testing.assert_close(hot.get_kv(b.key).cpu(), ref, **tol, msg="the caller owns the result")
+    assert not hot.get_kv(b.key, device="cpu").is_cuda
