@@ -77,8 +77,9 @@ class Transport(ABC):
                          "missed_blocks": 0, "corrupt_blocks": 0, "expired_leases": 0, "released_leases": 0}
 
     @abstractmethod
-    def publish(self, items: Sequence[tuple[str, Any]]) -> dict[str, Any]:
-        """Make (key, Arrow bytes) pairs pullable; returns the descriptor."""
+    def publish(self, items: Sequence[tuple[str, Any]], lease_s: float | None = None) -> dict[str, Any]:
+        """Make (key, Arrow bytes) pairs pullable for ``lease_s`` (default: the
+        transport's); returns the descriptor."""
 
     @abstractmethod
     def fetch_raw(self, desc: dict[str, Any], timeout_s: float) -> list[pa.Buffer | None]:
@@ -114,10 +115,13 @@ class Transport(ABC):
     def _free(self, kept: Any) -> None:
         """Hook: release what a lease kept alive (a NIXL registration)."""
 
-    def _add_lease(self, kept: Any) -> str:
+    def _add_lease(self, kept: Any, lease_s: float | None = None) -> str:
+        lease_s = self.lease_s if lease_s is None else lease_s
+        if not (isinstance(lease_s, (int, float)) and lease_s > 0):
+            raise ValueError(f"lease_s={lease_s!r} must be a positive number of seconds")
         lease = uuid.uuid4().hex
         with self._lock:
-            self._leases[lease] = (time.monotonic() + self.lease_s, kept)
+            self._leases[lease] = (time.monotonic() + lease_s, kept)
         self._start_reaper()
         self._wake.set()
         return lease
@@ -195,13 +199,13 @@ class ObjectStoreTransport(Transport):
 
     name = "object_store"
 
-    def publish(self, items: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    def publish(self, items: Sequence[tuple[str, Any]], lease_s: float | None = None) -> dict[str, Any]:
         import ray
 
         checked = _check_items(items)
         # uint8 arrays travel out-of-band (no pickling of the bytes) and come back zero-copy
         refs = [ray.put(np.frombuffer(buf, dtype=np.uint8)) for _, buf in checked]
-        lease = self._add_lease(refs)  # hold the refs: the owner keeps the objects alive until then
+        lease = self._add_lease(refs, lease_s)  # hold the refs: the owner keeps the objects alive until then
         self.counters["published_blocks"] += len(checked)
         self.counters["published_bytes"] += sum(b.size for _, b in checked)
         return {"transport": self.name, "lease": lease, "refs": refs,
@@ -234,6 +238,14 @@ class ObjectStoreTransport(Transport):
 
 
 # ---- NIXL ---------------------------------------------------------------------
+def _listening(host: str, port: int, deadline: float) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=max(0.05, min(1.0, deadline - time.monotonic()))).close()
+        return True
+    except OSError:
+        return False
+
+
 def _free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
@@ -275,12 +287,16 @@ class NixlTransport(Transport):
         self._remotes: set[str] = set()
 
     # source side
-    def publish(self, items: Sequence[tuple[str, Any]]) -> dict[str, Any]:
+    def publish(self, items: Sequence[tuple[str, Any]], lease_s: float | None = None) -> dict[str, Any]:
         checked = _check_items(items)
         regions = [(b.address, b.size, 0, "") for _, b in checked]
         reg = self.agent.register_memory(regions, "DRAM")
         # the lease keeps the Arrow buffers alive: the registered addresses point into them
-        lease = self._add_lease((reg, [b for _, b in checked]))
+        try:
+            lease = self._add_lease((reg, [b for _, b in checked]), lease_s)
+        except ValueError:
+            self.agent.deregister_memory(reg)
+            raise
         self.counters["published_blocks"] += len(checked)
         self.counters["published_bytes"] += sum(b.size for _, b in checked)
         return {"transport": self.name, "lease": lease, "agent": self.agent_name, "host": self.host,
@@ -310,13 +326,32 @@ class NixlTransport(Transport):
         with self._remote_lock:
             if self.agent.check_remote_metadata(remote, far):
                 return True
+            # NIXL only logs a refused connection and leaves us polling: probe the
+            # source's listener ourselves (every 0.2 s), so a dead source is a miss at
+            # once instead of after the whole timeout (10 s by default)
+            if not _listening(host, port, deadline):
+                return False
             self.agent.fetch_remote_metadata(remote, host, port)
             if remote not in self._remotes:
                 self.agent.send_local_metadata(host, port)  # the source needs ours to accept our notification
                 self._remotes.add(remote)
+            next_probe = time.monotonic() + 0.2
+            # metadata arrives in ~0.15 s here; if the regions are still unknown after
+            # two fetches 1 s apart the source has released them (an expired lease)
+            refetch, fetches = time.monotonic() + 1.0, 1
             while not self.agent.check_remote_metadata(remote, far):
-                if time.monotonic() > deadline:
+                now = time.monotonic()
+                if now > deadline:
                     return False
+                if now > next_probe:
+                    if not _listening(host, port, deadline):
+                        return False
+                    next_probe = now + 0.2
+                if now > refetch:
+                    if fetches == 2:
+                        return False
+                    self.agent.fetch_remote_metadata(remote, host, port)
+                    refetch, fetches = now + 1.0, 2
                 time.sleep(0.002)
             return True
 

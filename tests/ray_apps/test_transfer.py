@@ -9,6 +9,7 @@ Throughput for a 32 MiB block is printed (run with ``-s``), not asserted.
 
 from __future__ import annotations
 
+import sys
 import time
 
 import numpy as np
@@ -21,6 +22,11 @@ from ray_apps import transfer
 from ray_apps.transfer import NixlTransport, ObjectStoreTransport, make_transport, pull
 
 ray = pytest.importorskip("ray")
+import ray.cloudpickle  # noqa: E402
+
+# the Source actor calls this module's helpers; pytest imports it under a name
+# Ray workers cannot import, so ship its functions by value
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
 try:
     _probe = NixlTransport()
@@ -48,29 +54,38 @@ def ray_session(tmp_path_factory):
 
 @ray.remote(num_cpus=0)
 class Source:
-    def __init__(self, kind: str, lease_s: float = 30.0):
-        self.t = make_transport(kind, lease_s=lease_s)
+    """A prefill-like process publishing over every available transport."""
 
-    def publish(self, items: list[tuple[str, np.ndarray]]) -> dict:
-        return self.t.publish([(k, pa.py_buffer(v)) for k, v in items])
+    def __init__(self):
+        self.t = {"object_store": ObjectStoreTransport()}
+        if NIXL_OK:
+            self.t["nixl"] = NixlTransport()
 
-    def open_leases(self) -> int:
-        return self.t.stats()["open_leases"]
+    def publish(self, kind: str, items: list[tuple[str, np.ndarray]], lease_s: float | None = None) -> dict:
+        return self.t[kind].publish([(k, pa.py_buffer(v)) for k, v in items], lease_s=lease_s)
 
-    def release(self, lease: str) -> bool:
-        return self.t.release(lease)
+    def make(self, i: int, nbytes: int, seed: int) -> int:
+        """Build a block here (fresh memory of this process, as a prefill worker's would be)."""
+        self.made = make_block(i, nbytes, seed)
+        return self.made.nbytes
+
+    def publish_made(self, kind: str) -> dict:
+        return self.t[kind].publish([(self.made.key, self.made.to_arrow())])
+
+    def open_leases(self, kind: str) -> int:
+        return self.t[kind].stats()["open_leases"]
+
+    def release(self, kind: str, lease: str) -> bool:
+        return self.t[kind].release(lease)
 
 
 @pytest.fixture(scope="module")
-def sources(ray_session):
-    """One long-lived source actor per transport (actor start is ~1-3 s here)."""
-    out = {"object_store": Source.remote("object_store")}
-    if NIXL_OK:
-        out["nixl"] = Source.remote("nixl")
-    ray.get([s.open_leases.remote() for s in out.values()])
-    yield out
-    for s in out.values():
-        ray.kill(s)
+def source(ray_session):
+    """One long-lived source actor (an actor start is ~1-3 s on 2 busy cores)."""
+    src = Source.remote()
+    ray.get(src.open_leases.remote("object_store"))
+    yield src
+    ray.kill(src)
 
 
 @pytest.fixture(scope="module")
@@ -96,32 +111,32 @@ def wait_for(fn, want, timeout_s: float = 5.0):
 
 @pytest.mark.ray
 @pytest.mark.parametrize("kind", KINDS)
-def test_pull_between_processes_is_byte_exact_and_frees_the_lease(kind, sources, sinks):
-    src = sources[kind]
+def test_pull_between_processes_is_byte_exact_and_frees_the_lease(kind, source, sinks):
+    src = source
     blocks = [make_block(i, nbytes=4096 * (i + 1)) for i in range(3)]
-    desc = ray.get(src.publish.remote([(b.key, wire(b)) for b in blocks]))
+    desc = ray.get(src.publish.remote(kind, [(b.key, wire(b)) for b in blocks]))
     assert desc["transport"] == kind and [e["key"] for e in desc["blocks"]] == [b.key for b in blocks]
     got = pull(sinks[kind], desc)
     for want, have in zip(blocks, got):
         assert have is not None and have.key == want.key and have.checksum == want.checksum
         assert have.to_arrow().equals(want.to_arrow())
     if kind == "nixl":  # the READ's notification releases the source's registration
-        assert wait_for(lambda: ray.get(src.open_leases.remote()), 0) == 0
+        assert wait_for(lambda: ray.get(src.open_leases.remote(kind)), 0) == 0
     else:  # the object store has no notification: the sink (or lease expiry) releases it
-        assert ray.get(src.open_leases.remote()) == 1
-        assert ray.get(src.release.remote(desc["lease"])) is True
-        assert ray.get(src.open_leases.remote()) == 0
+        assert ray.get(src.open_leases.remote(kind)) == 1
+        assert ray.get(src.release.remote(kind, desc["lease"])) is True
+        assert ray.get(src.open_leases.remote(kind)) == 0
 
 
 @pytest.mark.ray
 @pytest.mark.parametrize("kind", KINDS)
-def test_corrupt_truncated_and_swapped_blocks_are_misses(kind, sources, sinks):
-    src = sources[kind]
+def test_corrupt_truncated_and_swapped_blocks_are_misses(kind, source, sinks):
+    src = source
     good, flipped, cut, other = (make_block(i, seed=1) for i in range(4))
     bad = wire(flipped).copy()
     bad[-100] ^= 0x40  # one bit in the payload
     items = [(good.key, wire(good)), (flipped.key, bad), (cut.key, wire(cut)[:-200]), (cut.key + "x", wire(other))]
-    desc = ray.get(src.publish.remote(items))
+    desc = ray.get(src.publish.remote(kind, items))
     before = dict(sinks[kind].counters)
     got = pull(sinks[kind], desc)
     assert got[0] is not None and got[0].checksum == good.checksum
@@ -130,40 +145,37 @@ def test_corrupt_truncated_and_swapped_blocks_are_misses(kind, sources, sinks):
 
 
 @pytest.mark.ray
-@pytest.mark.parametrize("kind", KINDS)
-def test_dead_source_is_a_miss_within_the_timeout(kind, sinks):
-    src = Source.remote(kind)
+def test_dead_source_is_a_miss_within_the_timeout(sinks):
+    src = Source.remote()
     b = make_block(7, nbytes=1 << 20, seed=2)  # > 100 KiB: Ray inlines smaller objects into the ref itself
-    desc = ray.get(src.publish.remote([(b.key, wire(b))]))
+    descs = {kind: ray.get(src.publish.remote(kind, [(b.key, wire(b))])) for kind in sinks}
     ray.kill(src)
     time.sleep(0.5)  # let Ray notice the owner is gone
-    t0 = time.monotonic()
-    got = pull(sinks[kind], desc, timeout_s=2.0)
-    assert time.monotonic() - t0 < 3.0
-    if kind == "nixl":  # the registered memory died with the process
-        assert got == [None]
-    else:  # Ray may still hold a copy in plasma: then it is the right one, verified, or a miss
-        assert got[0] is None or got[0].checksum == b.checksum
+    for kind, desc in descs.items():
+        t0 = time.monotonic()
+        got = pull(sinks[kind], desc, timeout_s=5.0)
+        assert time.monotonic() - t0 < 5.5
+        if kind == "nixl":  # the registered memory died with the process; the listener probe says so at once
+            assert got == [None] and time.monotonic() - t0 < 2.0
+        else:  # Ray may still hold a copy in plasma: then it is the right one, verified, or a miss
+            assert got[0] is None or got[0].checksum == b.checksum
 
 
 @pytest.mark.ray
 @pytest.mark.skipif(not NIXL_OK, reason=f"NIXL unavailable: {NIXL_WHY}")
-def test_nixl_lease_expires_when_nobody_pulls(sinks):
-    src = Source.remote("nixl", lease_s=0.5)
+def test_nixl_lease_expires_when_nobody_pulls(source, sinks):
     b = make_block(9, seed=3)
-    desc = ray.get(src.publish.remote([(b.key, wire(b))]))
-    assert ray.get(src.open_leases.remote()) == 1
-    assert wait_for(lambda: ray.get(src.open_leases.remote()), 0, timeout_s=3.0) == 0
+    desc = ray.get(source.publish.remote("nixl", [(b.key, wire(b))], lease_s=0.5))
+    assert ray.get(source.open_leases.remote("nixl")) == 1
+    assert wait_for(lambda: ray.get(source.open_leases.remote("nixl")), 0, timeout_s=3.0) == 0
     # the registration is gone: a late pull is a miss, not stale memory
-    assert pull(sinks["nixl"], desc, timeout_s=2.0) == [None]
-    ray.kill(src)
+    assert pull(sinks["nixl"], desc, timeout_s=1.0) == [None]
 
 
 @pytest.mark.ray
-def test_object_store_descriptor_pulls_with_a_nixl_sink_and_not_vice_versa(sources, sinks):
-    src = sources["object_store"]
+def test_object_store_descriptor_pulls_with_a_nixl_sink_and_not_vice_versa(source, sinks):
     b = make_block(11, seed=4)
-    desc = ray.get(src.publish.remote([(b.key, wire(b))]))
+    desc = ray.get(source.publish.remote("object_store", [(b.key, wire(b))]))
     for sink in sinks.values():
         assert pull(sink, desc)[0].checksum == b.checksum
     fake_nixl = {"transport": "nixl", "lease": "x", "agent": "a", "host": "127.0.0.1", "port": 1,
@@ -173,20 +185,26 @@ def test_object_store_descriptor_pulls_with_a_nixl_sink_and_not_vice_versa(sourc
 
 @pytest.mark.ray
 @pytest.mark.parametrize("kind", KINDS)
-def test_throughput_32mib_block(kind, sources, sinks):
-    src = sources[kind]
+def test_throughput_32mib_block(kind, source, sinks):
+    """Prints pull (+verify) and publish+pull times of a block built in the source process;
+    asserts only that the bytes arrive intact."""
     b = make_block(12, nbytes=32 << 20, seed=5)
-    times = []
-    for _ in range(3):  # the first NIXL pull also loads metadata and connects
-        desc = ray.get(src.publish.remote([(b.key, wire(b))]))
+    pulls, ends = [], []
+    for _ in range(4):  # the first NIXL pull also loads metadata and connects
+        ray.get(source.make.remote(12, 32 << 20, 5))
         t0 = time.perf_counter()
+        desc = ray.get(source.publish_made.remote(kind))
+        t1 = time.perf_counter()
         got = pull(sinks[kind], desc)
-        times.append(time.perf_counter() - t0)
+        t2 = time.perf_counter()
+        pulls.append(t2 - t1)
+        ends.append(t2 - t0)
         assert got[0] is not None and got[0].checksum == b.checksum
-        ray.get(src.release.remote(desc["lease"]))  # a no-op for NIXL, already released by the READ
-    best = min(times)
-    print(f"\n{kind}: 32 MiB block pulled (with checksum verification) in {best * 1e3:.1f} ms best of 3 "
-          f"= {b.nbytes / best / 1e9:.2f} GB/s; all runs {[round(t * 1e3, 1) for t in times]} ms")
+        ray.get(source.release.remote(kind, desc["lease"]))  # a no-op for NIXL, already released by the READ
+    gb = b.nbytes / 1e9
+    print(f"\n{kind:>12}: 32 MiB block, best of 4 after warm-up: pull+verify {min(pulls[1:]) * 1e3:.1f} ms "
+          f"({gb / min(pulls[1:]):.2f} GB/s); publish+pull {min(ends[1:]) * 1e3:.1f} ms "
+          f"({gb / min(ends[1:]):.2f} GB/s); all pulls {[round(t * 1e3, 1) for t in pulls]} ms")
 
 
 def test_make_transport_names_a_bad_choice():
@@ -194,6 +212,8 @@ def test_make_transport_names_a_bad_choice():
         make_transport("rdma")
     with pytest.raises(ValueError, match="lease_s=0"):
         ObjectStoreTransport(lease_s=0)
+    with pytest.raises(ValueError, match="lease_s=-1"):
+        ObjectStoreTransport()._add_lease([], lease_s=-1)
 
 
 @pytest.mark.skipif(not NIXL_OK, reason=f"NIXL unavailable: {NIXL_WHY}")
