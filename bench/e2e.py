@@ -156,7 +156,7 @@ def hit(model, ids: torch.Tensor, ids_np: np.ndarray, store, model_id: str, ct: 
 class Direct:
     """The tier classes without Ray: one of hot/warm/cold serves ``lookup``/``get`` (``self.tier``)."""
 
-    def __init__(self, device: torch.device, cold_root: str, threads: int = min(16, os.cpu_count() or 2)):
+    def __init__(self, device: torch.device, cold_root: str, threads: int):
         self.device, self.tier = device, "hot"
         self.hot = HotTier(1 << 40, device)  # no budget: one prompt's blocks at a time, deleted after
         self.warm = WarmStore(1 << 40)  # handle = the block's Arrow bytes in a (pinned on CUDA) uint8 tensor
@@ -320,7 +320,8 @@ def run(args, checkpoint=lambda rows, info: None) -> tuple[list[dict], dict]:
     notes = [f"lengths above max_position_embeddings={max_pos} dropped: {sorted(set(args.lengths) - set(lengths))}"
              ] if len(lengths) < len(args.lengths) else []
     cold_root = tempfile.mkdtemp(prefix="kvtier-bench-cold-", dir=args.cold_dir)
-    backend = RayTier(cold_root, args.chunk_tokens) if args.backend == "ray" else Direct(device, cold_root)
+    backend = (RayTier(cold_root, args.chunk_tokens) if args.backend == "ray"
+               else Direct(device, cold_root, args.threads or min(16, os.cpu_count() or 2)))
     rows, ct, src = [], args.chunk_tokens, ""
     try:
         for n_tok in lengths:
@@ -484,6 +485,7 @@ def parse(argv=None):
     p.add_argument("--reps", type=int, help="timed repetitions (CPU default 3, GPU 5)")
     p.add_argument("--long-reps", type=int, help="recompute repetitions from --long-from tokens on (CPU default 2)")
     p.add_argument("--long-from", type=int, default=4096)
+    p.add_argument("--threads", type=int, help="direct backend: threads verifying blocks (default min(16, cores))")
     p.add_argument("--cold-dir", help="where the cold tier's temporary folder goes (default: the system temp dir)")
     p.add_argument("--out", help="report file, or a folder for e2e-<device>.md (default bench/results/)")
     a = p.parse_args(argv)
