@@ -3,7 +3,7 @@ prefill and decode workers that share KV through kvtier.
 
     serve run ray_apps.serve:app                        # defaults; tier config from $KVTIER_CONFIG
     serve run ray_apps.serve:build_app tier=tier.json decode_replicas=2
-    kvtier serve --tier tier.json --host 0.0.0.0 --port 8000 --api-token-env KVTIER_API_TOKEN
+    KVTIER_API_TOKEN=... kvtier serve --tier tier.json --host 0.0.0.0 --port 8000
 
 Three deployments: ``Ingress`` (FastAPI: auth, validation, SSE, counters; no
 model, no torch), ``Prefill`` and ``Decode`` (``ray_apps.workers``; one model
@@ -47,7 +47,7 @@ from ray_apps.openai_api import (_TENANT_RE, DONE, TENANT_HEADER, APIError, Limi
 log = logging.getLogger(__name__)
 api = FastAPI(title="kvtier", docs_url=None, redoc_url=None)
 
-_WORKER_KEYS = ("model", "dtype", "device", "transport", "namespace", "torch_threads")
+_WORKER_KEYS = ("model", "dtype", "device", "transport", "transfer_host", "namespace", "torch_threads")
 _INT_KEYS = ("prefill_replicas", "decode_replicas", "ingress_replicas", "port", "torch_threads")
 _FLOAT_KEYS = ("num_cpus", "num_gpus")
 DEFAULTS: dict[str, Any] = {"prefill_replicas": 1, "decode_replicas": 1, "ingress_replicas": 1, "num_cpus": 1.0,
@@ -91,6 +91,10 @@ def settings_from_args(args: dict[str, Any] | None) -> dict[str, Any]:
     if not isinstance(s["tenant"], str) or not _TENANT_RE.fullmatch(s["tenant"]):
         raise ValueError(f"app arg tenant={s['tenant']!r} must be up to 64 characters of letters, digits, '.', '_' or '-'")
     s["tenant"] = s["tenant"] or tier.tenant
+    # read here (the driver's environment), not only in the Ingress replica, which may run elsewhere
+    s["api_token"] = s["api_token"] or os.environ.get("KVTIER_API_TOKEN") or None
+    if s["api_token"] is not None and (not isinstance(s["api_token"], str) or len(s["api_token"]) < 8):
+        raise ValueError("app arg api_token must be a string of at least 8 characters")
     return s
 
 
@@ -295,6 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--transport", default="auto", choices=["auto", "nixl", "object_store"])
+    p.add_argument("--transfer-host", help="address other workers reach this node's NIXL agents at (default: the Ray node IP)")
     p.add_argument("--prefill-replicas", type=int, default=1)
     p.add_argument("--decode-replicas", type=int, default=1)
     p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per worker replica")
@@ -305,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
     a = p.parse_args(argv)
     args = {"tier": a.tier, "model": a.model, "dtype": a.dtype, "device": a.device, "transport": a.transport,
+            "transfer_host": a.transfer_host,
             "prefill_replicas": a.prefill_replicas, "decode_replicas": a.decode_replicas, "num_cpus": a.num_cpus,
             "num_gpus": a.num_gpus, "host": a.host, "port": a.port, "limits": a.limits}
     try:

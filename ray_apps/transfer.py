@@ -25,6 +25,11 @@ a decode worker that dies never leaks memory on the prefill worker. The choice
 of transport is a config value: ``"nixl"``, ``"object_store"`` or ``"auto"``
 (NIXL if it imports and an agent starts, else the object store).
 
+NIXL's listener thread binds 0.0.0.0 (its API takes only a port) and any
+agent that loads our metadata may READ registered memory: run workers on a
+network only the cluster reaches, as with Ray's own ports. Registrations are
+just the published blocks and live only for their lease.
+
 This module knows nothing of models, tiers or HTTP. It never pickles a block:
 the bytes are Arrow IPC, and the descriptor is plain JSON-able data (plus
 ObjectRefs for the object-store path).

@@ -48,6 +48,7 @@ class WorkerConfig:
     dtype: str = "float32"
     device: str = "cpu"
     transport: str = "auto"            # "nixl" | "object_store" | "auto"
+    transfer_host: str = ""            # address in NIXL descriptors; "" = this node's Ray IP (reachable from other nodes)
     namespace: str = "kvtier"          # the tier's Ray namespace
     tier: dict = field(default_factory=dict)  # TierConfig fields (budgets, codec, cold store, chunk_tokens)
     max_prompt_tokens: int = 4096
@@ -100,7 +101,10 @@ class _ModelWorker:
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
         self.eos = set(_as_list(self.model.generation_config.eos_token_id) or _as_list(self.tok.eos_token_id))
         kvtier.init(namespace=self.cfg.namespace, config=self.tier)
-        self.transport = make_transport(self.cfg.transport)
+        import ray
+
+        host = self.cfg.transfer_host or (ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1")
+        self.transport = make_transport(self.cfg.transport, host=host)
         self.counters = {"requests": 0, "prompt_tokens": 0, "tier_hit_tokens": 0, "computed_tokens": 0,
                          "put_chunks": 0, "recomputed_chunks": 0}
 

@@ -200,6 +200,35 @@ def test_tenants_do_not_share_blocks_and_stats_show_hits(server):
     assert tier["hot"]["hits"] + tier["warm"].get("hits", 0) > 0
 
 
+def test_random_requests_get_json_answers_and_the_server_stays_up(server):
+    """Issue 6: malformed requests never crash the server or return data; each gets a JSON 4xx."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    model = name(server)
+    values = st.recursive(st.none() | st.booleans() | st.integers(-5, 10**6) | st.floats(allow_nan=False)
+                          | st.text(max_size=30) | st.just(model),
+                          lambda c: st.lists(c, max_size=3) | st.dictionaries(st.text(max_size=8), c, max_size=3),
+                          max_leaves=8)
+    bodies = st.dictionaries(st.sampled_from(["model", "prompt", "messages", "max_tokens", "temperature", "stop",
+                                              "stream", "n", "top_p", "seed", "stream_options"]), values, max_size=6)
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(path=st.sampled_from(["/v1/completions", "/v1/chat/completions"]),
+           raw=st.one_of(st.binary(max_size=64), bodies.map(lambda b: json.dumps(b).encode())))
+    def check(path, raw):
+        r = requests.post(server["url"] + path, data=raw, headers={**AUTH, "Content-Type": "application/json"}, timeout=120)
+        if r.status_code == 200:  # only a valid request gets here; it must be a real answer
+            assert r.headers["content-type"].startswith(("application/json", "text/event-stream"))
+        else:
+            assert 400 <= r.status_code < 500, r.text
+            assert set(r.json()["error"]) == {"message", "type", "param", "code"}
+
+    check()
+    assert requests.get(server["url"] + "/health", timeout=30).status_code == 200
+
+
+
 def test_decode_recomputes_when_the_prefill_worker_died_mid_transfer(server):
     """Issue 6: the prefill replica dies after handing off; its blocks are gone
     from the tier too. The decode worker must recompute and still answer right."""
