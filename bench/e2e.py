@@ -12,7 +12,8 @@ as a serving engine does. Median of ``--reps`` timed repetitions after an
 untimed first run; speedup = recompute / hit, both measured in this run.
 The untimed first hit also checks correctness: its first token against
 recompute's (must match with codec ``none``), the top-1 agreement over the
-whole uncached tail, and the tail logits' relative error.
+whole uncached tail, the tail logits' relative error, and the fetched KV's
+relative error against what the prefill computed (0 with ``none``).
 
 Two backends:
   ray     (CPU default) the real tier: ``kvtier.init()`` embedded; hot = this
@@ -23,8 +24,8 @@ Two backends:
   direct  (GPU default; Ray does not travel to the GPU machine) the tier classes
           without Ray: hot = ``HotTier`` on the device (payload in device
           memory), warm = ``WarmStore`` of blocks' Arrow bytes in pinned host
-          memory -> checksum check (threads: xxhash drops the GIL) -> H2D on a
-          copy stream overlapped with decode, cold = ``ColdStore`` files.
+          memory -> checksums (threads: xxhash drops the GIL) -> H2D queued on
+          a copy stream, each block decoded as it lands; cold = ``ColdStore`` files.
 Before each cold repetition the block files are evicted from the page cache
 (``posix_fadvise(DONTNEED)``), so a cold hit reads the disk.
 
@@ -462,7 +463,8 @@ def write_report(rows, info, args, path: Path, wall: float) -> None:
             f"- device: {dev}",
             f"- command: `python bench/e2e.py {' '.join(sys.argv[1:])}`",
             f"- model: {args.model}; backend: {args.backend}; codecs: {', '.join(args.codecs)}; "
-            f"timed repetitions of recompute and of each hit: {args.reps} below {args.long_from} tokens, {args.long_reps} from there",
+            f"timed repetitions of recompute and of each hit: {args.reps} below {args.long_from} tokens, "
+            f"{args.long_reps} from there",
             f"- torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}; "
             f"wall time {wall:.0f} s",
             *[f"- {n}" for n in info["notes"]], "",
@@ -472,7 +474,8 @@ def write_report(rows, info, args, path: Path, wall: float) -> None:
             "'MB read' = the blocks' serialized bytes fetched from the tier; ratio = raw KV bytes / serialized bytes.",
             "", markdown(rows), "",
             "One hit timed by stage (on CUDA an extra one, the device synced between stages, which the timed "
-            "repetitions overlap; on the CPU the first timed repetition): get = keys, lookup, fetch, verify, transfer, decompress; rebuild = DynamicCache from the chunks; "
+            "repetitions overlap; on the CPU the first timed repetition): get = keys, lookup, fetch, verify, "
+            "transfer, decompress; rebuild = DynamicCache from the chunks; "
             "tail = prefill of the uncached tail to the first token (in brackets: when its kernels were all launched, "
             "i.e. the Python/launch time); get phases: the same get split further (direct backend).", "",
             markdown([r for r in rows if r["stages"]], STAGES, stage_cells), ""]
@@ -494,7 +497,7 @@ def parse(argv=None):
                    help="model and KV dtype (default: bfloat16 for llama8b, float32 otherwise)")
     p.add_argument("--chunk-tokens", type=int, default=256)
     p.add_argument("--reps", type=int, help="timed repetitions (CPU default 3, GPU 5)")
-    p.add_argument("--long-reps", type=int, help="recompute repetitions from --long-from tokens on (CPU default 2)")
+    p.add_argument("--long-reps", type=int, help="repetitions from --long-from tokens on (CPU default 2)")
     p.add_argument("--long-from", type=int, default=4096)
     p.add_argument("--threads", type=int, help="direct backend: threads verifying blocks (default min(16, cores))")
     p.add_argument("--cold-dir", help="where the cold tier's temporary folder goes (default: the system temp dir)")
