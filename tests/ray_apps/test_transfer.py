@@ -18,8 +18,9 @@ import pytest
 
 from kvtier.block import Block
 from kvtier.errors import TierUnavailableError
-from ray_apps import transfer
-from ray_apps.transfer import NixlTransport, ObjectStoreTransport, make_transport, pull
+from ray_apps import nixl_transport
+from ray_apps.nixl_transport import NixlTransport
+from ray_apps.transfer import ObjectStoreTransport, make_transport, pull
 
 ray = pytest.importorskip("ray")
 import ray.cloudpickle  # noqa: E402
@@ -229,7 +230,7 @@ def test_auto_falls_back_to_object_store_when_nixl_cannot_start(monkeypatch):
     def broken(*a, **k):
         raise TierUnavailableError("no UCX here")
 
-    monkeypatch.setattr(transfer, "NixlTransport", broken)
+    monkeypatch.setattr(nixl_transport, "NixlTransport", broken)
     assert isinstance(make_transport("auto"), ObjectStoreTransport)
     with pytest.raises(TierUnavailableError, match="no UCX"):
         make_transport("nixl")
