@@ -15,8 +15,9 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream``
 gives ``data: {...}`` events ending with ``data: [DONE]``), ``GET /v1/models``,
 ``GET /health`` (never needs the token), ``GET /kvtier/stats``.
 
-App args (a dict; strings from ``serve run`` are converted): ``tier`` (a dict of
-TierConfig fields or a JSON file path; default ``$KVTIER_CONFIG``), ``model``,
+App args (a dict; strings from ``serve run`` are converted): ``tier`` (alias
+``tier_config``: a dict of TierConfig fields or a JSON file path; default
+``$KVTIER_CONFIG``), ``model``,
 ``dtype``, ``device``, ``transport``, ``namespace``, ``torch_threads``,
 ``prefill_replicas``, ``decode_replicas``, ``ingress_replicas``, ``num_cpus``
 and ``num_gpus`` per worker replica, ``limits`` (dict, see
@@ -60,8 +61,11 @@ def settings_from_args(args: dict[str, Any] | None) -> dict[str, Any]:
     from kvtier.config import TierConfig
 
     args = dict(args or {})
-    if "config" in args and "tier" not in args:
-        args["tier"] = args.pop("config")
+    for alias in ("tier_config", "config"):  # the Helm chart passes tier_config (a mounted JSON file)
+        if alias in args:
+            if "tier" in args:
+                raise ValueError(f"app args tier and {alias} both given; pass one")
+            args["tier"] = args.pop(alias)
     known = set(DEFAULTS) | set(_WORKER_KEYS)
     unknown = sorted(set(args) - known)
     if unknown:
@@ -283,12 +287,9 @@ def build_app(args: dict[str, Any] | None = None):
     return Ingress.options(num_replicas=s["ingress_replicas"]).bind(prefill.bind(wcfg), decode.bind(wcfg), settings)
 
 
-def __getattr__(name: str):
-    # ``serve run ray_apps.serve:app``: built on first access, so importing this
-    # module (the Ingress replica does) loads neither torch nor the tier config
-    if name == "app":
-        return build_app({})
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+# ``serve run ray_apps.serve:app`` and a RayService's ``import_path: ray_apps.serve:app``
+# (with ``args``) both call this builder; it imports nothing heavy until called
+app = build_app
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -331,7 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         pass
     finally:
-        serve.shutdown()
+        try:
+            serve.shutdown()
+        except Exception as e:  # noqa: BLE001 - Ctrl-C in a terminal also stops a local Ray's processes
+            print(f"kvtier serve: Serve was already down ({type(e).__name__})", file=sys.stderr)
         ray.shutdown()
     return 0
 

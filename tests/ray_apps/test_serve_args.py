@@ -50,15 +50,21 @@ def test_token_from_the_environment(monkeypatch):
     assert settings_from_args({})["api_token"] == "from-env-123"
 
 
-def test_app_builds_three_deployments(monkeypatch, tmp_path):
+def test_app_is_a_builder_that_serve_calls_with_the_helm_charts_args(monkeypatch, tmp_path):
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary as call
+
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps({"codec": "none"}))
+    built = call(serve_mod.app, {"tier_config": str(path), "prefill_replicas": 4, "decode_replicas": 4})
+    assert type(built).__name__ == "Application"
     monkeypatch.setenv("KVTIER_CONFIG", str(tmp_path / "missing.json"))
-    with pytest.raises(ValueError, match="does not exist"):  # `serve run ray_apps.serve:app` reads $KVTIER_CONFIG
-        serve_mod.app
+    with pytest.raises(ValueError, match="does not exist"):  # no args: the tier config comes from $KVTIER_CONFIG
+        call(serve_mod.app, {})
     monkeypatch.delenv("KVTIER_CONFIG")
-    app = serve_mod.build_app({"decode_replicas": 2, "tier": {"codec": "none"}})
-    assert type(app).__name__ == "Application"
-    with pytest.raises(ValueError, match="worker setting|dtype"):
+    with pytest.raises(ValueError, match="dtype='int3'"):
         serve_mod.build_app({"dtype": "int3"})
+    with pytest.raises(ValueError, match="both given"):
+        settings_from_args({"tier": {}, "tier_config": str(path)})
 
 
 def test_kvtier_serve_rejects_bad_args_before_starting_ray(capsys):
