@@ -262,9 +262,12 @@ class Placement:
             n += 1
         return n
 
-    def locate(self, keys: Sequence[str], pin_ttl: float | None = None) -> tuple[list[Entry | None], int]:
+    def locate(self, keys: Sequence[str], pin_ttl: float | None = None,
+               pin_warm: bool = True) -> tuple[list[Entry | None], int]:
         """Where each key is (a snapshot of its entry, or None), touching hits.
-        With ``pin_ttl``, found keys are pinned under a new lease (returned; 0 = none)."""
+        With ``pin_ttl``, found keys are pinned under a new lease (returned; 0 = none);
+        ``pin_warm=False`` pins only keys whose nearest copy is cold (the runtime's warm
+        handles keep their bytes alive by themselves)."""
         now = self.clock()
         out: list[Entry | None] = []
         pinned = []
@@ -285,7 +288,7 @@ class Placement:
                 cold.hits += 1
             if e.cold:
                 self.cold.touch(k)
-            if pin_ttl is not None:
+            if pin_ttl is not None and (pin_warm or e.shard is None):
                 e.pins += 1
                 pinned.append(k)
             out.append(Entry(k, e.size, e.shard, e.gen, e.ref, e.cold, e.moving, e.last_access, e.pins))

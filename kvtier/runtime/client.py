@@ -85,7 +85,7 @@ class Client:
         t0 = time.perf_counter()
         blocks = [compress(kv, codec, key=k) for k, kv in zip(keys, kvs)]
         wires = [b.to_arrow() for b in blocks]
-        for key, wire in zip(keys, wires):
+        for key, wire in zip(keys, wires if self.hot.capacity else ()):
             # re-parse from the wire copy: a hot block must not alias the caller's tensor (``none`` codec)
             self.hot.put(Block.from_arrow(wire, expect_key=key))
         cold = [False] * len(keys)
@@ -127,7 +127,7 @@ class Client:
         for sid, ref in refs.items():
             try:
                 ray.get(ref, timeout=self.timeout)
-            except _RPC_ERRORS as e:
+            except ray.exceptions.RayError as e:  # dead, slow, or failing (object store full): not the caller's error
                 ok = False
                 self._error(f"warm shard {sid} did not take {len(groups[sid][1])} blocks ({type(e).__name__}); "
                             "they stay in this process's hot tier")

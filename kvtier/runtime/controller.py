@@ -202,9 +202,12 @@ class Controller:
                 "shards": [{"id": i.id, "node_id": i.node_id, "handle": i.handle} for i in self.shards.values()]}
 
     def locate(self, keys: list[str], pin: bool = True) -> tuple[list, int]:
-        """Per key: None, or (size, shard id or None, [ObjectRef] or None, in cold). One call per batch."""
+        """Per key: None, or (size, shard id or None, [ObjectRef] or None, in cold). One call per batch.
+        Keys served from cold are pinned under the returned lease. Warm ones need no pin: the
+        ObjectRef the reader holds keeps the bytes alive in the object store even if the shard
+        drops them meanwhile (Ray reference counting), so the common path needs no unpin call."""
         with self._lock:
-            entries, lease = self.placement.locate(keys, self.lease_s if pin else None)
+            entries, lease = self.placement.locate(keys, self.lease_s if pin else None, pin_warm=False)
         return [None if e is None else (e.size, e.shard, e.ref, e.cold) for e in entries], lease
 
     def lookup(self, keys: list[str], have: list[bool]) -> int:

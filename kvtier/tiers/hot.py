@@ -17,6 +17,7 @@ client's prefetch thread fills it while the caller reads.
 
 from __future__ import annotations
 
+import mmap
 import threading
 from typing import Any
 
@@ -32,6 +33,21 @@ def _default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 
 
+_HUGE_COPY_BYTES = 4 << 20  # copies this large go to huge pages (below it malloc reuses warm heap pages)
+
+
+def _copy(t: torch.Tensor) -> torch.Tensor:
+    """A copy of a CPU tensor; large ones in memory advised to use 2 MiB pages: a fresh 32 MiB
+    malloc here costs 8192 page faults, and the copy took 21 ms instead of 8 ms with huge pages."""
+    n = t.numel() * t.element_size()
+    if t.device.type != "cpu" or n < _HUGE_COPY_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
+        return t.clone()
+    m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    m.madvise(mmap.MADV_HUGEPAGE)
+    out = torch.frombuffer(m, dtype=t.dtype, count=t.numel()).view(t.shape)  # the tensor keeps ``m`` alive
+    return out.copy_(t)
+
+
 def owned(out: torch.Tensor, memory: Any) -> torch.Tensor:
     """``out`` itself, or a copy if it aliases a cached buffer (the ``none``
     codec decodes to a view of its payload): a caller writing into a returned
@@ -45,7 +61,7 @@ def owned(out: torch.Tensor, memory: Any) -> torch.Tensor:
         else:
             lo, hi = b.address, b.address + b.size
         if lo < end and start < hi:
-            return out.clone()
+            return _copy(out)
     return out
 
 

@@ -107,3 +107,13 @@ def test_cuda_hot_tier_keeps_payload_on_the_gpu_and_decodes_there(codec):
     out.zero_()
     torch.testing.assert_close(hot.get_kv(b.key).cpu(), ref, **tol, msg="the caller owns the result")
     assert not hot.get_kv(b.key, device="cpu").is_cuda
+
+
+def test_large_copies_are_writable_and_independent():
+    from kvtier.tiers.hot import _HUGE_COPY_BYTES, _copy
+
+    src = torch.arange(_HUGE_COPY_BYTES // 2 + 7, dtype=torch.bfloat16).view(-1, 1)
+    out = _copy(src)
+    assert torch.equal(out, src) and out.shape == src.shape and out.dtype == src.dtype
+    out.add_(1)
+    assert not torch.equal(out, src), "writing into the copy leaves the source alone"

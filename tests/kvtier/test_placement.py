@@ -195,3 +195,13 @@ def test_cold_disabled_rejects_cold_writes():
         p.put_cold("a", 1)
     with pytest.raises(KeyError, match="unknown shard"):
         p.put_warm("a", 1, "nope")
+
+
+def test_locate_can_pin_only_cold_copies():
+    p, _ = make()
+    p.put_warm("w", 10, "s0")
+    p.put_cold("c", 10)
+    entries, lease = p.locate(["w", "c", "x"], pin_ttl=5, pin_warm=False)
+    assert [e.pins if e else None for e in entries] == [0, 1, None] and lease
+    _, lease2 = p.locate(["w"], pin_ttl=5, pin_warm=False)
+    assert lease2 == 0, "nothing pinned, no lease to release"
