@@ -466,7 +466,8 @@ def write_report(rows, info, args, path: Path, wall: float) -> None:
             f"timed repetitions of recompute and of each hit: {args.reps} below {args.long_from} tokens, "
             f"{args.long_reps} from there",
             f"- torch {torch.__version__}, transformers {transformers.__version__}, python {platform.python_version()}; "
-            f"wall time {wall:.0f} s",
+            f"wall time {wall:.0f} s" + (f"; 1-min load average {args.load:.1f} at the start, {os.getloadavg()[0]:.1f} "
+                                         f"at the end ({os.cpu_count()} cores)" if args.load is not None else ""),
             *[f"- {n}" for n in info["notes"]], "",
             "TTFT = median of the timed repetitions; speedup = recompute / hit. Agreement and errors come from the "
             "untimed first hit: its first token against recompute's, top-1 agreement and relative logit error over "
@@ -500,6 +501,7 @@ def parse(argv=None):
     p.add_argument("--long-reps", type=int, help="repetitions from --long-from tokens on (CPU default 2)")
     p.add_argument("--long-from", type=int, default=4096)
     p.add_argument("--threads", type=int, help="direct backend: threads verifying blocks (default min(16, cores))")
+    p.add_argument("--torch-threads", type=int, help="torch CPU threads (default: torch's); 1 resists a busy machine")
     p.add_argument("--cold-dir", help="where the cold tier's temporary folder goes (default: the system temp dir)")
     p.add_argument("--out", help="report file, or a folder for e2e-<device>.md (default bench/results/)")
     a = p.parse_args(argv)
@@ -518,7 +520,10 @@ def parse(argv=None):
 
 def main(argv=None) -> list[dict]:
     args = parse(argv)
+    if args.torch_threads:
+        torch.set_num_threads(args.torch_threads)
     t0 = time.perf_counter()
+    args.load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
     print(f"e2e: {args.model} on {args.device}, backend {args.backend}, lengths {args.lengths}, codecs {args.codecs}")
     print("  " + " | ".join(HEAD), flush=True)
     out = Path(args.out or REPO / "bench" / "results")
