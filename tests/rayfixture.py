@@ -1,8 +1,10 @@
-"""One real local Ray for a whole pytest session, shared by every Ray test.
+"""One real local Ray per test module, shared by every Ray test of the module.
 
 ``ray.init`` costs 3-6 s here (and more when the machine is busy), so every
-test that needs Ray uses the session fixture ``ray_session`` instead of its
-own cluster. Use it from a package's conftest::
+test that needs Ray uses the fixture ``ray_session`` instead of its own
+cluster. It is module-scoped, not session-scoped, because some modules
+(tests/ray_apps) start and stop a Ray of their own, which must not find one
+already running. Use it from a package's conftest::
 
     from rayfixture import ray_session  # noqa: F401  (tests/ is on sys.path, see below)
 
@@ -33,11 +35,11 @@ def subprocess_env() -> dict[str, str]:
     return env
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def ray_session():
     import ray
 
-    if ray.is_initialized():  # another package's conftest started it already
+    if ray.is_initialized():  # a caller's own Ray is up: share it, leave it running
         yield ray.get_runtime_context().gcs_address
         return
     # a short path: Ray's unix sockets live under it and must stay under 107 characters
