@@ -1,8 +1,8 @@
 """The Serve app end to end: real local Ray, real SmolLM2, HTTP through
 ``requests`` and the official ``openai`` client.
 
-One Ray + Serve instance for the module (Prefill and Decode replicas, NIXL
-transport where it starts), codec ``none`` and 16-token chunks so that short
+One Serve instance for the module on the session's shared Ray, with its own
+tier namespace (Prefill and Decode replicas, NIXL transport where it starts), codec ``none`` and 16-token chunks so that short
 prompts hit, partly hit and miss the tier. Greedy output is compared with plain
 ``model.generate`` in this process, without any cache reuse.
 """
@@ -28,6 +28,8 @@ TOKEN = "s3cret-token"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
 C = 16  # tokens per chunk
 MAX_PROMPT = 200
+NAMESPACE = "kvtier-serve-test"
+APP = "kvtier-test"
 DOC = ("The Python standard library contains modules for file handling, networking, text processing, "
        "dates and times, and data compression. ")
 
@@ -39,7 +41,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(ray_session, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("serve")
     tier = {"codec": "none", "chunk_tokens": C, "hot_bytes": "64MiB", "warm_bytes": "128MiB", "num_shards": 1,
             "cold_uri": str(tmp / "cold")}
@@ -49,18 +51,16 @@ def server(tmp_path_factory):
 
     # the reference model loads here while Ray and the replicas start (~10 s saved on 2 cores)
     loading = ThreadPoolExecutor(1).submit(load_model, progress=None)
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp / "ray"), log_to_driver=False)
-    kvtier.init(config=tier)
+    kvtier.init(namespace=NAMESPACE, config=tier)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    app = build_app({"tier": tier, "num_cpus": 0, "api_token": TOKEN, "torch_threads": 1,
+    app = build_app({"tier": tier, "num_cpus": 0, "namespace": NAMESPACE, "api_token": TOKEN, "torch_threads": 1,
                      "limits": {"max_prompt_tokens": MAX_PROMPT, "max_tokens_cap": 16, "default_max_tokens": 4}})
-    serve.run(app, name="kvtier-test", route_prefix="/")
+    serve.run(app, name=APP, route_prefix="/")
     model, tok = loading.result()
     yield {"url": f"http://127.0.0.1:{port}", "model": model, "tok": tok}
     serve.shutdown()
-    kvtier.shutdown()
-    ray.shutdown()
+    kvtier.shutdown(stop=True)  # this module's tier only; the session's Ray stays up
 
 
 def name(server) -> str:
@@ -234,13 +234,13 @@ def test_decode_recomputes_when_the_prefill_worker_died_mid_transfer(server):
     from the tier too. The decode worker must recompute and still answer right."""
     prompt = "Recompute after a failure. " + DOC * 2
     sampling = {"max_tokens": 4, "temperature": 0.0, "top_p": 1.0, "seed": None, "stop": []}
-    prefill = serve.get_deployment_handle("Prefill", app_name="kvtier-test")
-    decode = serve.get_deployment_handle("Decode", app_name="kvtier-test")
+    prefill = serve.get_deployment_handle("Prefill", app_name=APP)
+    decode = serve.get_deployment_handle("Decode", app_name=APP)
     handoff = prefill.prefill.remote({"prompt": prompt}, "", sampling).result(timeout_s=120)
     assert handoff["n_full"] > handoff["n_hit"] == 0 and handoff["desc"] is not None
     kvtier.delete(handoff["keys"])  # nothing in the tier to fall back on
     for actor in ray.util.list_named_actors(all_namespaces=True):
-        if "Prefill" in actor["name"]:
+        if f"{APP}#Prefill" in actor["name"]:  # SERVE_REPLICA::kvtier-test#Prefill#<id>
             ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
     events = list(decode.options(stream=True).generate.remote({"prompt": prompt}, "", sampling, handoff))
     text = "".join(e["text"] for e in events)

@@ -45,14 +45,6 @@ def make_block(i: int, nbytes: int = 4096, seed: int = 0) -> Block:
                        dtype="float32", params={}, buffers={"kv": data})
 
 
-@pytest.fixture(scope="module")
-def ray_session(tmp_path_factory):
-    ray.init(num_cpus=2, include_dashboard=False, _temp_dir=str(tmp_path_factory.mktemp("ray")),
-             log_to_driver=False)
-    yield
-    ray.shutdown()
-
-
 @ray.remote(num_cpus=0)
 class Source:
     """A prefill-like process publishing over every available transport."""
