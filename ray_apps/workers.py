@@ -34,7 +34,7 @@ import torch
 
 import kvtier
 from kvtier.config import TierConfig
-from kvtier.hf import cache_to_chunks, chunks_to_cache, reusable_chunks
+from kvtier.hf import cache_to_chunks, chunks_to_cache, kv_layout, reusable_chunks
 from ray_apps.openai_api import APIError, StopBuffer
 from ray_apps.transfer import TRANSPORTS, make_transport, pull
 
@@ -97,11 +97,12 @@ class _ModelWorker:
         self.model, self.tok = load_model(self.cfg.model, dtype=self.dtype, device=self.device,
                                           progress=lambda m: log.info("%s: %s", self.role, m))
         self.model_id = model_id_for(self.model)
+        self.layout = kv_layout(self.model)  # (layers, kv_heads, head_dim): a chunk is [L, 2, H, C, D]
         self.name = getattr(self.model.config, "kvtier_model_name", None) or self.model_id.split("|")[0]
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
         self.eos = set(_as_list(self.model.generation_config.eos_token_id) or _as_list(self.tok.eos_token_id))
         kvtier.init(namespace=self.cfg.namespace, config=self.tier)
-        import ray
+        import ray  # lazily, as kvtier does: importing this module never imports Ray
 
         host = self.cfg.transfer_host or (ray.util.get_node_ip_address() if ray.is_initialized() else "127.0.0.1")
         self.transport = make_transport(self.cfg.transport, host=host)
@@ -150,14 +151,8 @@ class _ModelWorker:
         return out
 
     def _fits(self, kv: torch.Tensor) -> bool:
-        L, H, D = self._layout
+        L, H, D = self.layout
         return tuple(kv.shape) == (L, 2, H, self.C, D)
-
-    @property
-    def _layout(self) -> tuple[int, int, int]:
-        from kvtier.hf import kv_layout
-
-        return kv_layout(self.model)
 
     @torch.inference_mode()
     def extend(self, ids: list[int], chunks: list[torch.Tensor], upto: int):
