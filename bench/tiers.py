@@ -12,6 +12,7 @@ joining the cluster, started together behind a file barrier):
     put+cold   the same with write_through=True (also written to the cold dir)
     get hot    kvtier.get of a block in this process's hot tier
     get warm   kvtier.get with the hot tier cleared: locate + ray.get + verify + decode
+    get warm x8  the same for a batch of 8 chunks in one call (one locate, one ray.get)
     get cold   kvtier.get of a block only in the cold dir: read, verify, decode, promote
     lookup     kvtier.lookup of 64 keys (keys/s)
 
@@ -119,6 +120,12 @@ def run_phases(spec: dict) -> list[dict]:
         assert kvtier.get(warm[(me + i) % len(warm)]) is not None
 
     phase("get warm", "main", get_warm, ops, raw)
+
+    def get_warm_batch(i):  # a prefix of 8 chunks, as a serving worker asks: one locate, one ray.get
+        api._get_client().hot.clear()
+        assert all(x is not None for x in kvtier.get(warm))
+
+    phase("get warm x8", "main", get_warm_batch, max(2, ops // 2), raw * len(warm))
     cold = keys_for(f"{tag}-cold", spec["shared"])
 
     def get_cold(i):
