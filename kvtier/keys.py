@@ -89,11 +89,17 @@ def is_key(key: object) -> bool:
     return isinstance(key, str) and bool(_KEY_RE.match(key))
 
 
+# what every tier can store: the cold tier names a file or an S3 object after the key, so a key it
+# cannot name (a '/', a leading '.', '..', spaces, non-ASCII) would be accepted by put and then lost on demotion
+_USER_KEY_RE = re.compile(r"[A-Za-z0-9_=-][A-Za-z0-9._=-]{0,199}")
+
+
 def check_keys(keys: Iterable[object], what: str = "key") -> list[str]:
     """Validate user-supplied keys; raise ValueError naming the first bad one."""
     out = []
     for i, k in enumerate(keys):
-        if not isinstance(k, str) or not k or len(k) > 256 or not k.isprintable() or "/" in k:
-            raise ValueError(f"{what} #{i}={k!r} is not a valid key (a non-empty printable string without '/', at most 256 chars; see kvtier.chunk_keys)")
+        if not isinstance(k, str) or not _USER_KEY_RE.fullmatch(k) or ".." in k:
+            raise ValueError(f"{what} #{i}={k!r} is not a valid key (1-200 of [A-Za-z0-9._=-], not starting with '.', "
+                             "without '..'; kvtier.chunk_keys gives such keys)")
         out.append(k)
     return out

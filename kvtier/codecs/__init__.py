@@ -20,7 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
-from kvtier.block import DTYPE_SIZES, Block
+from kvtier.block import DTYPE_SIZES, MAX_BLOCK_BYTES, Block
 from kvtier.errors import BlockFormatError, CodecError
 
 TORCH_DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
@@ -98,6 +98,10 @@ def validate_kv(kv: Any) -> None:
         raise ValueError(f"kv has dtype {kv.dtype}; expected torch.bfloat16, torch.float16 or torch.float32")
     if kv.numel() == 0:
         raise ValueError(f"kv is empty: shape {tuple(kv.shape)}")
+    raw = kv.numel() * kv.element_size()
+    if raw > MAX_BLOCK_BYTES:  # before any work: isfinite alone would allocate numel bytes
+        raise ValueError(f"kv of shape {tuple(kv.shape)} is {raw} raw bytes, over the maximum block size "
+                         f"MAX_BLOCK_BYTES={MAX_BLOCK_BYTES}; use smaller chunks (chunk_tokens)")
     finite = torch.isfinite(kv)
     if not bool(finite.all()):
         bad = (~finite).nonzero()[0].tolist()
