@@ -164,6 +164,11 @@ class Placement:
             raise KeyError(f"unknown shard {shard!r}")
         orders: list[Order] = []
         e = self.entries.get(key)
+        if e is not None and e.shard == shard and gen and e.gen and gen < e.gen:
+            # a late report of a copy this shard has since replaced (the controller runs calls concurrently and
+            # Ray retries them after a controller restart): taking it would make the index name a copy the shard
+            # no longer holds, so its drop/demote orders miss and the newer copy stays in the shard, uncounted
+            return []
         if e is None:
             e = self.entries[key] = Entry(key, size)
         elif e.shard is not None and (e.shard != shard or e.moving):

@@ -205,3 +205,17 @@ def test_locate_can_pin_only_cold_copies():
     assert [e.pins if e else None for e in entries] == [0, 1, None] and lease
     _, lease2 = p.locate(["w"], pin_ttl=5, pin_warm=False)
     assert lease2 == 0, "nothing pinned, no lease to release"
+
+
+def test_late_report_of_a_replaced_copy_is_ignored():
+    # after a controller restart Ray retries a shard's register calls, and the controller runs calls concurrently:
+    # the report of gen 3 can arrive after the one of gen 5 that replaced it in the shard
+    p, _ = make(shard_cap=200)
+    p.put_cold("a", 100)
+    p.put_warm("a", 100, "s0", gen=5, ref="new")
+    assert p.put_warm("a", 100, "s0", gen=3, ref="old") == []
+    entries, _ = p.locate(["a"])
+    assert (entries[0].gen, entries[0].ref) == (5, "new")
+    p.put_warm("b", 100, "s0", gen=6)
+    # the eviction order names the copy the shard really holds, so the shard drops it
+    assert p.put_warm("c", 100, "s0", gen=7) == [Order("drop", "s0", ("a",), (5,))]
