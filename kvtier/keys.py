@@ -103,3 +103,14 @@ def check_keys(keys: Iterable[object], what: str = "key") -> list[str]:
                              "without '..'; kvtier.chunk_keys gives such keys)")
         out.append(k)
     return out
+
+
+def tenant_key(key: str, tenant: str) -> str:
+    """The key under which ``tenant``'s block of ``key`` is stored: ``key`` itself for the default tenant "",
+    else a BLAKE2b-160 hex digest of (tenant, key). Two tenants putting the same key (the same tokens)
+    store two blocks, and neither can name the other's; the digest is a valid key of every tier
+    (40 hex characters, whatever the lengths of tenant and key) and spreads evenly over cold folders."""
+    if not tenant:
+        return key
+    h = hashlib.blake2b(b"kvtier/tenant/v1\0" + tenant.encode() + b"\0" + key.encode(), digest_size=KEY_BYTES)
+    return h.hexdigest()

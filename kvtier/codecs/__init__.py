@@ -69,7 +69,7 @@ def register_codec(codec: Codec) -> Codec:
 
 def _split(name: str) -> tuple[Codec, bool]:
     if not isinstance(name, str):
-        raise CodecError(f"codec name must be a string, not {type(name).__name__}")
+        raise CodecError(f"codec={name!r} must be a string naming a codec, not {type(name).__name__}")
     base, zstd = (name[: -len(ZSTD_SUFFIX)], True) if name.endswith(ZSTD_SUFFIX) else (name, False)
     codec = _REGISTRY.get(base)
     if codec is None:

@@ -12,7 +12,7 @@
     the shards). ``shutdown()`` leaves a shared tier running.
 
 When a tier already runs, its warm/cold settings win; a config given to
-``init`` still sets this process's ``hot_bytes`` and default ``codec``.
+``init`` still sets this process's ``hot_bytes``, default ``codec`` and ``tenant``.
 """
 
 from __future__ import annotations
@@ -79,7 +79,7 @@ def init(address: str | None = None, namespace: str = DEFAULT_NAMESPACE,
                               f"{INIT_TIMEOUT_S:.0f}s ({type(e).__name__}: {e})") from None
         explicit = config is not None
         _client = Client(controller, namespace, info, hot_bytes=cfg.hot_bytes if explicit else None,
-                         codec=cfg.codec if explicit else None)
+                         codec=cfg.codec if explicit else None, tenant=cfg.tenant if explicit else None)
         return _describe(_client)
 
 
@@ -105,6 +105,10 @@ def _as_list(keys, what: str = "keys") -> tuple[list, bool]:
 def put(keys: str | Sequence[str], kvs, codec: str | None = None) -> None:
     """Store one chunk (``put(key, kv)``) or a batch (``put([k1, k2], [kv1, kv2])``)."""
     keys, single = _as_list(keys)
+    if codec is not None:  # named even for an empty batch; 0 or "" is an error, not "the default"
+        from kvtier.codecs import get_codec
+
+        get_codec(codec)
     if single:
         kvs = [kvs]
     elif not isinstance(kvs, (list, tuple)):
@@ -115,8 +119,25 @@ def put(keys: str | Sequence[str], kvs, codec: str | None = None) -> None:
 def get(keys: str | Sequence[str], device=None):
     """A tensor or None for one key; a list of them for a list of keys."""
     keys, single = _as_list(keys)
-    out = _get_client().get(keys, device)
+    out = _get_client().get(keys, _check_device(device))
     return out[0] if single else out
+
+
+def _check_device(device):
+    """``device`` as a ``torch.device`` (None stays None), or a ValueError naming it, before any tier work."""
+    if device is None:
+        return None
+    import torch
+
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError) as e:  # torch.device(0) raises RuntimeError without CUDA
+        raise ValueError(f"device={device!r} is not a torch device: {e}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"device={device!r}: kvtier decodes on 'cpu' or 'cuda' devices")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}: CUDA is not available in this process")
+    return dev
 
 
 def lookup(keys: Sequence[str]) -> int:

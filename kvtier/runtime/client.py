@@ -38,7 +38,7 @@ from kvtier.block import Block
 from kvtier.codecs import compress
 from kvtier.config import TierConfig
 from kvtier.errors import BlockFormatError, KvtierError
-from kvtier.keys import check_keys
+from kvtier.keys import check_keys, tenant_key
 from kvtier.metrics import TierMetrics
 from kvtier.runtime.names import open_cold_store
 from kvtier.tiers.hot import HotTier, decode_block
@@ -56,13 +56,13 @@ def _keys(keys: Sequence[str]) -> list[str]:
 
 class Client:
     def __init__(self, controller, namespace: str, info: dict, hot_bytes: int | None = None,
-                 codec: str | None = None) -> None:
+                 codec: str | None = None, tenant: str | None = None) -> None:
         self.controller = controller
         self.namespace = namespace
         self.cfg = TierConfig.from_any(info["config"])
-        if hot_bytes is not None or codec is not None:
+        if hot_bytes is not None or codec is not None or tenant is not None:
             self.cfg = self.cfg.replace(hot_bytes=self.cfg.hot_bytes if hot_bytes is None else hot_bytes,
-                                        codec=codec or self.cfg.codec)
+                                        codec=codec or self.cfg.codec, tenant=self.cfg.tenant if tenant is None else tenant)
         self.timeout = self.cfg.rpc_timeout_s
         self.node_id = ray.get_runtime_context().get_node_id()
         self.hot = HotTier(self.cfg.hot_bytes)
@@ -76,9 +76,14 @@ class Client:
         self.metrics = TierMetrics("client")
         self._cold_transport = "s3" if self.cfg.cold_uri.startswith("s3://") else "file"
 
+    def _keys(self, keys: Sequence[str]) -> list[str]:
+        """Validated keys, bound to this client's tenant: every call below sees only tenant-bound keys,
+        so no tier can hand one tenant a block another tenant put under the same key."""
+        return [tenant_key(k, self.cfg.tenant) for k in _keys(keys)]
+
     # ---- put ------------------------------------------------------------
     def put(self, keys: Sequence[str], kvs: Sequence[torch.Tensor], codec: str | None = None) -> None:
-        keys = _keys(keys)
+        keys = self._keys(keys)
         if len(keys) != len(kvs):
             raise ValueError(f"put got {len(keys)} keys and {len(kvs)} tensors; they must pair up")
         codec = codec or self.cfg.codec
@@ -136,7 +141,7 @@ class Client:
 
     # ---- get ------------------------------------------------------------
     def get(self, keys: Sequence[str], device: str | torch.device | None = None) -> list[torch.Tensor | None]:
-        keys = _keys(keys)
+        keys = self._keys(keys)
         t0 = time.perf_counter()
         out: list[torch.Tensor | None] = [None] * len(keys)
         need = []
@@ -242,7 +247,7 @@ class Client:
 
     # ---- metadata -------------------------------------------------------
     def lookup(self, keys: Sequence[str]) -> int:
-        keys = _keys(keys)
+        keys = self._keys(keys)
         have = [k in self.hot for k in keys]
         lead = next((i for i, h in enumerate(have) if not h), len(keys))
         if lead == len(keys):
@@ -254,7 +259,7 @@ class Client:
             return lead
 
     def contains(self, key: str) -> bool:
-        (key,) = check_keys([key])
+        (key,) = self._keys(check_keys([key]))
         if key in self.hot:
             return True
         try:
@@ -265,7 +270,7 @@ class Client:
 
     def prefetch(self, keys: Sequence[str]) -> Future:
         """Pull ``keys`` into this process's hot tier in the background; the future gives how many arrived."""
-        keys = _keys(keys)
+        keys = self._keys(keys)
 
         def pull() -> int:
             missing = [k for k in keys if k not in self.hot]
@@ -277,7 +282,7 @@ class Client:
         return self._pool.submit(pull)
 
     def delete(self, keys: Sequence[str]) -> int:
-        keys = _keys(keys)
+        keys = self._keys(keys)
         n_hot = sum(self.hot.delete(k) for k in keys)
         try:
             return max(n_hot, int(ray.get(self.controller.delete.remote(keys), timeout=self.timeout)))
@@ -295,7 +300,7 @@ class Client:
         if self.cold is not None:
             cs = self.cold.stats()
             out["cold"].update({f"client_{k}": cs[k] for k in ("corrupt", "errors") if k in cs})
-        out["client"] = dict(self.counters, node_id=self.node_id, namespace=self.namespace)
+        out["client"] = dict(self.counters, node_id=self.node_id, namespace=self.namespace, tenant=self.cfg.tenant)
         return {k: out[k] for k in ("hot", "warm", "cold", "shards", "controller", "client", "keys", "leases") if k in out}
 
     # ---- helpers --------------------------------------------------------
