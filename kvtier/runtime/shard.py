@@ -49,6 +49,7 @@ class Shard:
         self._controller = None
         self._lock = threading.Lock()
         self.errors = 0
+        self.last_error = ""  # in stats(): the log says it once per 10 s, stats always say the latest
         self._last_log = 0.0
         self.metrics = TierMetrics("shard", shard=shard_id)
         self._usage()
@@ -59,7 +60,8 @@ class Shard:
 
     def stats(self) -> dict[str, Any]:
         out = self.store_.stats()
-        out.update(id=self.id, node_id=self.node_id, incarnation=self.incarnation, errors=self.errors)
+        out.update(id=self.id, node_id=self.node_id, incarnation=self.incarnation, errors=self.errors,
+                   last_error=self.last_error)
         return out
 
     def inventory(self) -> dict[str, Any]:
@@ -157,6 +159,7 @@ class Shard:
 
     def _error(self, msg: str) -> None:
         self.errors += 1
+        self.last_error = msg[:500]
         now = time.monotonic()
         if now - self._last_log > 10.0:  # at most one line per 10 s: an S3 outage would flood the log
             self._last_log = now
