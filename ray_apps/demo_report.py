@@ -66,7 +66,8 @@ def _tier_rows(p: dict, d: dict) -> list[list[str]]:
 TIER_COLUMNS = ("tier", "blocks", "bytes", "capacity", "hits", "misses", "evictions", "demotions")
 
 
-def summarize(rows: list, p: dict, d: dict, codec: str) -> str:
+def summarize(rows: list, p: dict, d: dict, codec: str, base: tuple[dict, dict] | None = None) -> str:
+    """The summary under the table; ``base``: the workers' stats before the workload (after the warm-up)."""
     hits = [r for r in rows if r.tier_tokens > 0]
     served, total = sum(r.tier_tokens for r in rows), sum(r.prompt_tokens for r in rows)
     same = sum(r.agree[0] for r in rows)
@@ -87,15 +88,19 @@ def summarize(rows: list, p: dict, d: dict, codec: str) -> str:
     kind = "exact codec: must be identical" if codec == "none" else "lossy codec; --codec none gives exact output"
     lines.append(f"greedy agreement with recompute (codec {codec}, {kind}): {exact}/{len(rows)} requests identical; "
                  f"{same}/{n} tokens identical before the first difference ({100 * same / max(n, 1):.0f}%)")
-    t = p.get("transfer", {})
-    lines.append(f"handoff: {t.get('transport')}: {t.get('published_blocks', 0)} blocks, "
-                 f"{t.get('published_bytes', 0) / 2**20:.1f} MiB published by prefill; "
-                 f"{d.get('transfer', {}).get('pulled_blocks', 0)} pulled by decode")
+    def moved(who: int, key: str) -> int:
+        now = (p, d)[who].get("transfer", {}).get(key, 0)
+        return now - (base[who].get("transfer", {}).get(key, 0) if base else 0)
+
+    lines.append(f"handoff: {p.get('transfer', {}).get('transport')}: {moved(0, 'published_blocks')} blocks, "
+                 f"{moved(0, 'published_bytes') / 2**20:.1f} MiB published by prefill; "
+                 f"{moved(1, 'pulled_blocks')} pulled by decode, {moved(1, 'missed_blocks')} missed")
     load = load_average()
     if load != "n/a" and float(load) > (os.cpu_count() or 1):
         lines.append(f"note: 1-minute load average {load} on {os.cpu_count()} cores: other processes shared the CPU, "
                      "so every time above is an upper bound")
-    lines.append("tier statistics (kvtier.stats() of each worker; warm and cold are shared):")
+    lines.append("tier statistics at the end (kvtier.stats() of each worker; warm and cold are shared; "
+                 "counters include the warm-up request):")
     table = [list(TIER_COLUMNS)] + _tier_rows(p, d)
     widths = [max(len(r[i]) for r in table) for i in range(len(TIER_COLUMNS))]
     lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
@@ -131,7 +136,7 @@ def write(out: Path, rows: list, p: dict, d: dict, summary: str, meta: dict[str,
           f"- tier: codec `{meta['codec']}`, {meta['chunk_tokens']}-token chunks of {meta['block_bytes'] / 2**20:.2f} "
           f"MiB; hot {meta['tier']['hot_bytes'] / 2**20:.1f} MiB per worker, warm "
           f"{meta['tier']['warm_bytes'] / 2**20:.1f} MiB over {meta['tier']['num_shards']} shards, cold "
-          f"`{meta['tier']['cold_uri']}`; handoff transport `{meta['transport']}`",
+          f"`{meta['tier']['cold_uri']}` (removed at the end); handoff transport `{meta['transport']}`",
           f"- text: {meta['text']}",
           f"- whole run: {meta['wall_s']:.0f} s; 1-minute load average {meta['load_start']} at the start, "
           f"{load_average()} at the end ({os.cpu_count()} cores: above that, other processes shared the cores "

