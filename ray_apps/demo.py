@@ -34,10 +34,11 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from ray_apps import demo_report
+from ray_apps.demo_report import Row
 from ray_apps.workers import DecodeWorker, PrefillWorker
 
 EVAL_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval-text"
@@ -73,38 +74,6 @@ class Plan:
 
 
 QUICK = Plan(chunk_tokens=32, snippet_tokens=60, doc_tokens=160, turns=2, questions=2, max_tokens=6)
-
-
-@dataclass
-class Row:
-    """One measured request."""
-
-    name: str
-    prompt_tokens: int
-    tier_tokens: int
-    prefill_from: dict[str, int]
-    decode_from: dict[str, int]
-    handoff_chunks: int
-    ttft_ms: float
-    recompute_ms: float
-    decode_tps: float
-    ratio: float | None
-    tokens: list[int] = field(default_factory=list)
-    recompute_tokens: list[int] = field(default_factory=list)
-    text: str = ""
-    transport: str | None = None
-    stages_ms: dict[str, float] = field(default_factory=dict)  # where the kvtier TTFT went (results.json)
-
-    @property
-    def agree(self) -> tuple[int, int]:
-        """(greedy tokens identical to recompute's before the first difference, tokens generated):
-        after a difference the two continue from different text, so later matches mean little."""
-        same = 0
-        for a, b in zip(self.tokens, self.recompute_tokens):
-            if a != b:
-                break
-            same += 1
-        return same, max(len(self.tokens), len(self.recompute_tokens))
 
 
 class DemoDecode(DecodeWorker):
@@ -357,7 +326,6 @@ def _run(a: argparse.Namespace, plan: Plan, out: Path, started: float, command: 
     import kvtier
     from kvtier.hf import kv_layout
     from kvtier.model import load_model, model_id_for
-    from ray_apps import demo_report
 
     say = lambda msg: print(msg, flush=True)  # noqa: E731
     if ray.is_initialized():

@@ -1,8 +1,9 @@
-"""What ``kvtier demo`` prints and writes: the per-request table, the summary
-with tier statistics, ``report.md``, ``ttft.png`` and ``results.json``.
+"""What ``kvtier demo`` records, prints and writes: ``Row`` (one measured
+request), the per-request table, the summary with tier statistics,
+``report.md``, ``ttft.png`` and ``results.json``.
 
-Every figure comes from a ``ray_apps.demo.Row`` measured in the run or from
-the workers' ``stats()`` at its end; nothing here measures or runs anything.
+Every figure comes from a ``Row`` measured by ``ray_apps.demo`` or from the
+workers' ``stats()`` at the end of the run; nothing here measures or runs anything.
 """
 
 from __future__ import annotations
@@ -13,8 +14,42 @@ import math
 import os
 import platform
 import statistics
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+@dataclass
+class Row:
+    """One measured request."""
+
+    name: str
+    prompt_tokens: int
+    tier_tokens: int
+    prefill_from: dict[str, int]
+    decode_from: dict[str, int]
+    handoff_chunks: int
+    ttft_ms: float
+    recompute_ms: float
+    decode_tps: float
+    ratio: float | None
+    tokens: list[int] = field(default_factory=list)
+    recompute_tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    transport: str | None = None
+    stages_ms: dict[str, float] = field(default_factory=dict)  # where the kvtier TTFT went (results.json)
+
+    @property
+    def agree(self) -> tuple[int, int]:
+        """(greedy tokens identical to recompute's before the first difference, tokens generated):
+        after a difference the two continue from different text, so later matches mean little."""
+        same = 0
+        for a, b in zip(self.tokens, self.recompute_tokens):
+            if a != b:
+                break
+            same += 1
+        return same, max(len(self.tokens), len(self.recompute_tokens))
+
+
 
 COLUMNS = (("#", 2), ("request", 22), ("prompt", 6), ("from tier", 9), ("prefill read", 12), ("decode read", 12),
            ("handoff", 7), ("TTFT kvtier", 11), ("recompute", 9), ("speedup", 7), ("tok/s", 6), ("ratio", 6),
