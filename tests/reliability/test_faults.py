@@ -209,8 +209,15 @@ def test_prefill_worker_dies_mid_transfer_leaks_no_block_or_pin(cluster, tmp_pat
         assert kvtier.stats()["leases"] >= 1
         t_kill = time.monotonic()
         ray.kill(actor, no_restart=True)  # dies holding a handoff lease and a pin
-        with pytest.raises(ray.exceptions.RayActorError):  # ray.kill is asynchronous: wait until it is gone
-            ray.get(actor.ping.remote(), timeout=60)
+
+        def dead() -> bool:  # ray.kill is asynchronous: a call may still be answered just after it
+            try:
+                ray.get(actor.ping.remote(), timeout=10)
+                return False
+            except ray.exceptions.RayActorError:
+                return True
+
+        wait_for(dead, timeout=60, what="the prefill actor gone")
 
         sink = ObjectStoreTransport()
         t0 = time.monotonic()
