@@ -24,7 +24,6 @@ from __future__ import annotations
 import ast
 import json
 import logging
-import os
 import uuid
 from pathlib import Path
 
