@@ -165,8 +165,11 @@ def settled(one: int, warm_blocks: int, cold_blocks: int):
     def ok():
         s = kvtier.stats()
         held = sum(x.get("bytes", 0) for x in s["shards"])
+        # the shard drops a demoted block before its report reaches the controller: wait for the
+        # reports too, or a count read in between is one demotion short
+        reported = s["warm"]["demotions"] + s["warm"]["dropped"] >= s["warm"]["evictions"]
         return (s["warm"]["blocks"] == warm_blocks and s["cold"]["blocks"] == cold_blocks
-                and held == warm_blocks * one and s) or None
+                and held == warm_blocks * one and reported and s) or None
     return wait_for(ok, what=f"{warm_blocks} warm and {cold_blocks} cold blocks")
 
 
