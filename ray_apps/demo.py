@@ -66,14 +66,15 @@ class Plan:
     """Sizes of one demo run (the full default run, or the tiny ``--quick`` one)."""
 
     chunk_tokens: int = 128     # 128: the chat's second turn (~450 tokens) already reuses 3 chunks
-    snippet_tokens: int = 200   # tutorial text pasted per chat turn: 5 turns reach ~1.2K tokens
+    first_tokens: int = 512     # the user pastes a long section first ...
+    snippet_tokens: int = 128   # ... then shorter ones: 5 turns reach ~1.3K tokens, each adding ~150
     doc_tokens: int = 1536      # the shared document: 12 chunks of 128
     turns: int = 5
     questions: int = 4
     max_tokens: int = 24        # ~1 s of decode per request on 2 cores
 
 
-QUICK = Plan(chunk_tokens=32, snippet_tokens=60, doc_tokens=160, turns=2, questions=2, max_tokens=6)
+QUICK = Plan(chunk_tokens=32, first_tokens=64, snippet_tokens=32, doc_tokens=160, turns=2, questions=2, max_tokens=6)
 
 
 class DemoDecode(DecodeWorker):
@@ -134,13 +135,15 @@ def load_texts(tok, plan: Plan) -> tuple[list[str], str, str]:
             continue
         cur.append(para.strip("\n"))
         n += len(tok(para)["input_ids"])
-        if n >= plan.snippet_tokens:
-            snippets.append(_first_tokens(tok, "\n\n".join(cur), plan.snippet_tokens))
+        want = plan.snippet_tokens if snippets else plan.first_tokens
+        if n >= want:
+            snippets.append(_first_tokens(tok, "\n\n".join(cur), want))
             cur, n = [], 0
         if len(snippets) == plan.turns:
             break
     if len(snippets) < plan.turns:
-        raise RuntimeError(f"the chat text has only {len(snippets)} parts of {plan.snippet_tokens} tokens; "
+        raise RuntimeError(f"the chat text has only {len(snippets)} parts of {plan.first_tokens} then "
+                           f"{plan.snippet_tokens} tokens; "
                            f"--turns {plan.turns} needs more")
     return snippets, _first_tokens(tok, doc_src, plan.doc_tokens), where
 
@@ -245,7 +248,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _plan(a: argparse.Namespace) -> Plan:
     base = QUICK if a.quick else Plan()
-    plan = Plan(chunk_tokens=a.chunk_tokens or base.chunk_tokens, snippet_tokens=base.snippet_tokens,
+    plan = Plan(chunk_tokens=a.chunk_tokens or base.chunk_tokens, first_tokens=base.first_tokens,
+                snippet_tokens=base.snippet_tokens,
                 doc_tokens=base.doc_tokens, turns=base.turns if a.turns is None else a.turns,
                 questions=base.questions if a.questions is None else a.questions,
                 max_tokens=a.max_tokens or base.max_tokens)

@@ -56,11 +56,11 @@ class WordTokenizer:
 def test_texts_fall_back_to_stdlib_sources_without_the_shared_folder(monkeypatch, tmp_path):
     import ray_apps.demo as demo
 
-    plan = demo.Plan(snippet_tokens=50, doc_tokens=300, turns=3)
+    plan = demo.Plan(first_tokens=80, snippet_tokens=50, doc_tokens=300, turns=3)
     monkeypatch.setattr(demo, "EVAL_TEXT", tmp_path / "absent")
     snippets, doc, where = demo.load_texts(WordTokenizer(), plan)
     assert "textwrap.py" in where and "argparse.py" in where
-    assert len(snippets) == 3 and all(len(s.split()) == 50 for s in snippets)
+    assert [len(s.split()) for s in snippets] == [80, 50, 50]
     assert len(doc.split()) == 300 and len(set(snippets)) == 3
     with pytest.raises(RuntimeError, match="--turns 8"):  # 8 parts of 5000 words: more text than textwrap.py has
         demo.load_texts(WordTokenizer(), demo.Plan(snippet_tokens=5000, turns=8))
