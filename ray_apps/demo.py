@@ -9,8 +9,9 @@ them into kvtier, decode gets the cached prefix from the tier and the new
 chunks through the transfer — NIXL where it starts, else the object store),
 and SmolLM2-135M (``kvtier.model``). Then a workload a serving team sees:
 
-  * a chat whose history grows turn by turn (the user pastes parts of the
-    Python tutorial; every prompt holds the whole history, so earlier chunks hit),
+  * a chat whose history grows turn by turn (the user pastes a section of the
+    Python tutorial, then shorter parts; every prompt holds the whole history,
+    so earlier chunks hit),
   * several questions over one shared long document (its chunks hit),
   * the chat resumed after the document questions (its chunks were demoted:
     hits from the warm and cold tiers).

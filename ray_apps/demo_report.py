@@ -59,8 +59,9 @@ NOTES = ("prompt: prompt tokens; from tier: prompt tokens whose KV came from kvt
          "handoff: new chunks the prefill worker computed and handed to the decode worker through the transfer; "
          "TTFT kvtier: prefill call + decode call until the first token, as the client sees it; recompute: a full "
          "prefill of the same tokens with no cache in the decode worker's process, then its first token; "
-         "tok/s: decode tokens per second after the first; ratio: raw KV bytes / stored block bytes of the "
-         "chunks put by this request; agree: greedy tokens identical to recompute's up to the first difference.")
+         "tok/s: decode tokens per second after the first; ratio: raw KV bytes (in the model's dtype: fp32 on CPU, "
+         "so twice a bf16 ratio) / stored block bytes of the chunks put by this request, every header and scale "
+         "counted; agree: greedy tokens identical to recompute's up to the first difference.")
 
 
 def _src(d: dict[str, int]) -> str:
