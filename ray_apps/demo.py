@@ -49,16 +49,10 @@ EVAL_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval-text
 # chunks are demoted to cold while the document is asked about, and the resumed
 # chat reads them back from there.
 HOT_CHUNKS, WARM_CHUNKS, SHARDS = 16, 16, 2
-QUESTIONS = (
-    "What is the main topic of this document?",
-    "Which two terms does the document define first?",
-    "What example does the document give?",
-    "Summarize the document in one sentence.",
-    "What should a beginner remember from it?",
-    "What does the document warn about?",
-    "Which Python feature does it explain?",
-    "Who is this document written for?",
-)
+QUESTIONS = ("What is the main topic of this document?", "Which two terms does the document define first?",
+             "What example does the document give?", "Summarize the document in one sentence.",
+             "What should a beginner remember from it?", "What does the document warn about?",
+             "Which Python feature does it explain?", "Who is this document written for?")
 MAX_TURNS = 8
 
 
@@ -144,8 +138,7 @@ def load_texts(tok, plan: Plan) -> tuple[list[str], str, str]:
             break
     if len(snippets) < plan.turns:
         raise RuntimeError(f"the chat text has only {len(snippets)} parts of {plan.first_tokens} then "
-                           f"{plan.snippet_tokens} tokens; "
-                           f"--turns {plan.turns} needs more")
+                           f"{plan.snippet_tokens} tokens; --turns {plan.turns} needs more")
     return snippets, _first_tokens(tok, doc_src, plan.doc_tokens), where
 
 
