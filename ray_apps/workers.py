@@ -162,7 +162,7 @@ class _ModelWorker:
         logits = None
         if upto > start:
             out = self.model(input_ids=torch.tensor([ids[start:upto]], device=self.device), past_key_values=cache,
-                             use_cache=True)
+                             use_cache=True, logits_to_keep=1)  # only the last position's logits are used: ~20% of prefill
             logits = out.logits[0, -1]
             self.counters["computed_tokens"] += upto - start
         return cache, logits
