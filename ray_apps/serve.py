@@ -142,26 +142,30 @@ class Ingress:
             self._info = await self.prefill.info.remote()
         return self._info
 
+    def _denied(self, request: Request) -> JSONResponse | None:
+        """The 401 answer for a request without the bearer token, or None when it may pass."""
+        try:
+            check_auth(request.headers.get("authorization"), self.token)
+        except APIError as e:
+            return _error(e)
+        return None
+
     @api.get("/health")
     async def health(self) -> dict[str, str]:
         return {"status": "ok"}
 
     @api.get("/v1/models")
     async def models(self, request: Request):
-        try:
-            check_auth(request.headers.get("authorization"), self.token)
-        except APIError as e:
-            return _error(e)
+        if (denied := self._denied(request)) is not None:
+            return denied
         info = await self.info()
         return {"object": "list", "data": [{"id": info["model"], "object": "model", "created": 0, "owned_by": "kvtier",
                                             "max_model_len": info["max_positions"]}]}
 
     @api.get("/kvtier/stats")
     async def stats(self, request: Request):
-        try:
-            check_auth(request.headers.get("authorization"), self.token)
-        except APIError as e:
-            return _error(e)
+        if (denied := self._denied(request)) is not None:
+            return denied
         prefill, decode = await asyncio.gather(self.prefill.stats.remote(), self.decode.stats.remote())
         return {"ingress": dict(self.counters), "limits": dataclasses.asdict(self.limits), "prefill": prefill,
                 "decode": decode}
