@@ -17,7 +17,7 @@ unpickles it). Every array a shard takes must be a 1-D uint8 buffer that parses
 as a block of its key; anything else is refused with an error naming it.
 
 Budgets hold under load: a promotion is taken only while the shard is within its
-budget and holds no copy of the key (one it holds may be newer), and a put waits
+budget (not while demotions still drain it) and holds no copy of the key (one it holds may be newer), and a put waits
 (at most ``ADMIT_WAIT_S``) for the demotions the controller ordered to bring the
 shard back within budget before it answers, so writers slow down instead of
 growing the shard past its budget.
@@ -124,8 +124,10 @@ class Shard:
         with self._reg_lock:
             items, idx = [], []
             for i, (key, arr) in enumerate(zip(keys, arrays)):
-                if versions[i] and (key in self.store_ or self.store_.bytes + arr.nbytes > self.store_.capacity > 0):
-                    self.refused += 1  # a copy here may be newer; over budget a promotion only adds pressure
+                if versions[i] and (key in self.store_ or self.store_.bytes > self.store_.capacity > 0):
+                    # a copy here may be newer; over budget (demotions still draining) a promotion only adds
+                    # pressure: one within budget may go one batch over, which the controller's order undoes
+                    self.refused += 1
                     continue
                 ref = ray.put(np.asarray(arr))  # copy out of the caller's argument into an object this shard owns
                 items.append(self.store_.add(key, arr.nbytes, ref, versions[i]))
