@@ -137,7 +137,7 @@ class Client:
             if self._promoting and len(ray.wait(self._promoting, num_returns=len(self._promoting), timeout=0)[0]) \
                     < len(self._promoting):
                 return [0] * len(keys)  # one promotion batch at a time: a reader must not flood the shards
-            self._promoting = list(self._store(keys, wires, versions).values())
+            self._promoting = [ref for ref, _ in self._store(keys, wires, versions).values()]
             self.counters["promotions"] += len(keys)
             return versions
         out = [0] * len(keys)
