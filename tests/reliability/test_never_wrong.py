@@ -178,8 +178,15 @@ def test_8_a_controller_restarted_or_replaced_is_found_again(ray_session, tmp_pa
         wait_for(lambda: _answers(ns), timeout=90, what="the restarted controller")
         assert same(kvtier.get(k[0]), kv_of("s8", 0)), "rebuilt from the shard's inventory"
         ray.kill(controller(ns), no_restart=True)  # gone for good: the client makes it again by name
-        kvtier.put(k[1], kv_of("s8", 1))
-        assert same(kvtier.get(k[1]), kv_of("s8", 1))
+        deadline = time.monotonic() + 90
+        while True:  # while the new controller starts, a put may raise; once one returns, it is stored
+            try:
+                kvtier.put(k[1], kv_of("s8", 1))
+                break
+            except kvtier.KvtierError:
+                assert time.monotonic() < deadline, "the replaced controller never came back"
+                time.sleep(1.0)
+        assert same(kvtier.get(k[1]), kv_of("s8", 1)), "a put that returned is readable"
 
 
 def _answers(ns: str) -> bool:
