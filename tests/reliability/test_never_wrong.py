@@ -9,6 +9,7 @@ Every wait is bounded.
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -249,7 +250,10 @@ def test_11_shard_memory_stays_near_its_budget_under_load(ray_session, tmp_path)
 
 def test_12_embedded_init_starts_its_own_ray_beside_another(ray_session, tmp_path):
     # another Ray "started with the default temp dir": its address file where ray.init() looks first
-    tmpdir = tmp_path / "rt"
+    import pathlib
+    import tempfile
+
+    tmpdir = pathlib.Path(tempfile.mkdtemp(prefix="kvt9", dir="/tmp"))  # short: Ray's socket paths must fit 107 chars
     (tmpdir / "ray").mkdir(parents=True)
     (tmpdir / "ray" / "ray_current_cluster").write_text(ray_session)
     env = dict(subprocess_env(), RAY_TMPDIR=str(tmpdir), KVTIER_HOME=str(tmp_path / "home"))
@@ -258,7 +262,8 @@ def test_12_embedded_init_starts_its_own_ray_beside_another(ray_session, tmp_pat
             "k = kvtier.chunk_keys(list(range(256)), 'm'); x = torch.randn(2, 2, 2, 256, 8);"
             "kvtier.put(k, [x]); assert torch.equal(kvtier.get(k)[0], x); assert info['embedded']; kvtier.shutdown();"
             "print('EMBEDDED-OK')")
-    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_DIR, capture_output=True, text=True, timeout=240)
+    r = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO_DIR, capture_output=True, text=True, timeout=300)
+    shutil.rmtree(tmpdir, ignore_errors=True)
     assert "EMBEDDED-OK" in r.stdout, r.stderr[-2000:]
 
 
