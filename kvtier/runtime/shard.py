@@ -119,7 +119,7 @@ class Shard:
                 raise ValueError(f"store: value #{i} is not a block of key {str(key)[:40]!r}: {e}") from None
         promotion = any(versions)
         if not promotion:
-            self._admit(sum(a.nbytes for a in arrays))
+            self._admit()
         out = [0] * len(keys)
         with self._reg_lock:
             items, idx = [], []
@@ -170,12 +170,12 @@ class Shard:
                               f"({type(err).__name__}); the put did not store them") from None
         return [0] * len(items)
 
-    def _admit(self, incoming: int) -> None:
-        """Wait (bounded) while earlier demotions are still bringing this shard back within budget."""
+    def _admit(self) -> None:
+        """Wait (bounded) while earlier demotions are still bringing this shard back within budget. Not for
+        room for this put: the controller orders the demotions that make it only once the put registers."""
         cap = self.store_.capacity
-        if not cap or self.store_.bytes + incoming <= cap:
-            return
-        self._wait_for(lambda: self.store_.bytes + incoming <= cap)
+        if cap and self.store_.bytes > cap:
+            self._wait_for(lambda: self.store_.bytes <= cap)
 
     def _backpressure(self) -> None:
         """Answer a put only once the demotions it caused have made room (bounded)."""
