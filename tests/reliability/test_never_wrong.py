@@ -267,6 +267,16 @@ def test_12_embedded_init_starts_its_own_ray_beside_another(ray_session, tmp_pat
     assert "EMBEDDED-OK" in r.stdout, r.stderr[-2000:]
 
 
+def test_14_meta_and_sparse_tensors_are_named(ray_session):
+    with tier():
+        k = keys_of("s14", 1)[0]
+        with pytest.raises(ValueError, match="kv is a meta tensor"):
+            kvtier.put(k, torch.empty(2, 2, 2, 16, 8, device="meta"))
+        with pytest.raises(ValueError, match="kv has layout torch.sparse_coo"):
+            kvtier.put(k, torch.zeros(2, 2, 2, 16, 8).to_sparse())
+        assert kvtier.lookup([k]) == 0
+
+
 @pytest.mark.parametrize("cmd", ["status", "start"])
 def test_15_status_and_start_without_a_ray_say_what_to_do(cmd):
     argv = [sys.executable, "-m", "kvtier.cli", cmd, "--address", "127.0.0.1:1"] + (["--once"] if cmd == "start" else [])
