@@ -263,7 +263,7 @@ class RayTier:
     def _where(self, keys) -> list:
         import ray
 
-        return ray.get(self.client.controller.where.remote(keys), timeout=60)
+        return ray.get(self.client.controller.where.remote(self.client._keys(keys)), timeout=60)  # tenant-bound keys
 
     def _wait(self, keys, want: str, what: str) -> None:
         end = time.monotonic() + 120
@@ -284,7 +284,7 @@ class RayTier:
         if tier == "cold":
             import ray
 
-            ray.get(self.client.controller.forget.remote(list(keys), []), timeout=60)  # drop warm, keep cold
+            ray.get(self.client.controller.forget.remote(self.client._keys(keys), []), timeout=60)  # drop warm, keep cold
             self._wait(keys, "cold", "warm copies were not dropped")
             drop_page_cache(self.cold_root)
         self.promotions = self.client.counters["promotions"]

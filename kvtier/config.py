@@ -134,8 +134,9 @@ class TierConfig:
                 if "endpoint_override" in opts and self.s3_endpoint:
                     raise ValueError(f"cold_uri names endpoint_override={opts['endpoint_override']!r} and "
                                      f"s3_endpoint={self.s3_endpoint!r} is set too; give one of them")
-            elif "?" in self.cold_uri:
-                raise ValueError(f"cold_uri={self.cold_uri!r}: URI parameters are supported for s3:// only")
+
+        if "?" in self.cold_uri and not self.cold_uri.lower().startswith("s3://"):
+            raise ValueError(f"cold_uri={self.cold_uri!r}: URI parameters are supported for s3:// only")
         if not isinstance(self.tenant, str) or not re.fullmatch(r"[A-Za-z0-9._-]{0,64}", self.tenant):
             raise ValueError(f"tenant={self.tenant!r} must be up to 64 characters of letters, digits, '.', '_' or '-'")
         if (not isinstance(self.rpc_timeout_s, (int, float)) or isinstance(self.rpc_timeout_s, bool)

@@ -273,6 +273,42 @@ def tenant_of(header: str | None, default: str = "") -> str:
     return header
 
 
+def tenant_tokens(spec: str | None) -> dict[str, str]:
+    """``"token1=tenant-a,token2=tenant-b"`` (``$KVTIER_TENANT_TOKENS``) -> {token: tenant}. Each bearer
+    token is the credential of one tenant; a token shorter than 16 characters is refused by name."""
+    out: dict[str, str] = {}
+    for i, item in enumerate(x for x in (spec or "").split(",") if x.strip()):
+        token, sep, tenant = item.strip().rpartition("=")
+        if not sep or len(token) < 16 or not _TENANT_RE.fullmatch(tenant):
+            raise ValueError(f"KVTIER_TENANT_TOKENS entry #{i} must be <token of 16+ characters>=<tenant>, "
+                             f"tenant of letters, digits, '.', '_', '-' (got tenant {tenant[:64]!r})")
+        if token in out:
+            raise ValueError(f"KVTIER_TENANT_TOKENS entry #{i}: a token is given twice")
+        out[token] = tenant
+    return out
+
+
+def bound_tenant(authorization: str | None, header: str | None, tokens: dict[str, str], default: str = "") -> str:
+    """The caller's tenant, bound to its credential: with ``tokens``, the bearer token names the tenant
+    (401 for an unknown one) and a ``X-KVTier-Tenant`` header may only repeat it (403 otherwise); without
+    ``tokens`` every caller is the default tenant and a header naming another tenant is a 403, since a
+    self-declared tenant would let any caller read (and learn ``cached_tokens`` of) another's blocks."""
+    claimed = tenant_of(header, default)
+    if tokens:
+        scheme, _, given = (authorization or "").partition(" ")
+        tenant = next((t for tok, t in tokens.items() if hmac.compare_digest(given.strip().encode(), tok.encode())), None)
+        if scheme.lower() != "bearer" or tenant is None:
+            raise APIError(401, "missing or invalid bearer token (send 'Authorization: Bearer <token>')",
+                           type="authentication_error", code="invalid_api_key")
+    else:
+        tenant = default
+    if header is not None and claimed != tenant:
+        raise APIError(403, f"header {TENANT_HEADER}={header[:64]!r} names a tenant this credential is not bound to "
+                       "(tenants are bound to bearer tokens by KVTIER_TENANT_TOKENS)", param=TENANT_HEADER,
+                       type="permission_error", code="tenant_not_allowed")
+    return tenant
+
+
 # ---- responses ----------------------------------------------------------------
 def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict[str, Any]:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

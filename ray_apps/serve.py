@@ -22,7 +22,9 @@ App args (a dict; strings from ``serve run`` are converted): ``tier`` (alias
 ``prefill_replicas``, ``decode_replicas``, ``ingress_replicas``, ``num_cpus``
 and ``num_gpus`` per worker replica, ``limits`` (dict, see
 ``openai_api.Limits``), ``api_token`` (else ``$KVTIER_API_TOKEN``),
-``tenant`` (default tenant), ``host``/``port`` (used by ``kvtier serve``).
+``tenant`` (default tenant), ``tenant_tokens`` (else ``$KVTIER_TENANT_TOKENS``:
+``token=tenant,...``; a caller's tenant is the one its bearer token is bound to, and
+without a map every caller is the default tenant), ``host``/``port`` (used by ``kvtier serve``).
 """
 
 # no ``from __future__ import annotations``: FastAPI must see the real Request type under @serve.ingress
@@ -42,8 +44,9 @@ from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ray_apps.openai_api import (_TENANT_RE, DONE, TENANT_HEADER, APIError, Limits, Request as ApiRequest, check_auth, chunk,
-                                 parse_body, parse_chat, parse_completion, response, sse, tenant_of, usage)
+from ray_apps.openai_api import (_TENANT_RE, DONE, TENANT_HEADER, APIError, Limits, Request as ApiRequest, bound_tenant,
+                                 check_auth, chunk, parse_body, parse_chat, parse_completion, response, sse,
+                                 tenant_tokens, usage)
 
 log = logging.getLogger(__name__)
 api = FastAPI(title="kvtier", docs_url=None, redoc_url=None)
@@ -53,7 +56,7 @@ _INT_KEYS = ("prefill_replicas", "decode_replicas", "ingress_replicas", "port", 
 _FLOAT_KEYS = ("num_cpus", "num_gpus")
 DEFAULTS: dict[str, Any] = {"prefill_replicas": 1, "decode_replicas": 1, "ingress_replicas": 1, "num_cpus": 1.0,
                             "num_gpus": 0.0, "host": "127.0.0.1", "port": 8000, "api_token": None, "tenant": "",
-                            "limits": None, "tier": None}
+                            "tenant_tokens": None, "limits": None, "tier": None}
 
 
 def settings_from_args(args: dict[str, Any] | None) -> dict[str, Any]:
@@ -99,6 +102,8 @@ def settings_from_args(args: dict[str, Any] | None) -> dict[str, Any]:
     s["api_token"] = s["api_token"] or os.environ.get("KVTIER_API_TOKEN") or None
     if s["api_token"] is not None and (not isinstance(s["api_token"], str) or len(s["api_token"]) < 8):
         raise ValueError("app arg api_token must be a string of at least 8 characters")
+    s["tenant_tokens"] = s["tenant_tokens"] or os.environ.get("KVTIER_TENANT_TOKENS") or None
+    tenant_tokens(s["tenant_tokens"])  # a bad map is named at startup, not at the first request
     return s
 
 
@@ -133,6 +138,8 @@ class Ingress:
         self.limits = Limits.from_any(settings["limits"])
         self.token = settings.get("api_token") or os.environ.get("KVTIER_API_TOKEN") or None
         self.tenant = settings.get("tenant", "")
+        # bearer token -> tenant: a caller's tenant is the one its token is bound to, never a header's claim
+        self.tenant_tokens = tenant_tokens(settings.get("tenant_tokens") or os.environ.get("KVTIER_TENANT_TOKENS"))
         self._info: dict[str, Any] | None = None
         self.counters = {"requests": 0, "rejected": 0, "choices": 0, "prompt_tokens": 0, "cached_tokens": 0,
                          "completion_tokens": 0, "prefill_failures": 0, "handed_off_chunks": 0, "recomputed_chunks": 0}
@@ -195,8 +202,10 @@ class Ingress:
     async def _handle(self, request: Request, chat: bool):
         self.counters["requests"] += 1
         try:
-            check_auth(request.headers.get("authorization"), self.token)
-            tenant = tenant_of(request.headers.get(TENANT_HEADER), self.tenant)
+            if not self.tenant_tokens:  # with a token -> tenant map, the tenant's token is the credential
+                check_auth(request.headers.get("authorization"), self.token)
+            tenant = bound_tenant(request.headers.get("authorization"), request.headers.get(TENANT_HEADER),
+                                  self.tenant_tokens, self.tenant)
             body = parse_body(await self._read(request), self.limits)
             served = (await self.info())["model"]
             req = (parse_chat if chat else parse_completion)(body, self.limits, served)

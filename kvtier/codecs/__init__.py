@@ -90,6 +90,10 @@ def validate_kv(kv: Any) -> None:
     """Raise a clear error for anything that is not a finite 5-d float KV chunk."""
     if not isinstance(kv, torch.Tensor):
         raise TypeError(f"kv must be a torch.Tensor, not {type(kv).__name__}")
+    if kv.layout != torch.strided:  # sparse/mkldnn: torch's own errors (aten::amax) would not name kv
+        raise ValueError(f"kv has layout {kv.layout}; expected a dense tensor (call kv.to_dense())")
+    if kv.is_meta:
+        raise ValueError(f"kv is a meta tensor (shape {tuple(kv.shape)}, no data); pass a tensor that holds values")
     if kv.dim() != 5:
         raise ValueError(f"kv has {kv.dim()} dims, expected 5: [layers, 2, kv_heads, tokens, head_dim]; got shape {tuple(kv.shape)}")
     if kv.shape[1] != 2:

@@ -83,7 +83,7 @@ class Client:
         self._promoting: list = []  # the promotion batch in flight: at most one (admission, item 11 of issue 9)
         self._reconnected = 0.0
         self.counters = {"puts": 0, "gets": 0, "errors": 0, "corrupt": 0, "lost": 0, "promotions": 0,
-                         "put_bytes": 0, "raw_put_bytes": 0}
+                         "foreign_model": 0, "put_bytes": 0, "raw_put_bytes": 0}
         self._last_log = 0.0
         self.metrics = TierMetrics("client")
         self._cold_transport = "s3" if self.cfg.cold_uri.startswith("s3://") else "file"
@@ -137,7 +137,7 @@ class Client:
             if self._promoting and len(ray.wait(self._promoting, num_returns=len(self._promoting), timeout=0)[0]) \
                     < len(self._promoting):
                 return [0] * len(keys)  # one promotion batch at a time: a reader must not flood the shards
-            self._promoting = list(self._store(keys, wires, versions).values())
+            self._promoting = [ref for ref, _ in self._store(keys, wires, versions).values()]
             self.counters["promotions"] += len(keys)
             return versions
         out = [0] * len(keys)
@@ -248,7 +248,11 @@ class Client:
                     data = datas[j] if datas is not None else ray.get(ref, timeout=0.001)
                     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 1):
                         raise BlockFormatError(f"warm value is a {type(data).__name__}, not a 1-D uint8 block buffer")
-                    found[key] = Block.from_arrow(pa.py_buffer(data), expect_key=key, expect_model=self.model)
+                    block = Block.from_arrow(pa.py_buffer(data), expect_key=key)
+                    if block.model != self.model:
+                        self._foreign(key, block.model)  # another model's block: a miss, not corrupt
+                        continue
+                    found[key] = block
                     self.metrics.transfer("object_store", data.nbytes)
                 except ray.exceptions.GetTimeoutError:
                     self._error(f"warm copy of {key[:16]} did not arrive within {self.timeout}s")
@@ -264,7 +268,7 @@ class Client:
                 if key in found or loc is None or not loc[3]:
                     continue
                 try:
-                    block = self.cold.get(key, expect_model=self.model, version=loc[4])
+                    block = self.cold.get(key, version=loc[4])  # no expect_model: the store would delete it
                 except (KvtierError, OSError) as e:
                     self._error(f"cold read of {key[:16]} failed: {type(e).__name__}: {e}")
                     continue
@@ -274,6 +278,9 @@ class Client:
                     if loc[2] is None and lease and self.cold.available():
                         cold_lost.append(key)
                         cold_lost_v.append(loc[4])
+                    continue
+                if block.model != self.model:
+                    self._foreign(key, block.model)
                     continue
                 found[key] = block
                 self.metrics.transfer(self._cold_transport, block.nbytes)
@@ -387,6 +394,11 @@ class Client:
     def _hot_usage(self) -> None:
         h = self.hot.stats()
         self.metrics.tier_usage("hot", h["blocks"], h["bytes"], h["capacity_bytes"])
+
+    def _foreign(self, key: str, model: str) -> None:
+        """A valid block of another model under this key: a miss, counted; the block stays (it is its owner's)."""
+        self.counters["foreign_model"] += 1
+        self._error(f"block {key[:16]} belongs to model {model!r}, this client reads {self.model!r}: a miss")
 
     def _corrupt(self, key: str, where: str, e: Exception) -> None:
         self.counters["corrupt"] += 1

@@ -17,7 +17,7 @@ unpickles it). Every array a shard takes must be a 1-D uint8 buffer that parses
 as a block of its key; anything else is refused with an error naming it.
 
 Budgets hold under load: a promotion is taken only while the shard is within its
-budget and holds no copy of the key (one it holds may be newer), and a put waits
+budget (not while demotions still drain it) and holds no copy of the key (one it holds may be newer), and a put waits
 (at most ``ADMIT_WAIT_S``) for the demotions the controller ordered to bring the
 shard back within budget before it answers, so writers slow down instead of
 growing the shard past its budget.
@@ -119,13 +119,15 @@ class Shard:
                 raise ValueError(f"store: value #{i} is not a block of key {str(key)[:40]!r}: {e}") from None
         promotion = any(versions)
         if not promotion:
-            self._admit(sum(a.nbytes for a in arrays))
+            self._admit()
         out = [0] * len(keys)
         with self._reg_lock:
             items, idx = [], []
             for i, (key, arr) in enumerate(zip(keys, arrays)):
-                if versions[i] and (key in self.store_ or self.store_.bytes + arr.nbytes > self.store_.capacity > 0):
-                    self.refused += 1  # a copy here may be newer; over budget a promotion only adds pressure
+                if versions[i] and (key in self.store_ or self.store_.bytes > self.store_.capacity > 0):
+                    # a copy here may be newer; over budget (demotions still draining) a promotion only adds
+                    # pressure: one within budget may go one batch over, which the controller's order undoes
+                    self.refused += 1
                     continue
                 ref = ray.put(np.asarray(arr))  # copy out of the caller's argument into an object this shard owns
                 items.append(self.store_.add(key, arr.nbytes, ref, versions[i]))
@@ -168,12 +170,12 @@ class Shard:
                               f"({type(err).__name__}); the put did not store them") from None
         return [0] * len(items)
 
-    def _admit(self, incoming: int) -> None:
-        """Wait (bounded) while earlier demotions are still bringing this shard back within budget."""
+    def _admit(self) -> None:
+        """Wait (bounded) while earlier demotions are still bringing this shard back within budget. Not for
+        room for this put: the controller orders the demotions that make it only once the put registers."""
         cap = self.store_.capacity
-        if not cap or self.store_.bytes + incoming <= cap:
-            return
-        self._wait_for(lambda: self.store_.bytes + incoming <= cap)
+        if cap and self.store_.bytes > cap:
+            self._wait_for(lambda: self.store_.bytes <= cap)
 
     def _backpressure(self) -> None:
         """Answer a put only once the demotions it caused have made room (bounded)."""

@@ -42,7 +42,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from kvtier.runtime import api
 
-    info = api.init(address=args.address, namespace=args.namespace, config=cfg)
+    from kvtier.runtime.status import check_reachable, no_ray_message
+
+    try:
+        check_reachable(args.address)
+        info = api.init(address=args.address, namespace=args.namespace, config=cfg)
+    except ConnectionError as e:
+        print(no_ray_message("start", args.address, e), file=sys.stderr)
+        return 1
     c = info["config"]
     print(f"kvtier: tier up in namespace {info['namespace']!r}: {len(info['shards'])} warm shards of "
           f"{format_size(c['warm_bytes'] // c['num_shards'])}, cold {c['cold_uri'] or '(none)'}", flush=True)

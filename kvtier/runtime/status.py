@@ -38,6 +38,27 @@ def render(st: dict) -> str:
     return "\n".join(lines)
 
 
+def check_reachable(address: str) -> None:
+    """Raise ConnectionError fast when ``host:port`` does not accept connections: ray.init waits
+    minutes on a dead address (measured: >120 s for 127.0.0.1:1) before it gives up."""
+    import socket
+
+    if not address or address == "auto" or "://" in address or ":" not in address:
+        return
+    host, _, port = address.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=2.0).close()
+    except (OSError, ValueError) as e:
+        raise ConnectionError(f"{address}: {e}") from None
+
+
+def no_ray_message(cmd: str, address: str, e: Exception) -> str:
+    """One line for a command run where no Ray cluster answers (instead of Ray's traceback)."""
+    where = "no running Ray cluster found" if address == "auto" else f"no Ray cluster answers at {address!r}"
+    return (f"kvtier {cmd}: {where} ({type(e).__name__}); start one (`ray start --head`), pass --address "
+            "host:port, or use `kvtier demo` / kvtier.init() for an embedded tier")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="kvtier status", description="print the tiers and shards of a running tier")
     p.add_argument("--address", default="auto")
@@ -49,7 +70,12 @@ def main(argv: list[str] | None = None) -> int:
 
     started = not ray.is_initialized()
     if started:
-        ray.init(address=args.address, namespace=args.namespace, log_to_driver=False)
+        try:
+            check_reachable(args.address)
+            ray.init(address=args.address, namespace=args.namespace, log_to_driver=False)
+        except ConnectionError as e:
+            print(no_ray_message("status", args.address, e), file=sys.stderr)
+            return 1
     try:
         try:
             controller = ray.get_actor(CONTROLLER, namespace=args.namespace)

@@ -149,3 +149,19 @@ def test_from_file_and_env(tmp_path, monkeypatch):
     (tmp_path / "neg.json").write_text(json.dumps({"hot_bytes": -1, **BASE}))
     with pytest.raises(ValueError, match="hot_bytes=-1"):
         TierConfig.from_file(str(tmp_path / "neg.json"))
+
+
+def test_model_id_and_cold_uri_parameters_are_validated():
+    """Issue 9 items 5 and 13: a model id per process; pyarrow's s3 URI parameters honoured or named."""
+    from kvtier.config import TierConfig
+
+    assert TierConfig(model_id="SmolLM2|L30|H3|D64|float32").model_id.startswith("SmolLM2")
+    with pytest.raises(ValueError, match="model_id=5"):
+        TierConfig(model_id=5)
+    with pytest.raises(ValueError, match="'endpoint'"):
+        TierConfig(cold_uri="s3://b/p?endpoint=h:1")
+    with pytest.raises(ValueError, match="scheme='ftp'"):
+        TierConfig(cold_uri="s3://b/p?endpoint_override=h:1&scheme=ftp")
+    with pytest.raises(ValueError, match="s3:// only"):
+        TierConfig(cold_uri="/tmp/x?endpoint_override=h:1")
+    assert TierConfig(cold_uri="s3://b/p?endpoint_override=h:1&scheme=http&region=eu-west-1").cold_uri.endswith("eu-west-1")

@@ -159,3 +159,15 @@ def test_model_fingerprint_and_check_keys():
     for bad in ["", "a/b", "x" * 257, 7, "tab\there"]:
         with pytest.raises(ValueError, match="not a valid key"):
             check_keys([k[0], bad])
+
+
+def test_the_default_tenant_is_a_key_space_of_its_own():
+    """Issue 9 item 4: tenant_key(k, "") was k itself, so a client with no tenant reached every tenant's blocks
+    by computing their stored keys with the public tenant_key."""
+    from kvtier.keys import tenant_key
+
+    k = chunk_keys(list(range(512)), MODEL, chunk_tokens=256)
+    theirs = [tenant_key(x, "team-b") for x in k]
+    assert [tenant_key(x, "") for x in k] != k
+    assert not {tenant_key(x, "") for x in theirs} & set(theirs)
+    assert tenant_key(k[0], "") == tenant_key(k[0], ""), "stable"

@@ -218,3 +218,60 @@ def test_late_report_of_a_replaced_copy_is_ignored():
     p.put_warm("b", 100, "s0", gen=6)
     # the eviction order names the copy the shard really holds, so the shard demotes it
     assert p.put_warm("c", 100, "s0", gen=7) == [Order("demote", "s0", ("a",), (5,))]
+
+
+# ---------------------------------------------------------------- issue 9: the versioned index
+def test_issue9_1_an_overwrite_invalidates_the_cold_copy_of_the_same_size():
+    p, _ = make(shard_cap=100)
+    p.put_warm("k", 100, "s0", gen=1)  # A
+    (o,) = p.put_warm("x", 100, "s0", gen=2)  # A demoted
+    assert kinds([o]) == {("demote", "s0"): ["k"]}
+    p.demoted("k", "s0", 1, ok=True, version=p.entries["k"].version)
+    v_a = p.entries["k"].version
+    orders = p.put_warm("k", 100, "s0", gen=3)  # B: same size, new content
+    assert Order("delete_cold", None, ("k",), (v_a,)) in orders, "the cold copy of A is stale"
+    # B is evicted: demoted (it has no copy below), never dropped "because a cold copy exists"
+    assert kinds(p.put_warm("y", 100, "s0", gen=4)) == {("demote", "s0"): ["k"]}
+    assert not p.entries["k"].cold
+
+
+def test_issue9_1_a_late_demotion_report_of_an_older_version_is_refused():
+    p, _ = make(shard_cap=100)
+    p.put_warm("k", 100, "s0", gen=1)
+    v_a = p.entries["k"].version
+    p.put_warm("x", 100, "s0", gen=2)  # A demotion ordered
+    p.put_warm("k", 100, "s0", gen=3)  # B lands during the demotion
+    assert p.demoted("k", "s0", 1, ok=True, version=v_a) == [Order("delete_cold", None, ("k",), (v_a,))]
+    e = p.entries["k"]
+    assert e.shard == "s0" and e.gen == 3 and not e.cold, "B stays the current version, A's object is deleted"
+
+
+def test_issue9_2_a_late_promotion_never_replaces_a_newer_put():
+    p, _ = make(shards=("s0", "s1"))
+    p.put_cold("k", 10)
+    v_a = p.entries["k"].version
+    p.put_warm("k", 10, "s0", gen=5, ref="B")  # a newer put
+    assert p.put_warm("k", 10, "s1", gen=1, ref="A", version=v_a) == [Order("drop", "s1", ("k",), (1,))]
+    (e,), _ = p.locate(["k"])
+    assert e.ref == "B" and p.stats()["stale_copies"] == 1
+
+
+def test_issue9_3_a_delete_leaves_a_tombstone_that_outlives_in_flight_copies():
+    p, clock = make()
+    p.put_cold("k", 10)
+    v = p.entries["k"].version
+    p.delete(["k"])
+    assert p.put_warm("k", 10, "s0", gen=1, version=v) == [Order("drop", "s0", ("k",), (1,))], "late promotion"
+    assert p.put_cold("k", 10, v, adopt=True) == [Order("delete_cold", None, ("k",), (v,))], "late listing"
+    assert p.present(["k"]) == [False]
+    p.put_warm("k", 10, "s0", gen=2)  # a new put after the delete is a new version: taken
+    assert p.present(["k"]) == [True] and "k" not in p.tombstones
+    p.delete(["k"])
+    clock.t += p.tombstone_ttl + 1
+    p.expire()
+    assert "k" not in p.tombstones, "tombstones are bounded by a TTL"
+    p.listing_pending = True
+    p.delete(["j"])
+    clock.t += p.tombstone_ttl + 1
+    p.expire()
+    assert "j" in p.tombstones, "kept while a cold listing may still report the key"

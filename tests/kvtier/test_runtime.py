@@ -15,6 +15,7 @@ import pytest
 import torch
 
 import kvtier
+from kvtier.keys import tenant_key
 from kvtier.runtime import api
 
 pytestmark = pytest.mark.ray
@@ -46,7 +47,7 @@ def tier(**cfg):
 def where(key: str) -> str | None:
     import ray
 
-    return ray.get(api._get_client().controller.where.remote([key]), timeout=10)[0]
+    return ray.get(api._get_client().controller.where.remote([tenant_key(key, "")]), timeout=10)[0]
 
 
 def wait_for(cond, timeout=30.0, what="condition"):
@@ -139,9 +140,9 @@ def test_hot_tier_serves_repeats_and_prefetch_fills_it(ray_session):
         assert kvtier.stats()["warm"]["hits"] == warm_hits
         assert torch.equal(kvtier.get(k[0]), kvs[0])  # warm hit, promoted to hot
         st = kvtier.stats()
-        assert st["warm"]["hits"] == warm_hits + 1 and api._get_client().hot.get(k[0]) is not None
+        assert st["warm"]["hits"] == warm_hits + 1 and api._get_client().hot.get(tenant_key(k[0], "")) is not None
         assert kvtier.prefetch(k[1:3]).result(timeout=10) == 2
-        assert k[1] in api._get_client().hot and k[2] in api._get_client().hot
+        assert tenant_key(k[1], "") in api._get_client().hot and tenant_key(k[2], "") in api._get_client().hot
 
 
 def test_warm_budget_drops_lru_without_cold_tier(ray_session):
@@ -186,7 +187,7 @@ def test_eviction_cascade_hot_warm_cold_dropped(ray_session, tmp_path):
         assert (st["hot"]["blocks"], st["hot"]["bytes"]) == (2, 2 * one)
         assert (st["warm"]["bytes"], st["warm"]["evictions"], st["warm"]["demotions"]) == (3 * one, 7, 7)
         assert (st["cold"]["bytes"], st["cold"]["evictions"], st["cold"]["dropped"]) == (3 * one, 4, 4)
-        assert sorted(key for key, _ in ColdStore(str(tmp_path)).list()) == sorted(k[4:7]), "cold dir = index"
+        assert sorted(key for key, _ in ColdStore(str(tmp_path)).list()) == sorted(tenant_key(x, "") for x in k[4:7]), "cold dir = index"
         assert [kvtier.contains(key) for key in k] == [False] * 4 + [True] * 6, "the 4 oldest fell off cold"
 
         # a cold hit: read, verified, returned, promoted to warm (which pushes warm's LRU block down)
@@ -199,8 +200,8 @@ def test_eviction_cascade_hot_warm_cold_dropped(ray_session, tmp_path):
         # a cold object swapped for another key's block is a miss, counted and removed, never data
         settled(one, warm_blocks=3, cold_blocks=3)
         victim = next(key for key in k if where(key) == "cold")
-        path = next(p for p in tmp_path.rglob(f"{victim}*") if p.is_file())
-        other = next(p for p in tmp_path.rglob("*.kvb") if p.is_file() and victim not in p.name)
+        path = next(p for p in tmp_path.rglob(f"{tenant_key(victim, '')}*") if p.is_file())
+        other = next(p for p in tmp_path.rglob("*.kvb") if p.is_file() and tenant_key(victim, "") not in p.name)
         path.write_bytes(other.read_bytes())
         assert kvtier.get(victim) is None
         assert not path.exists(), "the corrupt object was deleted"
@@ -242,7 +243,7 @@ def test_dead_shard_is_forgotten_gets_fall_back_to_cold_or_miss_and_never_hang(r
         kvtier.put(k[:8], kvs[:8])  # warm only
         client.cfg = client.cfg.replace(write_through=True)
         kvtier.put(k[8:], kvs[8:])  # warm and cold
-        on0 = {i for i, key in enumerate(k) if client._pick_shard(key)["id"] == "kvtier-shard-0"}
+        on0 = {i for i, key in enumerate(k) if client._pick_shard(tenant_key(key, ""))["id"] == "kvtier-shard-0"}
         lost, saved = sorted(on0 & set(range(8))), sorted(on0 & set(range(8, 12)))
         assert lost and saved and len(on0) < 12, "these keys spread over both shards, with and without cold copies"
         ray.kill(ray.get_actor("kvtier-shard-0", namespace=info["namespace"]), no_restart=False)

@@ -29,6 +29,7 @@ import uuid
 import pytest
 
 import kvtier
+from kvtier.keys import tenant_key
 from kvtier.runtime import api
 from rayfixture import REPO_DIR, subprocess_env
 from tierkit import Load, controller, keys_of, kv_of, one_block_bytes, same, tier, wait_for
@@ -67,7 +68,7 @@ def test_warm_shard_killed_during_mixed_load(cluster, tmp_path):
         client.cfg = client.cfg.replace(write_through=True)
         kvtier.put(k[10:], kvs[10:])  # warm + cold
         client.cfg = client.cfg.replace(write_through=False)
-        on0 = {i for i, key in enumerate(k) if client._pick_shard(key)["id"] == "kvtier-shard-0"}
+        on0 = {i for i, key in enumerate(k) if client._pick_shard(tenant_key(key, ""))["id"] == "kvtier-shard-0"}
         lost, saved, live = sorted(on0 & set(range(10))), sorted(on0 & set(range(10, 16))), sorted(set(range(16)) - on0)
         assert lost and saved and live, "the keys spread over both shards, with and without cold copies"
 
@@ -80,7 +81,7 @@ def test_warm_shard_killed_during_mixed_load(cluster, tmp_path):
                              what="the dead shard's blocks forgotten") - t_kill
         # Ray restarts the shard (max_restarts=-1): a new put to it round-trips again
         probe = keys_of("shard-kill-probe", 64)
-        probe = [p for p in probe if client._pick_shard(p)["id"] == "kvtier-shard-0"]
+        probe = [p for p in probe if client._pick_shard(tenant_key(p, ""))["id"] == "kvtier-shard-0"]
 
         def round_trip():
             kvtier.put(probe[0], kv_of("shard-kill-probe", 0))
@@ -154,6 +155,8 @@ def test_controller_killed_and_restarted_under_load(cluster, tmp_path):
         shards = [ray.get_actor(f"kvtier-shard-{i}", namespace=info["namespace"]) for i in range(2)]
         held = {item[0] for h in shards for item in ray.get(h.inventory.remote(), timeout=30)["items"]}
         held |= {key for key, _ in ColdStore(str(tmp_path)).list()}
+        stored = {tenant_key(x, ""): x for x in k + keys_of("ctl-kill-load", 4000)}  # stored key -> the caller's key
+        held = {stored[x] for x in held if x in stored}
         expected = dict(zip(k, kvs))
         expected.update({key: kv_of("ctl-kill-load", i) for i, key in enumerate(keys_of("ctl-kill-load", 4000))
                          if key in held})
@@ -315,7 +318,7 @@ def test_blocks_corrupted_at_rest_are_detected_on_get_counted_deleted(cluster, t
         kvtier.put(k, kvs)
         wait_for(lambda: (s := kvtier.stats())["cold"]["blocks"] == 6 and s["warm"]["blocks"] == 2,
                  what="6 blocks in the cold dir")
-        path = {key: next(tmp_path.rglob(f"{key}.kvb")) for key in k[:6]}
+        path = {key: next(tmp_path.rglob(f"{tenant_key(key, '')}~*.kvb")) for key in k[:6]}
         data = {key: p.read_bytes() for key, p in path.items()}
         victims = {"bit flips": k[0], "truncation": k[1], "swapped with another key's file": k[2]}
         flipped = bytearray(data[k[0]])
