@@ -113,7 +113,7 @@ def gather(layers: Sequence[torch.Tensor], lay: PageLayout, block_ids: torch.Ten
 def scatter(layers: Sequence[torch.Tensor], lay: PageLayout, block_ids: torch.Tensor,
             chunks: torch.Tensor) -> None:
     """Write chunks ``[C, layers, 2, kv_heads, chunk_tokens, head_dim]`` into the pages
-    ``block_ids[c]`` of every layer, in place (the inverse of ``gather``)."""
+    ``block_ids[c]`` of every layer, in place (the inverse of ``gather``); a block id of -1 is skipped."""
     if chunks.dim() != 6:
         raise ValueError(f"chunks has {chunks.dim()} dims, expected 6: [chunks, layers, 2, kv_heads, tokens, head_dim]")
     c, nl, two, h, tokens, d = chunks.shape
@@ -124,6 +124,9 @@ def scatter(layers: Sequence[torch.Tensor], lay: PageLayout, block_ids: torch.Te
     bs = lay.block_size
     dev = layers[0].device
     ids = block_ids.to(dev, torch.long).reshape(-1)
+    keep = None if bool((ids >= 0).all()) else (ids >= 0).nonzero().view(-1)  # -1: a block vLLM already holds
+    if keep is not None:
+        ids = ids.index_select(0, keep)
     chunks = chunks.to(device=dev, dtype=lay.dtype)
     for li, t in enumerate(layers):
         src = chunks[:, li].view(c, 2, h, per, bs, d)
@@ -131,10 +134,11 @@ def scatter(layers: Sequence[torch.Tensor], lay: PageLayout, block_ids: torch.Te
             page = torch.empty((c, per, h, 2, bs * d), dtype=lay.dtype, device=dev)
             page[:, :, :, 0].view(c, per, h, d, bs).copy_(src[:, 0].permute(0, 2, 1, 4, 3))
             page[:, :, :, 1].view(c, per, h, bs, d).copy_(src[:, 1].permute(0, 2, 1, 3, 4))
-            t.view(lay.num_blocks, h, 2, bs * d).index_copy_(0, ids, page.view(c * per, h, 2, bs * d))
+            page = page.view(c * per, h, 2, bs * d)
+            t.view(lay.num_blocks, h, 2, bs * d).index_copy_(0, ids, page if keep is None else page[keep])
         else:
             page = src.permute(1, 0, 3, 4, 2, 5).reshape(2, c * per, bs, h, d)  # [2, C*per, bs, H, D]
-            t.index_copy_(1, ids, page)
+            t.index_copy_(1, ids, page if keep is None else page[:, keep])
 
 
 def tokens_kv(layers: Sequence[torch.Tensor], lay: PageLayout, block_ids: Sequence[int],
