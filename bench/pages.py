@@ -72,11 +72,14 @@ def run(args) -> list[dict]:
         flat_src = torch.empty(nbytes // chunks.element_size(), device=dev, dtype=dtype)
         flat_dst = torch.empty_like(flat_src)
         t_copy = timeit(lambda: flat_dst.copy_(flat_src), args.reps, dev)
+        t_copy_pages = timeit(lambda: pages.copy_pages(layers, lay, ids, args.chunk_tokens), args.reps, dev)
         t_gather = timeit(lambda: pages.gather(layers, lay, ids, args.chunk_tokens), args.reps, dev)
         t_scatter = timeit(lambda: pages.scatter(layers, lay, ids, chunks), args.reps, dev)
         back = pages.gather(layers, lay, ids, args.chunk_tokens)
         assert torch.equal(back, chunks), "scatter then gather did not round-trip"
-        for op, t in (("contiguous copy (baseline)", t_copy), ("gather: pages -> chunks (save)", t_gather),
+        for op, t in (("contiguous copy (baseline)", t_copy),
+                      ("copy_pages: blocks out, as they are (save, on the engine step)", t_copy_pages),
+                      ("gather: pages -> chunks (save, all of it)", t_gather),
                       ("scatter: chunks -> pages (load)", t_scatter)):
             rows.append({"format": fmt, "op": op, "tokens": args.chunks * args.chunk_tokens, "MiB": nbytes / 2**20,
                          "ms": t * 1e3, "TB/s": nbytes / t / 1e12, "vs copy": t_copy / t})
