@@ -3,9 +3,11 @@
 vLLM runs the scheduler (EngineCore) and the workers in spawned processes, not
 Ray workers, so each joins the tier itself with ``kvtier.init``:
 
-* ``address`` a Ray address, or "auto" with ``$RAY_ADDRESS`` set or a Ray found by
-  Ray's own discovery: join that cluster's tier in ``namespace``.
-* "local", or "auto" with no Ray anywhere: the engine's processes share one local
+* ``address`` a Ray address, or "auto" with ``$RAY_ADDRESS`` set: join that cluster's
+  tier in ``namespace``. Ray's own "auto" discovery (scanning this machine for a
+  gcs_server) is not used: on a shared machine it joined another user's cluster, and
+  its connect hung vLLM's start-up here.
+* "local", or "auto" without ``$RAY_ADDRESS``: the engine's processes share one local
   tier. Under a file lock (``$KVTIER_HOME/vllm/<namespace>.lock``) the first process
   starts Ray and the tier and writes the GCS address and its pid next to the lock;
   the others read it and join. A stale address (its pid gone) is replaced, so two
@@ -94,14 +96,6 @@ def _connect(address: str, namespace: str, cfg: TierConfig, timeout_s: float) ->
     elif address == "auto" and os.environ.get("RAY_ADDRESS"):
         kvtier.init(address=os.environ["RAY_ADDRESS"], namespace=namespace, config=cfg)
     else:
-        if address == "auto":
-            try:
-                ray.init(address="auto", namespace=namespace, log_to_driver=False)
-            except (ConnectionError, RuntimeError, ValueError):
-                pass
-            if ray.is_initialized():
-                kvtier.init(namespace=namespace, config=cfg)
-                return
         _local(namespace, cfg, timeout_s)
 
 
