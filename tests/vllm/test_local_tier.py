@@ -1,8 +1,9 @@
 """With no Ray running, the engine's processes share one local tier (kvtier/vllm/tier.py).
 
 Two processes (like vLLM's scheduler and worker, started together) connect with
-``address="local"`` at the same time: exactly one starts Ray and the tier, the
-other joins it, and a chunk one puts the other finds. No vLLM needed.
+``address="local"`` at the same time: exactly one starts the tier's helper process,
+both join it, a chunk one puts the other finds, and the helper exits with the
+process that started it. No vLLM needed.
 """
 
 from __future__ import annotations
@@ -53,6 +54,7 @@ def test_two_processes_share_one_local_tier(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, role, str(done)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for role in ("a", "b")]
     results, logs = [], []
+    addr_path = tmp_path / "vllm" / "vllm-local-test.addr"
     try:
         for p in procs:
             lines = []
@@ -65,6 +67,7 @@ def test_two_processes_share_one_local_tier(tmp_path):
                 if time.time() > deadline:
                     break
             logs.append("".join(lines[-20:]))
+        addr = json.loads(addr_path.read_text())
     finally:
         done.write_text("1")
         for p in procs:
@@ -75,5 +78,21 @@ def test_two_processes_share_one_local_tier(tmp_path):
     assert len(results) == 2, "\n".join(logs)
     assert results[0]["gcs"] == results[1]["gcs"]  # one Ray, one tier
     assert all(r["found"] for r in results)
-    addr = json.loads((tmp_path / "vllm" / "vllm-local-test.addr").read_text())
-    assert addr["pid"] in {r["pid"] for r in results} and addr["address"] == results[0]["gcs"]
+    assert addr["address"] == results[0]["gcs"] and addr["pid"] not in {r["pid"] for r in results}
+    end = time.time() + 90  # the helper notices its starter is gone (1 s polls) and stops the tier
+    while time.time() < end and _alive(addr["pid"]):
+        time.sleep(0.5)
+    assert not _alive(addr["pid"]), "the tier helper outlived the processes that used it"
+    assert not addr_path.exists()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie (exited, not yet reaped by init) counts as gone
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split()[2] != "Z"
+    except OSError:
+        return False
