@@ -18,6 +18,8 @@ import pytest
 
 from rayfixture import subprocess_env
 
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+
 SCRIPT = r"""
 import json, os, sys, time
 import torch
