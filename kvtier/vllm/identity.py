@@ -34,7 +34,7 @@ class ConnectorSettings:
     namespace: str = "kvtier"
     save_queue: int = 8            # chunks batches waiting to be compressed+put; a full queue drops the save
     load_timeout_s: float = 30.0   # a load that takes longer is a failure (recompute)
-    connect_timeout_s: float = 120.0
+    connect_timeout_s: float = 600.0  # Ray + the tier took over 120 s to start on this 2-core box at load 40
     tier: dict = field(default_factory=dict)   # TierConfig fields given explicitly
 
     @classmethod
