@@ -80,8 +80,13 @@ class MixCodec(Codec):
             return [FALLBACK[self.name]] * (2 * shape[0]), None
         return prof.bits_for(self.name, shape), prof.digest
 
-    def encode(self, kv: torch.Tensor, model_id: str | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        bits, digest = self.bits(tuple(kv.shape), model_id)
+    def encode(self, kv: torch.Tensor, model_id: str | None = None,
+               bits: list[int] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``bits``: an explicit bit table (calibration measures candidates with it; no profile is named)."""
+        if bits is None:
+            bits, digest = self.bits(tuple(kv.shape), model_id)
+        else:
+            digest = None
         enc = M.encode_triton if kv.is_cuda else M.encode_torch
         with on_device(kv.device):
             bufs = enc(kv, bits, self.seed)
@@ -131,3 +136,4 @@ class MixCodec(Codec):
 
 for _name in FALLBACK:
     register_codec(MixCodec(_name))
+P.register_builtin()

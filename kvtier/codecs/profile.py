@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping
 
@@ -34,6 +35,7 @@ FORMAT = "kvtier-codec-profile"
 VERSION = 1
 KEY_PREFIX = "kvtier-profile|"
 MAX_PROFILE_BYTES = 1 << 20  # 1 MiB: a 128-layer model's tables are ~10 KiB
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"  # profiles shipped with kvtier (calibrated here)
 
 
 def model_layout_key(fingerprint: str) -> str:
@@ -125,6 +127,11 @@ def lookup(model: str | None) -> Profile | None:
         return None
     with _LOCK:
         return _BY_MODEL.get(model_layout_key(model))
+
+
+def register_builtin() -> list[str]:
+    """Register every profile shipped in ``PROFILE_DIR``; returns their digests."""
+    return [register(Profile.from_json(f.read_bytes())) for f in sorted(PROFILE_DIR.glob("*.json"))]
 
 
 # ---- living with the tier: through kvtier.put / kvtier.get -------------------
