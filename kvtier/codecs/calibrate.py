@@ -130,16 +130,20 @@ class Bench:
 
 
 def calibrate(model, ids: torch.Tensor, windows: int = 2, prefix: int = 1024, cont: int = 256, chunk: int = 256,
-              sens_windows: int = 1, say=print) -> P.Profile:
+              sens_windows: int = 1, sens: list[float] | None = None, say=print) -> P.Profile:
     """``sens_windows`` of the ``windows`` measure the sensitivities (2 * layers passes each); all of them
-    measure the budgets (one by default: 60 passes of SmolLM2 took ~12 min on the shared 2 cores)."""
+    measure the budgets (one by default: 60 passes of SmolLM2 took ~9 min on the shared 2 cores).
+    ``sens``: sensitivities from an earlier profile of the same model (step 1 skipped; recorded)."""
     mid = model_id_for(model, torch.bfloat16)
     t0 = time.perf_counter()
     bench = Bench(model, ids, windows, prefix, cont, chunk, mid)
     L = bench.data[0][1][0].shape[0]
     base = bench.measure([4] * (2 * L), sens_windows)
-    sens = []
-    for s in range(2 * L):
+    reused = sens is not None
+    if reused and len(sens) != 2 * L:
+        raise SystemExit(f"--sensitivity-from gives {len(sens)} sensitivities; this model has {2 * L} slabs")
+    sens = list(sens) if reused else []
+    for s in ([] if reused else range(2 * L)):
         bits = [4] * (2 * L)
         bits[s] = 2
         sens.append(max(bench.measure(bits, sens_windows)["kl"] - base["kl"], 0.0))
@@ -170,7 +174,7 @@ def calibrate(model, ids: torch.Tensor, windows: int = 2, prefix: int = 1024, co
         budgets[name] = allocate(sens, LADDER[lo])
         measured[name] = at(lo)
     info = {"text_tokens": int(len(ids)), "windows": bench.starts, "prefix": prefix, "cont": cont, "chunk": chunk,
-            "sens_windows": sens_windows, "base_4bit": base, "sensitivity_kl": [round(s, 7) for s in sens], "measured": measured,
+            "sens_windows": sens_windows, "sens_reused": reused, "base_4bit": base, "sensitivity_kl": [round(s, 7) for s in sens], "measured": measured,
             "margin": MARGIN, "fallback": FALLBACK, "seconds": round(time.perf_counter() - t0)}
     first = bench.data[0][1][0]
     return P.Profile(model=mid, layers=int(first.shape[0]), kv_heads=int(first.shape[2]),
@@ -184,6 +188,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--windows", type=int, default=2)
     p.add_argument("--out", type=Path, default=None, help="profile JSON (default: kvtier/codecs/profiles/<model>.json)")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sensitivity-from", type=Path, default=None,
+                   help="reuse the slab sensitivities of an earlier profile of this model (skips 2 x layers passes)")
     a = p.parse_args(argv)
     if a.windows < 1:
         p.error(f"--windows must be >= 1, got {a.windows}")
@@ -194,7 +200,10 @@ def main(argv: list[str] | None = None) -> int:
 
     text, _ = read_text(a.text)
     ids = torch.tensor(tok(text).input_ids, dtype=torch.long)
-    prof = calibrate(model, ids, a.windows)
+    sens = None
+    if a.sensitivity_from:
+        sens = P.Profile.from_json(a.sensitivity_from.read_bytes()).info["sensitivity_kl"]
+    prof = calibrate(model, ids, a.windows, sens=sens)
     out = a.out or P.PROFILE_DIR / (P.model_layout_key(prof.model).split("|")[0] + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(prof.to_json())

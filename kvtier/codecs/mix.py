@@ -4,9 +4,9 @@ Ask for a quality budget, not a scheme: ``q1`` is "the smallest KV this
 model's calibration kept within +1 % Δppl", ``q5`` within +5 %, ``q0.5``
 within +0.5 % (and >= 97 % top-1 agreement on the calibration text).
 
-Per row (one token of one head of K or V) the quantizer is ``rot``'s:
-randomized Hadamard rotation, fp16 scale and zero, 2/3/4/8-bit codes
-(``kernels/mix.py``). What is new, each measured on SmolLM2-135M
+Per row (one token of one head of K or V): ``rot``'s randomized Hadamard
+rotation, then a symmetric 2/3/4/8-bit quantizer with one fp16 scale per row
+(``kernels/mix.py``; 16/D bits per element of overhead, half of rot's). What is new, each measured on SmolLM2-135M
 (kernels/NOTES.md, "issue 13"):
 - **a bit width per slab** (the K or the V of one layer) from a per-model
   profile (``profile.py``, written by ``calibrate.py``): slabs differ in how
@@ -117,15 +117,14 @@ class MixCodec(Codec):
         digest = params.get("profile")
         if digest is not None and (not isinstance(digest, str) or len(digest) != 32):
             raise ValueError(f"bad profile digest {digest!r}")
-        names = {"scale", "zero"} | ({"sink"} if sinks else set())
+        names = {"scale"} | ({"sink"} if sinks else set())
         bufs = {}
         for b, slabs in M.width_slabs(bits).items():
             for name, nbytes in zip(M.plane_names(b), plane_bytes(len(slabs) * H * T, D, b)):
                 bufs[name] = take(buffers, name, torch.uint8, (nbytes,))
                 names.add(name)
         expect_names(buffers, names)
-        for name in ("scale", "zero"):
-            bufs[name] = take(buffers, name, torch.float16, (L, 2, H, T))
+        bufs["scale"] = take(buffers, "scale", torch.float16, (L, 2, H, T))
         dec = M.decode_triton if device.type == "cuda" else M.decode_torch
         with on_device(device):
             out = dec(bufs, shape, dtype, bits, seed)

@@ -249,7 +249,7 @@ def test_q_codecs_fall_back_to_one_width_and_count_every_byte():
         assert 8 * (block.payload_nbytes - sink_bytes) == M.payload_bits(kv.shape, [width] * 8)
         assert block.ratio == pytest.approx(16 * kv.numel() / (8 * block.nbytes))
         rel = ((out.float() - kv.float()).norm() / kv.float().norm()).item()
-        assert rel < {8: 0.01, 4: 0.1, 3: 0.2}[width]
+        assert rel < {8: 0.01, 4: 0.11, 3: 0.25}[width]  # symmetric: step 2 max|y| / qmax, ~0.21 at 3 bits
 
 
 def test_sink_tokens_are_found_from_the_chunk_and_kept_exact():
