@@ -43,8 +43,9 @@ import numpy as np
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
-if str(ROOT) not in sys.path:  # run as `python bench/quality.py` from a checkout
-    sys.path.insert(0, str(ROOT))
+# run as `python bench/quality.py` from a checkout: the checkout first, before bench/ itself, whose
+# kernels.py would otherwise shadow the kernels package (even when PYTHONPATH names the checkout)
+sys.path.insert(0, str(ROOT))
 
 import kvtier  # noqa: E402
 from kvtier import hf  # noqa: E402
@@ -267,7 +268,7 @@ def aims(per_text: list[dict], names: list[str]) -> list[str]:
                         agree=min(r["agree"] for r in rs))
     out = []
     for min_ratio, max_dppl in AIMS:
-        ok = [c for c in names if worst[c]["dppl"] <= max_dppl]
+        ok = [c for c in names if c != "none" and worst[c]["dppl"] <= max_dppl]
         if not ok:
             out.append(f"- ≥ {min_ratio}x at ≤ {max_dppl} % Δppl: MISSED: no codec within {max_dppl} % on every text")
             continue
