@@ -119,7 +119,10 @@ def compress(kv: torch.Tensor, codec: str = "kivi4", key: str | None = None, mod
     base, zstd = _split(codec)
     validate_kv(kv)
     base.check(kv)
-    tensors, params = base.encode(kv.contiguous())
+    if getattr(base, "uses_model", False):  # calibrated codecs look their profile up by model fingerprint
+        tensors, params = base.encode(kv.contiguous(), model_id=model_id)
+    else:
+        tensors, params = base.encode(kv.contiguous())
     buffers = {name: _to_cpu_bytes(t) for name, t in tensors.items()}
     params = dict(params)
     if zstd:
@@ -203,7 +206,7 @@ def _zstd_decompress(buffers: Mapping[str, Any], sizes: Any, raw_nbytes: int) ->
 # Codec modules register themselves on import.
 from kvtier.codecs import none as _none  # noqa: E402,F401
 
-for _mod in ("fp8", "kivi", "rot"):
+for _mod in ("fp8", "kivi", "rot", "mix"):
     try:
         __import__(f"kvtier.codecs.{_mod}")
     except ModuleNotFoundError as _e:  # during bring-up a codec module may not exist yet

@@ -221,3 +221,106 @@ def test_fp8_exponent_out_of_range_is_refused():
     exp[0] = 127  # 2**127 * 256 would overflow; a valid encoder never writes more than 120
     with pytest.raises(BlockFormatError, match="exponents span"):
         decompress(_rebuild(block, buffers=dict(block.buffers, exp=bytes(exp))))
+
+
+# ---------------------------------------------------------------- quality-budget codecs (q0.5, q1, q5)
+from kernels import mix as M  # noqa: E402
+from kvtier.codecs import profile as P  # noqa: E402
+from kvtier.codecs.mix import FALLBACK, detect_sinks  # noqa: E402
+
+TOY = "toy|L4|H3|D64|bfloat16"
+
+
+@pytest.fixture
+def toy_profile():
+    prof = P.Profile(model=TOY, layers=4, kv_heads=3, head_dim=64,
+                     budgets={"q1": [4, 2, 8, 3, 3, 3, 2, 4], "q5": [2] * 8, "q0.5": [8] * 8}, info={"by": "test"})
+    P.register(prof)
+    yield prof
+    P.unregister(TOY)
+
+
+def test_q_codecs_fall_back_to_one_width_and_count_every_byte():
+    kv = kv_like((4, 2, 3, 64, 64), seed=11)
+    for name, width in FALLBACK.items():
+        block, out = roundtrip(kv, name)  # model "m" has no profile
+        assert block.params["bits"] == [width] * 8 and block.params["profile"] is None
+        sink_bytes = len(block.params["sinks"]) * 4 * 2 * 3 * 64 * 2
+        assert 8 * (block.payload_nbytes - sink_bytes) == M.payload_bits(kv.shape, [width] * 8)
+        assert block.ratio == pytest.approx(16 * kv.numel() / (8 * block.nbytes))
+        rel = ((out.float() - kv.float()).norm() / kv.float().norm()).item()
+        assert rel < {8: 0.01, 4: 0.11, 3: 0.25}[width]  # symmetric: step 2 max|y| / qmax, ~0.21 at 3 bits
+
+
+def test_sink_tokens_are_found_from_the_chunk_and_kept_exact():
+    kv = kv_like((4, 2, 3, 64, 64), seed=12)
+    assert compress(kv, "q5").params["sinks"] == []  # nothing stands out in random KV
+    kv[:, :, :, 0] *= 6.0  # a token whose rows are ~6x the others' norm everywhere, like an attention sink
+    kv[:, :, :, 9] *= 0.1  # and one 10x below
+    block, out = roundtrip(kv, "q5")
+    assert block.params["sinks"] == [0, 9]
+    assert torch.equal(out[:, :, :, [0, 9]], kv[:, :, :, [0, 9]])
+    assert "sink" in block.buffers and block.buffers["sink"].size == 2 * 4 * 2 * 3 * 64 * 2
+    nrm = kv.float().square().sum(-1)
+    assert detect_sinks(nrm) == [0, 9] and detect_sinks(nrm[..., :1]) == []
+
+
+def test_a_registered_profile_sets_the_bits_and_is_named_by_digest(toy_profile):
+    kv = kv_like((4, 2, 3, 32, 64), seed=13)
+    block = compress(kv, "q1", model_id="toy|L4|H3|D64|float32")  # any KV dtype of the same model
+    assert block.params["bits"] == toy_profile.budgets["q1"]
+    assert block.params["profile"] == toy_profile.digest and len(toy_profile.digest) == 32
+    assert compress(kv, "q1", model_id="other|L4|H3|D64|bfloat16").params["profile"] is None
+    with pytest.raises(CodecError, match="4 layers, 3 KV heads, head_dim 64; the chunk has shape"):
+        compress(kv_like((2, 2, 3, 32, 64)), "q1", model_id=TOY)
+
+
+def test_a_block_decodes_from_its_header_alone_and_checks_it(toy_profile):
+    kv = kv_like((4, 2, 3, 32, 64), seed=14)
+    kv[:, :, :, 3] *= 6.0
+    block = compress(kv, "q1", model_id=TOY)
+    out = decompress(block)
+    P.unregister(TOY)  # no profile is consulted on decode: nothing else can be applied to the block
+    assert torch.equal(decompress(Block.from_arrow(block.to_arrow())), out)
+    bad = {"bits": [4, 2, 8, 3, 3, 3, 2, 5], "sinks": [3, 3], "profile": "xyz", "rotation": "dct"}
+    for key, value in bad.items():
+        with pytest.raises(BlockFormatError, match={"bits": "bit table", "sinks": "sink token list",
+                                                    "profile": "profile digest", "rotation": "rotation"}[key]):
+            decompress(_rebuild(block, params=dict(block.params, **{key: value})))
+    fewer = dict(block.params, bits=[4, 2, 8, 3, 3, 3, 2, 2])  # a 2-bit plane of the wrong size
+    with pytest.raises(BlockFormatError, match="buffer 'q2' holds"):
+        decompress(_rebuild(block, params=fewer))
+
+
+def test_profile_json_digest_and_validation(toy_profile):
+    again = P.Profile.from_json(toy_profile.to_json())
+    assert again.digest == toy_profile.digest and again.budgets == toy_profile.budgets
+    other = P.Profile(**{**toy_profile.__dict__, "budgets": {"q1": [4] * 8}})
+    assert other.digest != toy_profile.digest
+    with pytest.raises(CodecError, match="must list 8 bit widths"):
+        P.Profile(**{**toy_profile.__dict__, "budgets": {"q1": [5] * 8}}).validate()
+    with pytest.raises(CodecError, match="not a kvtier codec profile"):
+        P.Profile.from_json(b'{"format": "x"}')
+    with pytest.raises(CodecError, match="not JSON"):
+        P.Profile.from_json(b"\xff")
+
+
+def test_a_profile_lives_in_the_tier_through_put_and_get(toy_profile):
+    store = {}  # a tier stand-in that stores real blocks, as kvtier.put/get do
+
+    def put(key, kv, codec):
+        store[key] = compress(kv, codec, key=key).to_arrow()
+
+    def get(key):
+        return decompress(Block.from_arrow(store[key], expect_key=key)) if key in store else None
+
+    key = P.store(toy_profile, put)
+    assert key == P.tier_key("toy|L4|H3|D64|float16") and len(key) == 32
+    P.unregister(TOY)
+    assert P.lookup(TOY) is None
+    got = P.fetch("toy|L4|H3|D64|float32", get)
+    assert got.digest == toy_profile.digest and P.lookup(TOY).digest == toy_profile.digest
+    assert P.fetch("nobody|L1|H1|D64|bfloat16", get) is None  # a miss
+    put(P.tier_key("impostor|L4|H3|D64|bfloat16"), P.to_tensor(toy_profile), "none")  # another model's profile
+    with pytest.raises(CodecError, match="belongs to 'toy"):
+        P.fetch("impostor|L4|H3|D64|bfloat16", get)

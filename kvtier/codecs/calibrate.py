@@ -1,0 +1,217 @@
+"""Calibration: measure a model's per-slab sensitivity and write the profile the ``q*`` codecs use.
+
+    python -m kvtier.codecs.calibrate [--model DIR] [--text PATH] [--windows 2] [--out profile.json]
+
+On ``--windows`` windows of the text (prefix + continuation, the
+bench/quality.py protocol; the windows sit midway between the ones
+bench/quality.py scores, so calibration and evaluation never share a token):
+1. every slab (the K or the V of one layer) at 4 bits is the base; each slab in
+   turn drops to 2 bits and the rise in KL(fp32 reference || codec) over the
+   continuation is its sensitivity ``S`` (2 * layers forward passes per window);
+2. a slab at ``b`` bits is predicted to cost ``S * r(b) / (r(2) - r(4))`` with
+   ``r(b) = (3 / (2**b - 1))**2`` (the per-row quantization error power
+   relative to 2 bits); a greedy allocation gives each extra bit to the slab
+   whose predicted cost falls most, for any average-bit budget;
+3. the allocations on a ladder of average bits are measured for real, and for
+   each quality budget (``q0.5``, ``q1``, ``q5``) the smallest one is kept
+   that, like every larger one, stays within ``MARGIN`` x the budget's Δppl
+   (and, for ``q0.5``, >= 97 % top-1 agreement). "Like every larger one":
+   Δppl over 1000 tokens moves by +-0.5 points between neighbouring ladder
+   points (measured: 5.5 bits +0.83 %, 6 bits +0.49 %, 7 bits +0.55 %), and
+   a single lucky point must not set a budget.
+The profile (``profile.Profile``) records the tables, the sensitivities and
+what was measured; register it, ship it in ``kvtier/codecs/profiles/`` or store
+it in the tier (``profile.store``).
+
+This module is offline tooling: it runs a model, and nothing in kvtier's
+serving path imports it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from kvtier import hf
+from kvtier.codecs import compress, decompress
+from kvtier.codecs import profile as P
+from kvtier.codecs.mix import FALLBACK
+from kvtier.model import load_model, model_id_for
+
+# Δppl measured on the calibration windows must stay within MARGIN x the budget: the held-out text
+# and a different window sample move Δppl by a few tenths of a point (bench/results/quality.md)
+MARGIN = 0.6
+TOP1_MIN = 97.0  # q0.5: the near-lossless default must keep >= 97 % greedy agreement
+BUDGETS = {"q0.5": 0.5, "q1": 1.0, "q5": 5.0}
+# average code bits per element tried for the budgets (every point measured: 12 passes per window)
+LADDER = [2.5, 2.625, 2.75, 2.875, 3.0, 3.25, 3.5, 4.0, 4.5, 5.0, 6.0, 8.0]
+
+
+def r(b: int) -> float:
+    return (3.0 / (2**b - 1)) ** 2
+
+
+def allocate(sens: list[float], avg_bits: float, widths=(2, 3, 4, 8)) -> list[int]:
+    """Greedy: start every slab at the smallest width, spend ``avg_bits * n - min * n`` bits on the
+    slab whose predicted cost ``c_s * r(b)`` falls most per bit; ties go to the lower slab index."""
+    n = len(sens)
+    c = [max(s, 0.0) / (r(2) - r(4)) + 1e-12 for s in sens]
+    bits = [widths[0]] * n
+    budget = round(avg_bits * n) - widths[0] * n
+    while True:
+        best, pick = 0.0, None
+        for i in range(n):
+            nxt = [w for w in widths if w > bits[i]]
+            if not nxt:
+                continue
+            # the best gain per bit over every larger width, not just the next one: 4 -> 8 may pay only as a whole
+            for w in nxt:
+                cost = w - bits[i]
+                if cost > budget:
+                    continue
+                g = c[i] * (r(bits[i]) - r(w)) / cost
+                if g > best:
+                    best, pick = g, (i, w)
+        if pick is None:
+            return bits
+        budget -= pick[1] - bits[pick[0]]
+        bits[pick[0]] = pick[1]
+
+
+class Bench:
+    """Prefilled windows and their fp32 reference; measures a bit table's KL, Δppl and top-1."""
+
+    def __init__(self, model, ids: torch.Tensor, windows: int, prefix: int, cont: int, chunk: int, model_id: str):
+        self.model, self.prefix, self.cont, self.chunk, self.model_id = model, prefix, cont, chunk, model_id
+        span = prefix + cont + 1
+        if len(ids) < 2 * span:
+            raise SystemExit(f"the calibration text has {len(ids)} tokens; it needs at least {2 * span}")
+        # bench/quality.py scores 8 windows at linspace(0, n - span, 8); calibrate midway between them
+        ev = np.linspace(0, len(ids) - span, 8).astype(int)
+        mids = (ev[:-1] + ev[1:]) // 2
+        self.starts = mids[np.linspace(0, len(mids) - 1, windows).round().astype(int)].tolist()
+        self.data = []
+        for s in self.starts:
+            w = ids[s:s + span]
+            with torch.no_grad():
+                chunks = hf.cache_to_chunks(model(w[None, :prefix], use_cache=True).past_key_values, chunk)
+            ref = self._logp([c for c in chunks], w)
+            self.data.append((w, [c.to(torch.bfloat16) for c in chunks], ref))
+
+    def _logp(self, chunks, w):
+        with torch.no_grad():
+            cache = hf.chunks_to_cache(chunks, self.model, dtype=torch.float32)
+            logits = self.model(w[None, self.prefix:self.prefix + self.cont], past_key_values=cache).logits[0]
+        return torch.log_softmax(logits.double(), -1)
+
+    def measure(self, bits: list[int], windows: int | None = None) -> dict[str, float]:
+        from kvtier.codecs import mix
+
+        codec = mix.MixCodec("q1")
+        nll = nll0 = kl = agree = n = 0.0
+        for w, chunks, ref in self.data[:windows]:
+            back = []
+            for c in chunks:  # the codec's own encode + decode (torch path), sinks included
+                bufs, params = codec.encode(c, bits=bits)
+                u8 = {k: v.contiguous().view(-1).view(torch.uint8) for k, v in bufs.items()}
+                back.append(codec.decode(u8, params, tuple(c.shape), c.dtype, torch.device("cpu")))
+            logp = self._logp(back, w)
+            t = w[self.prefix + 1:]
+            nll += -logp.gather(1, t[:, None]).sum().item()
+            nll0 += -ref.gather(1, t[:, None]).sum().item()
+            agree += int((logp.argmax(-1) == ref.argmax(-1)).sum())
+            kl += (ref.exp() * (ref - logp)).sum().item()
+            n += len(t)
+        return {"kl": kl / n, "dppl": 100 * (math.exp((nll - nll0) / n) - 1), "top1": 100 * agree / n,
+                "avg_bits": sum(bits) / len(bits)}
+
+
+def calibrate(model, ids: torch.Tensor, windows: int = 2, prefix: int = 1024, cont: int = 256, chunk: int = 256,
+              sens_windows: int = 1, sens: list[float] | None = None, say=print) -> P.Profile:
+    """``sens_windows`` of the ``windows`` measure the sensitivities (2 * layers passes each); all of them
+    measure the budgets (one by default: 60 passes of SmolLM2 took ~9 min on the shared 2 cores).
+    ``sens``: sensitivities from an earlier profile of the same model (step 1 skipped; recorded)."""
+    mid = model_id_for(model, torch.bfloat16)
+    t0 = time.perf_counter()
+    bench = Bench(model, ids, windows, prefix, cont, chunk, mid)
+    L = bench.data[0][1][0].shape[0]
+    base = bench.measure([4] * (2 * L), sens_windows)
+    reused = sens is not None
+    if reused and len(sens) != 2 * L:
+        raise SystemExit(f"--sensitivity-from gives {len(sens)} sensitivities; this model has {2 * L} slabs")
+    sens = list(sens) if reused else []
+    for s in ([] if reused else range(2 * L)):
+        bits = [4] * (2 * L)
+        bits[s] = 2
+        sens.append(max(bench.measure(bits, sens_windows)["kl"] - base["kl"], 0.0))
+        say(f"calibrate: slab {s + 1}/{2 * L} (layer {s // 2} {'KV'[s % 2]}) S = {sens[-1]:.5f}  "
+            f"[{time.perf_counter() - t0:.0f} s]")
+    budgets, measured = {}, {}
+    cache: dict[float, dict] = {}
+
+    def at(i: int) -> dict:
+        if LADDER[i] not in cache:
+            m = bench.measure(allocate(sens, LADDER[i]))
+            cache[LADDER[i]] = m
+            say(f"calibrate: avg {LADDER[i]:.3f} bits -> Δppl {m['dppl']:+.3f} %, top-1 {m['top1']:.2f} %, KL {m['kl']:.5f}")
+        return cache[LADDER[i]]
+
+    for i in range(len(LADDER)):
+        at(i)
+    for name, target in BUDGETS.items():
+        ok = lambda m: m["dppl"] <= MARGIN * target and (name != "q0.5" or m["top1"] >= TOP1_MIN)  # noqa: E731
+        pick = len(LADDER) - 1
+        while pick > 0 and ok(at(pick - 1)) and ok(at(pick)):
+            pick -= 1
+        if not ok(at(pick)):
+            say(f"calibrate: {name}: even {LADDER[pick]} bits miss the budget; using them anyway")
+        budgets[name] = allocate(sens, LADDER[pick])
+        measured[name] = at(pick)
+    info = {"text_tokens": int(len(ids)), "windows": bench.starts, "prefix": prefix, "cont": cont, "chunk": chunk,
+            "sens_windows": sens_windows, "sens_reused": reused, "base_4bit": base, "sensitivity_kl": [round(s, 7) for s in sens], "measured": measured,
+            "margin": MARGIN, "fallback": FALLBACK, "seconds": round(time.perf_counter() - t0)}
+    first = bench.data[0][1][0]
+    return P.Profile(model=mid, layers=int(first.shape[0]), kv_heads=int(first.shape[2]),
+                     head_dim=int(first.shape[4]), budgets=budgets, info=info)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", default=None, help="model folder or .gguf (default: SmolLM2-135M-Instruct)")
+    p.add_argument("--text", type=Path, default=Path(__file__).resolve().parents[3] / "shared" / "data" / "eval-text")
+    p.add_argument("--windows", type=int, default=2)
+    p.add_argument("--out", type=Path, default=None, help="profile JSON (default: kvtier/codecs/profiles/<model>.json)")
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--sensitivity-from", type=Path, default=None,
+                   help="reuse the slab sensitivities of an earlier profile of this model (skips 2 x layers passes)")
+    a = p.parse_args(argv)
+    if a.windows < 1:
+        p.error(f"--windows must be >= 1, got {a.windows}")
+    torch.set_num_threads(a.threads)
+    model, tok = load_model(a.model, dtype=torch.float32)
+    sys.path.append(str(Path(__file__).resolve().parents[2] / "bench"))  # last: bench/kernels.py is not kernels
+    from quality import read_text  # one text reader for calibration and evaluation
+
+    text, _ = read_text(a.text)
+    ids = torch.tensor(tok(text).input_ids, dtype=torch.long)
+    sens = None
+    if a.sensitivity_from:
+        sens = P.Profile.from_json(a.sensitivity_from.read_bytes()).info["sensitivity_kl"]
+    prof = calibrate(model, ids, a.windows, sens=sens)
+    out = a.out or P.PROFILE_DIR / (P.model_layout_key(prof.model).split("|")[0] + ".json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_bytes(prof.to_json())
+    print(f"wrote {out} (profile {prof.digest}); budgets: "
+          + json.dumps({k: v for k, v in prof.info["measured"].items()}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Calibrated codec profiles: per-model bit allocations, their digest, lookup and storage.
+
+A profile says, for one model fingerprint, how many bits each slab (the K or
+the V of one layer) gets under each quality budget of the ``q*`` codecs
+(``kvtier.codecs.mix``), as measured by ``kvtier.codecs.calibrate``. It is a
+canonical JSON document; its digest (XXH3-128 of those bytes) names it. A
+block encoded with a profile records the digest and the bit table it used, so
+the block decodes from its own header alone: no profile is consulted on decode
+and none can be substituted (the checksum covers both).
+
+Profiles are found by model fingerprint (``lookup``), in this process's
+registry. To make a profile live with the tier rather than in one process,
+``store``/``fetch`` put it into and get it from the tier through kvtier's public
+``put``/``get`` under a key derived from the fingerprint (``tier_key``), as a
+``none``-codec chunk whose values are the JSON bytes (fp16 holds 0..255
+exactly). ``fetch`` verifies the digest and the fingerprint before registering.
+
+This module is not the calibration (``calibrate.py``) nor the codec (``mix.py``).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping
+
+import torch
+import xxhash
+
+from kvtier.errors import CodecError
+
+FORMAT = "kvtier-codec-profile"
+VERSION = 1
+KEY_PREFIX = "kvtier-profile|"
+MAX_PROFILE_BYTES = 1 << 20  # 1 MiB: a 128-layer model's tables are ~10 KiB
+PROFILE_DIR = Path(__file__).resolve().parent / "profiles"  # profiles shipped with kvtier (calibrated here)
+
+
+def model_layout_key(fingerprint: str) -> str:
+    """The fingerprint without its KV-dtype field: a profile measured on bf16 KV serves fp16/fp32 KV too."""
+    parts = fingerprint.split("|")
+    return "|".join(parts[:-1]) if len(parts) >= 5 else fingerprint
+
+
+@dataclass(frozen=True)
+class Profile:
+    model: str  # the model fingerprint it was calibrated on
+    layers: int
+    kv_heads: int
+    head_dim: int
+    budgets: Mapping[str, list[int]]  # codec name -> bits per slab (layer * 2 + kv)
+    info: Mapping[str, Any]  # how it was measured (text, windows, sensitivities, measured Δppl): provenance only
+
+    def to_json(self) -> bytes:
+        doc = {"format": FORMAT, "version": VERSION, "model": self.model, "layers": self.layers,
+               "kv_heads": self.kv_heads, "head_dim": self.head_dim,
+               "budgets": {k: list(v) for k, v in self.budgets.items()}, "info": self.info}
+        return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
+
+    @property
+    def digest(self) -> str:
+        return xxhash.xxh3_128(self.to_json()).hexdigest()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "Profile":
+        if len(raw) > MAX_PROFILE_BYTES:
+            raise CodecError(f"codec profile of {len(raw)} bytes exceeds {MAX_PROFILE_BYTES}")
+        try:
+            doc = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as e:
+            raise CodecError(f"codec profile is not JSON: {e}") from None
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+            raise CodecError(f"not a kvtier codec profile of version {VERSION}: format={doc.get('format') if isinstance(doc, dict) else doc!r}")
+        p = cls(model=doc["model"], layers=doc["layers"], kv_heads=doc["kv_heads"], head_dim=doc["head_dim"],
+                budgets=doc["budgets"], info=doc["info"])
+        p.validate()
+        return p
+
+    def validate(self, widths: tuple[int, ...] = (2, 3, 4, 8)) -> None:
+        for name in ("layers", "kv_heads", "head_dim"):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise CodecError(f"codec profile {name}={v!r} is not a positive int")
+        if not isinstance(self.model, str) or not self.model:
+            raise CodecError(f"codec profile model={self.model!r} is not a fingerprint")
+        if not isinstance(self.budgets, Mapping) or not isinstance(self.info, Mapping):
+            raise CodecError("codec profile budgets/info must be objects")
+        for name, bits in self.budgets.items():
+            if (not isinstance(bits, list) or len(bits) != 2 * self.layers
+                    or not all(isinstance(b, int) and b in widths for b in bits)):
+                raise CodecError(f"codec profile budget {name!r} must list {2 * self.layers} bit widths in "
+                                 f"{widths}, got {bits!r}"[:300])
+
+    def bits_for(self, codec: str, shape: tuple[int, ...]) -> list[int]:
+        """The bit table of budget ``codec`` for a chunk of ``shape``; a chunk of another layout is refused."""
+        L, _, H, _, D = shape
+        if (L, H, D) != (self.layers, self.kv_heads, self.head_dim):
+            raise CodecError(f"codec profile {self.digest[:12]} of {self.model!r} is for {self.layers} layers, "
+                             f"{self.kv_heads} KV heads, head_dim {self.head_dim}; the chunk has shape {shape}")
+        if codec not in self.budgets:
+            raise CodecError(f"codec profile {self.digest[:12]} has no budget {codec!r} (has {sorted(self.budgets)})")
+        return list(self.budgets[codec])
+
+
+_LOCK = threading.Lock()
+_BY_MODEL: dict[str, Profile] = {}
+
+
+def register(profile: Profile) -> str:
+    """Make ``profile`` the one used for its model in this process; returns its digest."""
+    profile.validate()
+    with _LOCK:
+        _BY_MODEL[model_layout_key(profile.model)] = profile
+    return profile.digest
+
+
+def unregister(model: str) -> None:
+    with _LOCK:
+        _BY_MODEL.pop(model_layout_key(model), None)
+
+
+def lookup(model: str | None) -> Profile | None:
+    """The registered profile of fingerprint ``model`` (any KV dtype), or None."""
+    if not model:
+        return None
+    with _LOCK:
+        return _BY_MODEL.get(model_layout_key(model))
+
+
+def register_builtin() -> list[str]:
+    """Register every profile shipped in ``PROFILE_DIR``; returns their digests."""
+    return [register(Profile.from_json(f.read_bytes())) for f in sorted(PROFILE_DIR.glob("*.json"))]
+
+
+# ---- living with the tier: through kvtier.put / kvtier.get -------------------
+def tier_key(model: str) -> str:
+    """The tier key a model's profile is stored under (one per model layout; newest wins)."""
+    return xxhash.xxh3_128((KEY_PREFIX + model_layout_key(model)).encode()).hexdigest()
+
+
+def to_tensor(profile: Profile) -> torch.Tensor:
+    """The profile's JSON bytes as a [1, 2, 1, n, 1] fp16 chunk (one byte per value, 0..255 exact in fp16),
+    storable with the ``none`` codec through the tier API; the second half of dim 1 is zeros."""
+    raw = profile.to_json()
+    t = torch.zeros(1, 2, 1, len(raw), 1, dtype=torch.float16)
+    t[0, 0, 0, :, 0] = torch.frombuffer(bytearray(raw), dtype=torch.uint8).to(torch.float16)
+    return t
+
+
+def from_tensor(t: torch.Tensor, model: str) -> Profile:
+    if not isinstance(t, torch.Tensor) or t.dim() != 5 or tuple(t.shape[:3]) != (1, 2, 1) or t.shape[4] != 1:
+        raise CodecError(f"tier object under the profile key of {model!r} is not a profile chunk: "
+                         f"{getattr(t, 'shape', type(t).__name__)}")
+    vals = t[0, 0, 0, :, 0].float()
+    if bool(((vals < 0) | (vals > 255) | (vals != vals.round())).any()):
+        raise CodecError(f"profile chunk of {model!r} holds values that are not bytes")
+    p = Profile.from_json(bytes(vals.to(torch.uint8).tolist()))
+    if model_layout_key(p.model) != model_layout_key(model):
+        raise CodecError(f"profile stored for {model!r} belongs to {p.model!r}")
+    return p
+
+
+def store(profile: Profile, put: Callable[[str, torch.Tensor, str], Any]) -> str:
+    """Store ``profile`` in a tier through ``put(key, tensor, codec)`` (e.g. ``kvtier.put``); returns the key."""
+    key = tier_key(profile.model)
+    put(key, to_tensor(profile), "none")
+    return key
+
+
+def fetch(model: str, get: Callable[[str], torch.Tensor | None]) -> Profile | None:
+    """Get, verify and register the profile of ``model`` from a tier through ``get(key)`` (e.g.
+    ``kvtier.get``); None when the tier holds none (a miss)."""
+    t = get(tier_key(model))
+    if t is None:
+        return None
+    p = from_tensor(t, model)
+    register(p)
+    return p
