@@ -18,11 +18,11 @@ def block(i, codec="none"):
 
 def test_budget_and_lru_order():
     blocks = [block(i)[0] for i in range(4)]
-    one = blocks[0].nbytes
+    one = blocks[0].buffers["data"].size  # the budget counts the payload bytes the tier owns
     hot = HotTier(3 * one, device="cpu")
     for b in blocks[:3]:
         assert hot.put(b) == []
-    assert hot.get(blocks[0].key) is blocks[0]  # touch: blocks[1] is now the oldest
+    assert hot.get(blocks[0].key).key == blocks[0].key  # touch: blocks[1] is now the oldest
     assert hot.put(blocks[3]) == [blocks[1].key]
     st = hot.stats()
     assert (st["blocks"], st["bytes"], st["capacity_bytes"], st["evictions"]) == (3, 3 * one, 3 * one, 1)
@@ -32,7 +32,7 @@ def test_budget_and_lru_order():
 
 def test_a_block_larger_than_the_budget_is_not_kept_and_zero_disables():
     b, _ = block(0)
-    assert HotTier(b.nbytes - 1).put(b) == []
+    assert HotTier(b.buffers["data"].size - 1).put(b) == []
     hot = HotTier(0)
     hot.put(b)
     assert len(hot) == 0 and hot.get_kv(b.key) is None
@@ -55,6 +55,28 @@ def test_get_kv_decodes_and_the_caller_owns_the_result(codec):
     assert torch.equal(hot.get_kv(b.key), kvtier.decompress(b))
     if codec == "none":
         assert torch.equal(out.add_(kv), kv)  # sanity: out was a real, writable tensor
+
+
+def test_the_tier_owns_its_bytes_and_never_views_the_source():
+    b, kv = block(4)
+    wire = kvtier.Block.from_arrow(b.to_arrow())  # as a warm get sees it: views of someone else's buffer
+    src = wire.buffers["data"]
+    hot = HotTier(1 << 30, device="cpu")
+    hot.put(wire)
+    held = hot.get(wire.key).buffers["data"]
+    assert not src.address <= held.data_ptr() < src.address + src.size, "a copy, not a view of the source"
+    del wire, src  # dropping the source (a shard dropping its object) leaves the hot copy intact
+    assert torch.equal(hot.get_kv(b.key), kv)
+    assert hot.stats()["bytes"] == held.numel()
+
+
+def test_device_none_is_the_tiers_device_and_a_foreign_model_is_a_miss():
+    b, kv = block(5)
+    hot = HotTier(1 << 30, device="cpu")
+    hot.put(b)
+    assert hot.get_kv(b.key).device.type == "cpu" and hot.get_kv(b.key, device="cpu").device.type == "cpu"
+    assert hot.get_kv(b.key, expect_model="another-model") is None
+    assert hot.stats()["misses"] == 1
 
 
 def test_decode_block_copies_only_when_aliasing():
@@ -97,7 +119,7 @@ def test_cuda_hot_tier_keeps_payload_on_the_gpu_and_decodes_there(codec):
     b, _ = block(3, codec)
     hot = HotTier(1 << 30, device="cuda")
     hot.put(b)
-    assert all(t.is_cuda for t in hot._dev[b.key].values()), "payload kept in device memory"
+    assert all(t.is_cuda for t in hot.get(b.key).buffers.values()), "payload kept in device memory"
     out = hot.get_kv(b.key)
     assert out.is_cuda
     ref = kvtier.decompress(b)
