@@ -3,7 +3,7 @@
     prefill(input)  tokenize (chat template for chat) -> chunk keys (tenant-bound)
                     -> kvtier.lookup -> load the cached prefix -> compute the
                     remaining *full* chunks only -> publish them to the decode
-                    worker (ray_apps.transfer) and kvtier.put them -> a handoff:
+                    worker (ray_apps.transport) and kvtier.put them -> a handoff:
                     {ids, keys, n_hit, n_full, desc, ...}
     generate(input, handoff)
                     prefetch the tier hits (in the background) while pulling the
@@ -36,7 +36,7 @@ import kvtier
 from kvtier.config import TierConfig
 from kvtier.hf import cache_to_chunks, chunks_to_cache, kv_layout, reusable_chunks
 from ray_apps.openai_api import APIError, StopBuffer
-from ray_apps.transfer import TRANSPORTS, make_transport, pull
+from ray_apps.transport import TRANSPORTS, make_transport, pull
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
