@@ -144,7 +144,7 @@ class _ModelWorker:
             return []
         n = kvtier.lookup(keys)
         out = []
-        for kv in (kvtier.get(keys[:n]) if n else []):
+        for kv in (kvtier.get(keys[:n], device=self.device) if n else []):
             if kv is None or not self._fits(kv):
                 break
             out.append(kv)
@@ -167,14 +167,19 @@ class _ModelWorker:
             self.counters["computed_tokens"] += upto - start
         return cache, logits
 
-    def put_new(self, keys: list[str], cache, first: int, last: int) -> list[torch.Tensor]:
-        """Put chunks ``first..last-1`` of ``cache`` under ``keys[first:last]``; returns them."""
+    def put_new(self, keys: list[str], cache, first: int, last: int) -> tuple[list[torch.Tensor], list[kvtier.Block]]:
+        """Put chunks ``first..last-1`` of ``cache`` under ``keys[first:last]``; returns them and their blocks.
+
+        Each chunk is compressed and serialized once, with this model's id in its header: the tier
+        stores these blocks' bytes as they are, and the handoff publishes the same bytes."""
         if last <= first:
-            return []
+            return [], []
         chunks = cache_to_chunks(cache, self.C, start=first * self.C)[: last - first]
-        kvtier.put(keys[first:last], chunks)
+        blocks = [kvtier.compress(kv, self.tier.codec, key=k, model_id=self.model_id)
+                  for k, kv in zip(keys[first:last], chunks)]
+        kvtier.put(keys[first:last], blocks)  # returns once queued: the store runs off the request path
         self.counters["put_chunks"] += len(chunks)
-        return chunks
+        return chunks, blocks
 
 
 class PrefillWorker(_ModelWorker):
@@ -190,10 +195,8 @@ class PrefillWorker(_ModelWorker):
         desc = None
         if n_full > n_hit:
             cache, _ = self.extend(ids, hits, n_full * self.C)
-            chunks = self.put_new(keys, cache, n_hit, n_full)
-            blocks = [kvtier.compress(kv, self.tier.codec, key=k, model_id=self.model_id)
-                      for k, kv in zip(keys[n_hit:], chunks)]
-            desc = self.transport.publish([(b.key, b.to_arrow()) for b in blocks])
+            _, blocks = self.put_new(keys, cache, n_hit, n_full)
+            desc = self.transport.publish([(b.key, b.to_arrow()) for b in blocks])  # the put's bytes, not a second encode
         self.counters["requests"] += 1
         self.counters["prompt_tokens"] += len(ids)
         self.counters["tier_hit_tokens"] += n_hit * self.C
