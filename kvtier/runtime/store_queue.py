@@ -43,6 +43,7 @@ class Pending:
     key: str
     wire: Any  # pyarrow.Buffer
     nbytes: int
+    cold: bool = False  # already in the cold tier (a promotion of a cold hit)
 
 
 class StoreQueue:
@@ -92,12 +93,26 @@ class StoreQueue:
                 self.counters["wait_s"] += time.monotonic() - t0
             if self._closed:
                 raise KvtierError("the store queue is closed")
-            for p in items:
-                self._pending[p.key] = p
-            self._bytes += size
-            self._queue.append(items)
-            self.counters["submitted"] += len(items)
-            self._cv.notify_all()
+            self._enqueue(items, size)
+
+    def _enqueue(self, items: list[Pending], size: int) -> None:  # under self._cv
+        for p in items:
+            self._pending[p.key] = p
+        self._bytes += size
+        self._queue.append(items)
+        self.counters["submitted"] += len(items)
+        self._cv.notify_all()
+
+    def offer(self, items: Sequence[Pending]) -> bool:
+        """Queue ``items`` only if they fit now (never waits): for work that may be skipped, such as
+        promoting a cold hit to warm on a get path. False if not queued."""
+        items = list(items)
+        size = sum(p.nbytes for p in items)
+        with self._cv:
+            if not items or self._closed or (self._bytes and self._bytes + size > self.max_bytes):
+                return False
+            self._enqueue(items, size)
+        return True
 
     def pending(self, key: str) -> Pending | None:
         """The block of ``key`` if it is still queued or being sent."""

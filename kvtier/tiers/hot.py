@@ -27,7 +27,6 @@ Thread-safe: the client's prefetch thread fills the tier while the caller reads.
 
 from __future__ import annotations
 
-import mmap
 import threading
 import warnings
 from dataclasses import dataclass
@@ -56,19 +55,11 @@ def as_device(device: str | torch.device | None) -> torch.device:
     return d
 
 
-_HUGE_COPY_BYTES = 4 << 20  # copies this large go to huge pages (below it malloc reuses warm heap pages)
-
-
 def _copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of a CPU tensor; large ones in memory advised to use 2 MiB pages: a fresh 32 MiB
-    malloc here costs 8192 page faults, and the copy took 21 ms instead of 8 ms with huge pages."""
-    n = t.numel() * t.element_size()
-    if t.device.type != "cpu" or n < _HUGE_COPY_BYTES or not hasattr(mmap, "MADV_HUGEPAGE"):
-        return t.clone()
-    m = mmap.mmap(-1, n, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    m.madvise(mmap.MADV_HUGEPAGE)
-    out = torch.frombuffer(m, dtype=t.dtype, count=t.numel()).view(t.shape)  # the tensor keeps ``m`` alive
-    return out.copy_(t)
+    """A copy of ``t`` in memory of its own. A plain clone: copies into huge-page mmaps (the previous
+    version) measured 18.1 ms (kept) / 7.9 ms (dropped each time) for a 5.9 MB chunk here, a clone
+    9.8 / 0.07 ms, since malloc reuses the pages a dropped result freed (2026-12-01, 2 cores)."""
+    return t.clone()
 
 
 def owned(out: torch.Tensor, memory: Any) -> torch.Tensor:

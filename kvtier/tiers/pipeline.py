@@ -88,14 +88,19 @@ class Loader:
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def load(self, keys: Sequence[str], sources: Sequence[Source], device: str | torch.device | None = None, *,
-             expect_model: str | None = None, keep_buffers: bool = False, timeout_s: float = 60.0) -> list[Loaded]:
+             expect_model: str | None = None, keep_buffers: bool = False, decode: bool = True,
+             timeout_s: float = 60.0) -> list[Loaded]:
+        """One ``Loaded`` per key, in order. ``decode=False`` (a prefetch into the hot tier) stops after the
+        device copy: ``kv`` stays None, ``buffers`` are set (``keep_buffers`` is implied)."""
+        keep_buffers = keep_buffers or not decode
         if len(keys) != len(sources):
             raise ValueError(f"load got {len(keys)} keys and {len(sources)} sources; they must pair up")
         if not (isinstance(timeout_s, (int, float)) and timeout_s > 0):
             raise ValueError(f"timeout_s={timeout_s!r} must be a positive number of seconds")
         device = as_device(device)
         cuda = device.type == "cuda"
-        futs = [self._pool.submit(self._verify, k, s, device, expect_model, keep_buffers) for k, s in zip(keys, sources)]
+        futs = [self._pool.submit(self._verify, k, s, device, expect_model, keep_buffers, decode)
+                for k, s in zip(keys, sources)]
         deadline = time.monotonic() + timeout_s
         out: list[Loaded] = []
         copy = self._stream(device) if cuda else None
@@ -112,7 +117,7 @@ class Loader:
                 continue
             if cuda:
                 try:
-                    v.kv, v.buffers = self._to_device(v, device, copy, main, keep_buffers)
+                    v.kv, v.buffers = self._to_device(v, device, copy, main, keep_buffers, decode)
                 except BlockFormatError as e:
                     out.append(Loaded(key, "corrupt", error=str(e)))
                     continue
@@ -120,7 +125,8 @@ class Loader:
         return out
 
     # ---- stage 1 (+ CPU decode / CUDA staging), in the pool ---------------------------
-    def _verify(self, key: str, src: Source, device: torch.device, expect_model: str | None, keep: bool):
+    def _verify(self, key: str, src: Source, device: torch.device, expect_model: str | None, keep: bool,
+                decode: bool):
         try:
             if callable(src):
                 src = src()
@@ -143,7 +149,7 @@ class Loader:
                 codec, params, bufs = block.codec, block.params, None
             v = _Verified(block, codec=codec, params=params)
             if device.type == "cpu":
-                v.kv = _decode(key, codec, params, block, bufs, device, private=not keep)
+                v.kv = _decode(key, codec, params, block, bufs, device, private=not keep) if decode else None
                 v.buffers = bufs
             else:
                 v.staged = _stage(bufs if bufs is not None else block.buffers)
@@ -152,7 +158,7 @@ class Loader:
             return Loaded(key, "corrupt", error=str(e))
 
     # ---- stage 2 on CUDA, in the calling thread --------------------------------------
-    def _to_device(self, v: _Verified, device: torch.device, copy, main, keep: bool):
+    def _to_device(self, v: _Verified, device: torch.device, copy, main, keep: bool, decode: bool):
         with torch.cuda.stream(copy):
             dev = {}
             for name, host in v.staged.items():
@@ -162,8 +168,9 @@ class Loader:
             ready = torch.cuda.Event()
             ready.record(copy)
         main.wait_event(ready)
-        kv = _decode(v.block.key, v.codec, v.params, v.block, dev, device, private=not keep)
-        return kv, dev
+        if not decode:
+            return None, dev
+        return _decode(v.block.key, v.codec, v.params, v.block, dev, device, private=not keep), dev
 
     def _stream(self, device: torch.device):
         s = self._streams.get(device)

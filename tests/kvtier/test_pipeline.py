@@ -95,6 +95,15 @@ def test_kept_buffers_are_owned_and_the_hot_tier_adopts_them(loader):
     assert torch.equal(hot.get_kv(key), kv)
 
 
+def test_decode_false_hands_buffers_only(loader):
+    key, kv, b = make(6, "kivi4")
+    (g,) = loader.load([key], [b.to_arrow()], "cpu", decode=False)
+    assert g.status == "ok" and g.kv is None and set(g.buffers) == set(b.buffers)
+    hot = HotTier(1 << 30, device="cpu")
+    hot.put(g.block, g.buffers)
+    assert torch.equal(hot.get_kv(key), kvtier.decompress(b))
+
+
 def test_bad_arguments_name_the_value(loader):
     with pytest.raises(ValueError, match="2 keys and 1 sources"):
         loader.load(["a", "b"], [None], "cpu")

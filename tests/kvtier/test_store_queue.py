@@ -86,6 +86,17 @@ def test_a_batch_larger_than_the_bound_goes_alone_and_a_failed_send_is_counted()
     q.close()
 
 
+def test_offer_never_waits():
+    gate = threading.Event()
+    q = StoreQueue(lambda b: gate.wait(5), max_bytes=100, timeout_s=5)
+    assert q.offer(items("a", size=80))
+    t0 = time.monotonic()
+    assert not q.offer(items("b", size=80)) and time.monotonic() - t0 < 0.2 and q.pending("b") is None
+    gate.set()
+    assert q.flush(5)
+    q.close()
+
+
 def test_bad_arguments_name_the_value():
     with pytest.raises(ValueError, match="max_bytes=0"):
         StoreQueue(lambda b: None, max_bytes=0, timeout_s=1)
