@@ -57,6 +57,30 @@ def default_cold_uri() -> str:
 
 
 _COLD_SCHEMES = ("file", "s3")
+_S3_URI_OPTIONS = ("endpoint_override", "scheme", "region")  # pyarrow's S3 URI parameters that kvtier honours
+
+
+def s3_uri_options(uri: str) -> dict[str, str]:
+    """pyarrow-style parameters of ``s3://bucket/prefix?endpoint_override=host:port&scheme=http&region=r``.
+    Any other parameter raises ValueError naming it: dropping one silently would send signed requests
+    to a public AWS bucket of the same name."""
+    from urllib.parse import parse_qsl, urlsplit
+
+    query = urlsplit(uri).query
+    out: dict[str, str] = {}
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        if name not in _S3_URI_OPTIONS:
+            raise ValueError(f"cold_uri parameter {name!r} is not supported; kvtier honours {list(_S3_URI_OPTIONS)}")
+        if name in out:
+            raise ValueError(f"cold_uri parameter {name!r} is given twice")
+        if not value:
+            raise ValueError(f"cold_uri parameter {name!r} has no value")
+        out[name] = value
+    if "scheme" in out and out["scheme"] not in ("http", "https"):
+        raise ValueError(f"cold_uri parameter scheme={out['scheme']!r} must be 'http' or 'https'")
+    if "scheme" in out and "endpoint_override" not in out:
+        raise ValueError("cold_uri parameter 'scheme' needs 'endpoint_override' (host:port)")
+    return out
 
 
 @dataclass(frozen=True)
@@ -71,7 +95,9 @@ class TierConfig:
     codec          codec used by put() when the caller names none
     chunk_tokens   tokens per chunk (one key, one block)
     write_through  also write each put to the cold tier at once (durability over speed)
-    tenant         prefix of every key (isolation between tenants sharing one tier)
+    tenant         the tenant every key is bound to (isolation between tenants sharing one tier)
+    model_id       model (fingerprint) written into every block this process puts and expected in
+                   every block it reads: a block of another model under the same key is a miss
     """
 
     hot_bytes: int = 1 << 30
@@ -83,6 +109,7 @@ class TierConfig:
     chunk_tokens: int = 256
     write_through: bool = False
     tenant: str = ""
+    model_id: str = ""
     s3_endpoint: str = ""
     s3_region: str = "us-east-1"
     rpc_timeout_s: float = 10.0
@@ -100,8 +127,15 @@ class TierConfig:
             scheme = self.cold_uri.split("://", 1)[0].lower()
             if scheme not in _COLD_SCHEMES:
                 raise ValueError(f"cold_uri={self.cold_uri!r} has unknown scheme {scheme!r}; expected a local path, file:// or s3://")
-            if scheme == "s3" and not self.cold_uri.split("://", 1)[1].strip("/"):
+            if scheme == "s3" and not self.cold_uri.split("://", 1)[1].split("?", 1)[0].strip("/"):
                 raise ValueError(f"cold_uri={self.cold_uri!r} names no bucket; expected s3://bucket/prefix")
+            if scheme == "s3":
+                opts = s3_uri_options(self.cold_uri)
+                if "endpoint_override" in opts and self.s3_endpoint:
+                    raise ValueError(f"cold_uri names endpoint_override={opts['endpoint_override']!r} and "
+                                     f"s3_endpoint={self.s3_endpoint!r} is set too; give one of them")
+            elif "?" in self.cold_uri:
+                raise ValueError(f"cold_uri={self.cold_uri!r}: URI parameters are supported for s3:// only")
         if not isinstance(self.tenant, str) or not re.fullmatch(r"[A-Za-z0-9._-]{0,64}", self.tenant):
             raise ValueError(f"tenant={self.tenant!r} must be up to 64 characters of letters, digits, '.', '_' or '-'")
         if (not isinstance(self.rpc_timeout_s, (int, float)) or isinstance(self.rpc_timeout_s, bool)
@@ -109,6 +143,8 @@ class TierConfig:
             raise ValueError(f"rpc_timeout_s={self.rpc_timeout_s!r} must be a positive number of seconds")
         if not isinstance(self.write_through, bool):  # "false" from an env var or CLI would be truthy
             raise ValueError(f"write_through={self.write_through!r} must be a bool")
+        if not isinstance(self.model_id, str) or len(self.model_id) > 512:
+            raise ValueError(f"model_id={self.model_id!r} must be a string of at most 512 characters")
         for name in ("s3_endpoint", "s3_region"):
             if not isinstance(getattr(self, name), str):
                 raise ValueError(f"{name}={getattr(self, name)!r} must be a string")

@@ -106,11 +106,12 @@ def check_keys(keys: Iterable[object], what: str = "key") -> list[str]:
 
 
 def tenant_key(key: str, tenant: str) -> str:
-    """The key under which ``tenant``'s block of ``key`` is stored: ``key`` itself for the default tenant "",
-    else a BLAKE2b-160 hex digest of (tenant, key). Two tenants putting the same key (the same tokens)
-    store two blocks, and neither can name the other's; the digest is a valid key of every tier
-    (40 hex characters, whatever the lengths of tenant and key) and spreads evenly over cold folders."""
-    if not tenant:
-        return key
-    h = hashlib.blake2b(b"kvtier/tenant/v1\0" + tenant.encode() + b"\0" + key.encode(), digest_size=KEY_BYTES)
+    """The key under which ``tenant``'s block of ``key`` is stored: a BLAKE2b-160 hex digest of (tenant, key)
+    under a domain, for every tenant including the default one "". So no tenant's stored keys are another
+    tenant's raw keys: the default tenant cannot name tenant B's blocks by computing them with this function
+    (it gets H("", H("B", k)), not H("B", k)). The digest is a valid key of every tier (40 hex characters,
+    whatever the lengths of tenant and key) and spreads evenly over cold folders."""
+    if not isinstance(tenant, str):
+        raise ValueError(f"tenant={tenant!r} must be a string")
+    h = hashlib.blake2b(b"kvtier/tenant/v2\0" + tenant.encode() + b"\0" + key.encode(), digest_size=KEY_BYTES)
     return h.hexdigest()

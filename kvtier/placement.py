@@ -13,6 +13,20 @@ tier is configured, or writing it there failed). Moving data is never done here:
 every decision comes back as an ``Order`` that the runtime hands to the shard
 that holds the bytes, and the shard reports back (``demoted``).
 
+Versions: every write (a put) gets a version from ``next_version`` (strictly
+increasing, floored at wall-clock nanoseconds so a restarted controller never
+hands out a version an older copy already carries). The index holds one version
+per key; a copy in any tier (a warm shard, a cold object) is valid only for the
+version it was written from. A promotion, a demotion report, a shard's inventory
+or a cold listing applies only if its version is still the key's current one
+(or, at a rebuild, newer); otherwise the answer is an order to drop or delete
+that stale copy. A delete leaves a tombstone (the version at deletion) so a copy
+of the deleted data that is still in flight (a promotion, a late demotion, a cold
+listing retried after an outage) cannot bring the key back. Tombstones expire
+after ``tombstone_ttl`` seconds (longer than any in-flight call: those are
+bounded by ``rpc_timeout_s``) or beyond ``max_tombstones``, oldest first, and
+never while ``listing_pending`` (a cold listing that may still report them).
+
 Pins protect blocks under a reader; each pin belongs to a lease that expires
 after ``ttl`` seconds, so a reader that dies cannot pin a block forever.
 
@@ -76,15 +90,20 @@ class LRU:
         return out
 
 
+ALL_VERSIONS = -1  # a delete_cold "version" meaning every object of the key
+
+
 @dataclass(frozen=True)
 class Order:
     """A data movement for the runtime to execute.
 
     demote       the shard writes these blocks to the cold tier, drops them, reports ``demoted``
-    drop         the shard drops these warm copies (a copy exists below, or the block is evicted)
+    drop         the shard drops these warm copies (a copy exists below, the block is evicted, or the
+                 copy is stale: its version is not the key's current one)
     delete_cold  delete these cold objects (any shard may execute it)
-    ``gens`` are the shard's write generations: a shard ignores an order for an
-    older copy than the one it holds (the key was put again meanwhile).
+    ``gens`` of demote/drop are the shard's write generations: a shard ignores an order for an
+    older copy than the one it holds (the key was put again meanwhile). ``gens`` of delete_cold
+    are the versions of the objects to delete (each version is its own object).
     """
 
     kind: str
@@ -100,10 +119,11 @@ class Entry:
     shard: str | None = None   # the warm shard holding a copy
     gen: int = 0               # that shard's write generation of the copy
     ref: Any = None            # opaque handle of the warm bytes (the runtime stores a Ray ObjectRef)
-    cold: bool = False         # a verified copy is in the cold tier
+    cold: bool = False         # a verified copy of this version is in the cold tier
     moving: bool = False       # a demotion of the warm copy is under way
     last_access: float = 0.0
     pins: int = 0
+    version: int = 0           # the write this entry's copies hold
 
     @property
     def tier(self) -> str | None:
@@ -124,7 +144,9 @@ class Placement:
     """The index and policy of warm shards + cold tier. Not thread-safe: the controller locks."""
 
     def __init__(self, shard_capacity: dict[str, int] | None = None, cold_capacity: int = 0,
-                 cold_enabled: bool = True, clock: Callable[[], float] = time.monotonic) -> None:
+                 cold_enabled: bool = True, clock: Callable[[], float] = time.monotonic,
+                 version_floor: Callable[[], int] = time.time_ns, tombstone_ttl: float = 600.0,
+                 max_tombstones: int = 1 << 20) -> None:
         self.entries: dict[str, Entry] = {}
         self.shards: dict[str, LRU] = {}
         self.cold = LRU(cold_capacity)
@@ -133,8 +155,34 @@ class Placement:
         self.counters = {"warm": _TierCounters(), "cold": _TierCounters()}
         self._leases: dict[int, tuple[list[str], float]] = {}  # lease -> (pinned keys, expiry)
         self._lease_ids = itertools.count(1)
+        self._version = 0
+        self._version_floor = version_floor
+        # key -> (version at deletion, expiry); 1M tombstones of 40-char keys are ~150 MB at most
+        self.tombstones: OrderedDict[str, tuple[int, float]] = OrderedDict()
+        self.tombstone_ttl = tombstone_ttl
+        self.max_tombstones = max_tombstones
+        self.listing_pending = False  # a cold listing may still report objects: keep every tombstone
+        self.stale = 0  # copies refused because their version was not current (or deleted)
         for sid, cap in (shard_capacity or {}).items():
             self.add_shard(sid, cap)
+
+    # ---- versions -------------------------------------------------------
+    def next_version(self) -> int:
+        self._version = max(self._version + 1, int(self._version_floor()))
+        return self._version
+
+    def _seen(self, version: int) -> None:
+        self._version = max(self._version, version)
+
+    def _deleted(self, key: str, version: int) -> bool:
+        t = self.tombstones.get(key)
+        return t is not None and version <= t[0]
+
+    def expire_tombstones(self) -> None:
+        now = self.clock()
+        while self.tombstones and (len(self.tombstones) > self.max_tombstones or
+                                   (not self.listing_pending and next(iter(self.tombstones.values()))[1] <= now)):
+            self.tombstones.popitem(last=False)
 
     # ---- shards -------------------------------------------------------
     def add_shard(self, shard: str, capacity: int) -> None:
@@ -158,54 +206,118 @@ class Placement:
         return lost
 
     # ---- writes ---------------------------------------------------------
-    def put_warm(self, key: str, size: int, shard: str, gen: int = 0, ref: Any = None) -> list[Order]:
-        """A shard now holds ``key`` (a put, a promotion from cold, or an inventory at rebuild)."""
+    def write(self, key: str, size: int, shard: str, gen: int = 0, ref: Any = None) -> tuple[int, list[Order]]:
+        """A put: ``shard`` now holds new content of ``key``. Returns (its new version, orders);
+        version 0 means the report was refused (a late report of a copy the shard has since replaced)."""
         if shard not in self.shards:
             raise KeyError(f"unknown shard {shard!r}")
-        orders: list[Order] = []
         e = self.entries.get(key)
         if e is not None and e.shard == shard and gen and e.gen and gen < e.gen:
             # a late report of a copy this shard has since replaced (the controller runs calls concurrently and
             # Ray retries them after a controller restart): taking it would make the index name a copy the shard
             # no longer holds, so its drop/demote orders miss and the newer copy stays in the shard, uncounted
-            return []
-        if e is None:
-            e = self.entries[key] = Entry(key, size)
-        elif e.shard is not None and (e.shard != shard or e.moving):
-            if e.shard != shard:  # an older copy elsewhere: drop it
-                orders.append(Order("drop", e.shard, (key,), (e.gen,)))
-            self._clear_warm(e)
-        if e.cold and e.size != size:  # new content under the same key: the cold copy is stale
-            orders += self._drop_cold(e, key)
-        e.size, e.shard, e.gen, e.ref, e.moving = size, shard, gen, ref, False
+            return 0, []
+        version = self.next_version()
+        self.tombstones.pop(key, None)
+        return version, self._replace(key, size, version, shard, gen, ref)
+
+    def put_warm(self, key: str, size: int, shard: str, gen: int = 0, ref: Any = None,
+                 version: int | None = None, adopt: bool = False) -> list[Order]:
+        """A shard holds a copy of ``key`` at ``version`` (a promotion from cold, or an inventory at a
+        rebuild when ``adopt``). It is taken only if ``version`` is the key's current one (or, with
+        ``adopt``, newer than what the index knows); otherwise the answer orders the shard to drop it.
+        ``version=None`` is a put (``write``)."""
+        if version is None:
+            return self.write(key, size, shard, gen, ref)[1]
+        if shard not in self.shards:
+            raise KeyError(f"unknown shard {shard!r}")
+        refuse = [Order("drop", shard, (key,), (gen,))]
+        e = self.entries.get(key)
+        if self._deleted(key, version) or (e is None and not adopt) or (e is not None and version < e.version):
+            self.stale += 1
+            return refuse
+        self._seen(version)
+        if e is None or version > e.version:
+            if not adopt:
+                self.stale += 1
+                return refuse
+            return self._replace(key, size, version, shard, gen, ref)
+        # the current version
+        if e.shard is not None and e.shard != shard:
+            self.stale += 1  # one warm copy per version: keep the one the index names
+            return refuse
+        if e.shard == shard and e.gen and gen and gen < e.gen:
+            return []  # an older copy of the same version, already replaced in the shard
+        e.shard, e.gen, e.ref, e.moving = shard, gen, ref, False
         e.last_access = self.clock()
-        self.shards[shard].add(key, size)
+        self.shards[shard].add(key, e.size)
         if e.cold:
             self.cold.touch(key)
+        return self._enforce_shard(shard)
+
+    def _replace(self, key: str, size: int, version: int, shard: str, gen: int, ref: Any) -> list[Order]:
+        """Make ``key`` name new content (``version``) held by ``shard``; order every older copy away."""
+        orders: list[Order] = []
+        e = self.entries.get(key)
+        if e is None:
+            e = self.entries[key] = Entry(key, size)
+        else:
+            if e.shard is not None and e.shard != shard:  # an older copy elsewhere: drop it
+                orders.append(Order("drop", e.shard, (key,), (e.gen,)))
+            self._clear_warm(e)  # on the same shard the new copy replaced the old one there
+            if e.cold:  # the cold object holds the older version: it is stale whatever its size
+                orders += self._drop_cold(e, key)
+        e.size, e.shard, e.gen, e.ref, e.moving, e.version = size, shard, gen, ref, False, version
+        e.last_access = self.clock()
+        self.shards[shard].add(key, size)
         return orders + self._enforce_shard(shard)
 
-    def put_cold(self, key: str, size: int) -> list[Order]:
-        """A verified copy of ``key`` is now in the cold tier (write-through, demotion, rebuild)."""
+    def put_cold(self, key: str, size: int, version: int | None = None, adopt: bool = True) -> list[Order]:
+        """A verified copy of ``key`` at ``version`` is now in the cold tier (a demotion, a write-through,
+        a listing at rebuild when ``adopt``). Taken only if ``version`` is current (with ``adopt``: or newer
+        than the index knows, or the key is unknown); otherwise the answer deletes that stale object.
+        ``version=None``: the entry's current version (a new one for an unknown key)."""
         if not self.cold_enabled:
             raise ValueError("the cold tier is disabled (cold_uri='')")
         e = self.entries.get(key)
+        if version is None:
+            version = e.version if e is not None else self.next_version()
+        stale = [Order("delete_cold", None, (key,), (version,))]
+        if self._deleted(key, version) or (e is not None and version < e.version) or (e is None and not adopt):
+            self.stale += 1
+            return stale
+        self._seen(version)
+        orders: list[Order] = []
         if e is None:
-            e = self.entries[key] = Entry(key, size, last_access=self.clock())
+            e = self.entries[key] = Entry(key, size, last_access=self.clock(), version=version)
+        elif version > e.version:
+            if not adopt:
+                self.stale += 1
+                return stale
+            if e.shard is not None:  # the warm copy is older than this cold object
+                orders.append(Order("drop", e.shard, (key,), (e.gen,)))
+                self._clear_warm(e)
+            if e.cold:
+                orders += self._drop_cold(e, key)
+            e.size, e.version = size, version
         e.cold = True
-        self.cold.add(key, size)
-        return self._enforce_cold()
+        self.cold.add(key, e.size)
+        return orders + self._enforce_cold()
 
-    def demoted(self, key: str, shard: str, gen: int, ok: bool) -> list[Order]:
-        """The shard finished a demote order for (key, gen): written to cold if ``ok``, dropped either way."""
+    def demoted(self, key: str, shard: str, gen: int, ok: bool, version: int | None = None) -> list[Order]:
+        """The shard finished a demote order for (key, gen): written to cold as ``version`` if ``ok``,
+        dropped either way. A report about a version that is no longer current deletes what it wrote."""
         e = self.entries.get(key)
-        if e is None:
-            return [Order("delete_cold", None, (key,))] if ok else []  # deleted meanwhile
+        if e is None or (version is not None and version != e.version):
+            if ok and version is not None:
+                return [Order("delete_cold", None, (key,), (version,))]  # deleted or overwritten meanwhile
+            return [Order("delete_cold", None, (key,), (ALL_VERSIONS,))] if ok and e is None else []
         if e.shard == shard and e.gen == gen and e.moving:
             self._clear_warm(e)
         orders: list[Order] = []
         if ok:
             self.counters["warm"].demotions += 1
-            orders = self.put_cold(key, e.size)
+            orders = self.put_cold(key, e.size, e.version)
         elif e.shard is None and not e.cold:
             del self.entries[key]  # the cold write failed and no copy is left: it left the system
             self.counters["cold"].failures += 1
@@ -225,19 +337,24 @@ class Placement:
                 del self.entries[key]
         return orders
 
-    def forget_cold(self, keys: Iterable[str]) -> None:
-        """Readers found these cold objects missing or corrupt (the cold store removed them)."""
-        for key in keys:
+    def forget_cold(self, keys: Iterable[str], versions: Sequence[int] = ()) -> None:
+        """Readers found these cold objects (of ``versions[i]`` when given) missing or corrupt."""
+        for i, key in enumerate(keys):
             e = self.entries.get(key)
-            if e is not None and e.cold:
+            if e is not None and e.cold and (i >= len(versions) or versions[i] == e.version):
                 e.cold = False
                 self.cold.remove(key)
                 if e.shard is None:
                     del self.entries[key]
 
     def delete(self, keys: Iterable[str]) -> tuple[int, list[Order]]:
+        """Remove ``keys`` from every tier and leave a tombstone for each (also for keys not in the
+        index: a cold listing still under way may report them later)."""
         orders, n = [], 0
+        now = self.clock()
         for key in keys:
+            self.tombstones.pop(key, None)
+            self.tombstones[key] = (self.next_version(), now + self.tombstone_ttl)
             e = self.entries.pop(key, None)
             if e is None:
                 continue
@@ -247,7 +364,8 @@ class Placement:
                 self.shards[e.shard].remove(key)
             if e.cold:
                 self.cold.remove(key)
-                orders.append(Order("delete_cold", None, (key,)))
+                orders.append(Order("delete_cold", None, (key,), (e.version,)))
+        self.expire_tombstones()
         return n, _merge(orders)
 
     # ---- reads ----------------------------------------------------------
@@ -296,7 +414,7 @@ class Placement:
             if pin_ttl is not None and (pin_warm or e.shard is None):
                 e.pins += 1
                 pinned.append(k)
-            out.append(Entry(k, e.size, e.shard, e.gen, e.ref, e.cold, e.moving, e.last_access, e.pins))
+            out.append(Entry(k, e.size, e.shard, e.gen, e.ref, e.cold, e.moving, e.last_access, e.pins, e.version))
         lease = 0
         if pinned:
             lease = next(self._lease_ids)
@@ -316,7 +434,8 @@ class Placement:
         return self.enforce()
 
     def expire(self) -> list[Order]:
-        """Release every lease past its expiry (a reader that died or hung)."""
+        """Release every lease past its expiry (a reader that died or hung); expire old tombstones."""
+        self.expire_tombstones()
         now = self.clock()
         orders = []
         for lease in [i for i, (_, expires) in self._leases.items() if expires <= now]:
@@ -375,7 +494,7 @@ class Placement:
     def _drop_cold(self, e: Entry, key: str) -> list[Order]:
         e.cold = False
         self.cold.remove(key)
-        return [Order("delete_cold", None, (key,))]
+        return [Order("delete_cold", None, (key,), (e.version,))]
 
     def _clear_warm(self, e: Entry) -> None:
         if e.shard is not None and e.shard in self.shards:
@@ -395,7 +514,8 @@ class Placement:
                      "dropped": c.dropped,
                      "enabled": self.cold_enabled},
             "shards": {sid: {"blocks": len(l), "bytes": l.used, "capacity_bytes": l.capacity} for sid, l in self.shards.items()},
-            "keys": len(self.entries), "leases": len(self._leases),
+            "keys": len(self.entries), "leases": len(self._leases), "tombstones": len(self.tombstones),
+            "stale_copies": self.stale,
         }
 
 

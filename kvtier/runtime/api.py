@@ -2,8 +2,11 @@
 
 ``init`` decides where the tier is:
   * no address, Ray not initialized, no ``$RAY_ADDRESS``: an *embedded* tier —
-    a local Ray (``num_cpus=2``, no dashboard), the controller, the warm shards,
-    a cold store in a local directory. ``shutdown()`` stops all of it.
+    a local Ray of its own (``address="local"``, its own temp dir and so its own
+    ports and sockets, even when another Ray runs on the machine; ``num_cpus=2``,
+    no dashboard), the controller, the warm shards, a cold store in a local
+    directory. ``shutdown()`` stops all of it. To use another Ray running on the
+    machine instead, pass ``address="auto"``.
   * ``address="auto"`` / ``"ray://..."`` / ``"host:port"``, or Ray already
     initialized in this process (a Ray worker, a test fixture): *join* that
     cluster and use the tier in ``namespace``, creating its actors if absent.
@@ -12,12 +15,16 @@
     the shards). ``shutdown()`` leaves a shared tier running.
 
 When a tier already runs, its warm/cold settings win; a config given to
-``init`` still sets this process's ``hot_bytes``, default ``codec`` and ``tenant``.
+``init`` still sets this process's ``hot_bytes``, default ``codec``, ``tenant``
+and ``model_id``.
 """
 
 from __future__ import annotations
 
 import os
+import secrets
+import shutil
+import tempfile
 import threading
 from typing import Any, Mapping, Sequence
 
@@ -31,6 +38,7 @@ _lock = threading.RLock()
 _client = None
 _embedded = False       # this process started Ray and the tier: shutdown stops both
 _connected_ray = False  # this process called ray.init(address=...): shutdown disconnects
+_temp_dir: str | None = None  # the embedded Ray's own temp dir, removed at shutdown
 
 
 def controller_handle(cfg: TierConfig, namespace: str):
@@ -43,13 +51,13 @@ def controller_handle(cfg: TierConfig, namespace: str):
     return actor.options(
         name=CONTROLLER, namespace=namespace, lifetime="detached", get_if_exists=True,
         max_restarts=-1, max_task_retries=-1, num_cpus=0, max_concurrency=16,
-    ).remote(cfg.to_dict(), namespace)
+    ).remote(cfg.to_dict(), namespace, secrets.token_hex(16))  # the shards' secrets derive from it
 
 
 def init(address: str | None = None, namespace: str = DEFAULT_NAMESPACE,
          config: TierConfig | Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Start or join a tier; returns its description (config, shards). Idempotent per namespace."""
-    global _client, _embedded, _connected_ray
+    global _client, _embedded, _connected_ray, _temp_dir
     if not isinstance(namespace, str) or not namespace:
         raise ValueError(f"namespace={namespace!r} must be a non-empty string")
     if address is not None and not isinstance(address, str):
@@ -66,7 +74,11 @@ def init(address: str | None = None, namespace: str = DEFAULT_NAMESPACE,
             shutdown()
         if not ray.is_initialized():
             if address is None and not os.environ.get("RAY_ADDRESS"):
-                ray.init(num_cpus=2, include_dashboard=False, namespace=namespace, log_to_driver=False)
+                # address="local" + a temp dir of its own: never join (or trip over) another Ray on this machine,
+                # whose default /tmp/ray would make ray.init connect to it and refuse num_cpus
+                _temp_dir = tempfile.mkdtemp(prefix="kvtier-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
+                ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=namespace,
+                         log_to_driver=False, _temp_dir=_temp_dir)
                 _embedded = True
             else:
                 ray.init(address=address or "auto", namespace=namespace)
@@ -79,7 +91,8 @@ def init(address: str | None = None, namespace: str = DEFAULT_NAMESPACE,
                               f"{INIT_TIMEOUT_S:.0f}s ({type(e).__name__}: {e})") from None
         explicit = config is not None
         _client = Client(controller, namespace, info, hot_bytes=cfg.hot_bytes if explicit else None,
-                         codec=cfg.codec if explicit else None, tenant=cfg.tenant if explicit else None)
+                         codec=cfg.codec if explicit else None, tenant=cfg.tenant if explicit else None,
+                         model_id=cfg.model_id if explicit else None)
         return _describe(_client)
 
 
@@ -189,7 +202,7 @@ def stop_tier(namespace: str = DEFAULT_NAMESPACE, timeout_s: float = 30.0) -> bo
 def shutdown(stop: bool | None = None) -> None:
     """Close this process's client. An embedded tier is stopped (and its Ray);
     a shared tier keeps running unless ``stop=True``."""
-    global _client, _embedded, _connected_ray
+    global _client, _embedded, _connected_ray, _temp_dir
     import ray
 
     with _lock:
@@ -200,4 +213,7 @@ def shutdown(stop: bool | None = None) -> None:
                 stop_tier(client.namespace)
         if _embedded or _connected_ray:
             ray.shutdown()
+        if _temp_dir is not None:
+            shutil.rmtree(_temp_dir, ignore_errors=True)
+            _temp_dir = None
         _embedded = _connected_ray = False

@@ -12,15 +12,27 @@ index from what the shards hold (``inventory``) and what the cold store lists,
 so ``ray.kill(controller, no_restart=False)`` loses no block that was in a warm
 shard or the cold tier. A monitor thread pings the shards every second: a shard
 that died (or came back as a new, empty incarnation) has its blocks forgotten,
-so gets fall back to cold or miss instead of hanging; it also expires pin leases.
+so gets fall back to cold or miss instead of hanging; it also expires pin leases
+and, while the cold store could not be listed (S3 down, a folder it may not
+read), retries that listing every ``LIST_RETRY_S``: the controller starts,
+restarts and rebuilds with any backend down.
+
+Only shards register blocks: each shard gets a secret derived from the tier's
+secret (an argument of this actor, so Ray's restarts of the controller keep it)
+and every ``register``/``demoted`` call must carry it. A shard whose secret does
+not match (left over from a controller that was replaced) is killed and made
+again.
 
 Not here: placement policy (``kvtier.placement``), data, decompression.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import logging
 import os
+import secrets
 import threading
 import time
 from typing import Any
@@ -33,13 +45,14 @@ from kvtier.errors import KvtierError
 from kvtier.metrics import TierMetrics
 from kvtier.placement import Order, Placement
 from kvtier.runtime.names import open_cold_store, shard_name
-from kvtier.runtime.shard import Shard
+from kvtier.runtime.shard import Shard, secret_id
 
 log = logging.getLogger("kvtier.controller")
 
 ShardActor = ray.remote(Shard)
 STARTUP_TIMEOUT_S = 120.0  # a fresh shard starts a worker process: 1-3 s idle, tens of s on a loaded 2-core CI box
 MONITOR_INTERVAL_S = 1.0
+LIST_RETRY_S = 5.0  # a cold listing that failed is retried this often (a listing of 1M S3 objects takes ~1 min)
 
 
 class _ShardInfo:
@@ -50,23 +63,39 @@ class _ShardInfo:
 
 
 class Controller:
-    def __init__(self, config: dict, namespace: str) -> None:
+    def __init__(self, config: dict, namespace: str, secret: str = "") -> None:
+        self.metrics = TierMetrics("controller")  # first: every later step may count an error
+        self.errors = 0
         self.cfg = TierConfig.from_any(config)
         self.namespace = namespace
+        # without a secret from the creator (kvtier.runtime.api gives one), a fresh one: existing shards then
+        # do not match and are made again (their warm blocks are lost, cold ones stay)
+        self._secret = secret or secrets.token_hex(16)
         self.cold = open_cold_store(self.cfg)
         self.placement = Placement({shard_name(i): self.cfg.shard_bytes for i in range(self.cfg.num_shards)},
                                    cold_capacity=self.cfg.cold_bytes, cold_enabled=self.cold is not None)
         self.lease_s = 3 * self.cfg.rpc_timeout_s + 5.0  # a reader's fetch is bounded by rpc_timeout_s; 3x is slack
+        # tombstones outlive any in-flight promotion or report: those are bounded by rpc_timeout_s, 10x is slack
+        self.placement.tombstone_ttl = max(60.0, 10 * self.cfg.rpc_timeout_s)
         self._lock = threading.RLock()
         self._rr = 0
-        self.errors = 0
+        self._listed_at = 0.0
         self.started = time.time()
         self.shards = {shard_name(i): _ShardInfo(shard_name(i), self._ensure_shard(i)) for i in range(self.cfg.num_shards)}
-        self._rebuild()
-        self.metrics = TierMetrics("controller")
         self._reported = {"warm": 0, "cold": 0}  # drop counts already exported
         self._stop = threading.Event()
+        self._rebuild()
         threading.Thread(target=self._monitor, name="kvtier-monitor", daemon=True).start()
+
+    def _shard_secret(self, sid: str) -> str:
+        return hmac.new(self._secret.encode(), sid.encode(), hashlib.sha256).hexdigest()
+
+    def _check_secret(self, shard: str, secret: str) -> None:
+        if shard not in self.shards:
+            raise ValueError(f"unknown shard {shard!r}")
+        if not isinstance(secret, str) or not hmac.compare_digest(secret, self._shard_secret(shard)):
+            self._error(f"refused a call claiming to be shard {shard}: wrong secret")
+            raise PermissionError(f"only shard {shard!r} may register its blocks")
 
     # ---- shards ---------------------------------------------------------
     def _ensure_shard(self, i: int):
@@ -77,10 +106,13 @@ class Controller:
         return ShardActor.options(
             name=shard_name(i), namespace=self.namespace, lifetime="detached", get_if_exists=True,
             max_restarts=-1, max_task_retries=0, num_cpus=0, max_concurrency=8, scheduling_strategy=strategy,
-        ).remote(shard_name(i), self.cfg.to_dict(), self.namespace)
+        ).remote(shard_name(i), self.cfg.to_dict(), self.namespace, self._shard_secret(shard_name(i)))
 
     def _sync(self, info: _ShardInfo, inv: dict) -> list[Order]:
         """Put a shard's inventory into the index (after a restart of either side)."""
+        if inv.get("secret_id") != secret_id(self._shard_secret(info.id)):
+            self._replace_shard(info, "its secret is not this tier's (left by a replaced controller)")
+            return []
         orders: list[Order] = []
         with self._lock:
             if info.incarnation is not None and info.incarnation != inv["incarnation"]:
@@ -88,9 +120,31 @@ class Controller:
                 self.placement.add_shard(info.id, self.cfg.shard_bytes)
                 log.warning("kvtier: shard %s restarted; forgot %d blocks it held", info.id, len(lost))
             info.incarnation, info.node_id = inv["incarnation"], inv["node_id"]
-            for key, size, gen, ref in inv.get("items", []):
-                orders += self.placement.put_warm(key, size, info.id, gen, ref)
+            for key, size, gen, ref, version in inv.get("items", []):
+                if version:  # a copy of a known version: taken only if no newer write or delete is known
+                    orders += self.placement.put_warm(key, size, info.id, gen, ref, version=version, adopt=True)
+                else:  # its register never completed, so its put raised: taking it now could undo a later write
+                    orders.append(Order("drop", info.id, (key,), (gen,)))
         return orders
+
+    def _replace_shard(self, info: _ShardInfo, why: str) -> None:
+        self._error(f"shard {info.id}: {why}; making it again")
+        try:
+            ray.kill(info.handle, no_restart=True)
+        except ray.exceptions.RayActorError:
+            pass
+        with self._lock:
+            self.placement.remove_shard(info.id)
+            self.placement.add_shard(info.id, self.cfg.shard_bytes)
+            info.incarnation = None
+        deadline = time.monotonic() + 10.0
+        while time.monotonic() < deadline:  # the name is free only once the kill went through
+            try:
+                ray.get_actor(info.id, namespace=self.namespace)
+                time.sleep(0.1)
+            except ValueError:
+                break
+        info.handle = self._ensure_shard(int(info.id.rsplit("-", 1)[1]))
 
     def _rebuild(self) -> None:
         pending = {info.id: info.handle.inventory.remote() for info in self.shards.values()}
@@ -100,19 +154,35 @@ class Controller:
                 orders += self._sync(self.shards[sid], ray.get(ref, timeout=STARTUP_TIMEOUT_S))
             except (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError) as e:
                 self._error(f"shard {sid} did not report its inventory ({type(e).__name__}); the monitor retries")
-        if self.cold is not None:
-            try:
-                with self._lock:
-                    for key, size in self.cold.list():
-                        orders += self.placement.put_cold(key, size)
-            except (KvtierError, OSError) as e:
-                self._error(f"listing the cold store failed: {type(e).__name__}: {e}")
+        self._dispatch(orders)
+        self._list_cold()
+
+    def _list_cold(self) -> None:
+        """Put the cold store's listing into the index; on failure retry from the monitor."""
+        if self.cold is None:
+            return
+        self._listed_at = time.monotonic()
+        with self._lock:
+            self.placement.listing_pending = True  # deleted keys keep their tombstones until the listing is in
+        try:
+            listed = list(self.cold.list_versions())
+        except (KvtierError, OSError) as e:
+            self._error(f"listing the cold store failed ({type(e).__name__}: {e}); retrying every {LIST_RETRY_S:.0f} s")
+            return
+        orders: list[Order] = []
+        with self._lock:
+            for key, size, version in sorted(listed, key=lambda x: x[2]):  # oldest first: newer ones replace them
+                orders += self.placement.put_cold(key, size, version, adopt=True)
+            self.placement.listing_pending = False
         self._dispatch(orders)
 
     def _monitor(self) -> None:
         while not self._stop.wait(MONITOR_INTERVAL_S):
             try:
                 self._check_shards()
+                if (self.placement.listing_pending and self.cold is not None
+                        and time.monotonic() - self._listed_at >= LIST_RETRY_S):
+                    self._list_cold()
                 with self._lock:
                     orders = self.placement.expire()
                     st = self.placement.stats()
@@ -138,6 +208,9 @@ class Controller:
                 self._error(f"shard {sid} is dead; forgot {len(lost)} blocks; recreating it")
                 info.handle = self._ensure_shard(int(sid.rsplit("-", 1)[1]))
                 continue
+            if pong.get("secret_id") != secret_id(self._shard_secret(sid)):
+                self._replace_shard(info, "its secret is not this tier's")
+                continue
             if pong["incarnation"] != info.incarnation:
                 try:
                     inv = ray.get(info.handle.inventory.remote(), timeout=self.cfg.rpc_timeout_s)
@@ -160,7 +233,7 @@ class Controller:
             if o.kind == "delete_cold":
                 live = [i for i in self.shards.values() if i.incarnation is not None] or list(self.shards.values())
                 self._rr = (self._rr + 1) % len(live)
-                live[self._rr].handle.delete_cold.remote(list(o.keys))
+                live[self._rr].handle.delete_cold.remote(list(o.keys), list(o.gens))
             else:
                 getattr(self.shards[o.shard].handle, o.kind).remote(list(o.keys), list(o.gens))
 
@@ -170,30 +243,38 @@ class Controller:
         log.warning("kvtier controller: %s", msg)
 
     # ---- called by shards -----------------------------------------------
-    def register(self, shard: str, incarnation: str, entries: list, cold: list[bool]) -> int:
+    def register(self, shard: str, incarnation: str, secret: str, entries: list) -> list[int]:
+        """A shard holds these copies: ``(key, size, gen, [ref], version)``, version 0 for a put, else a
+        promotion of that version. Returns each copy's version; 0 = refused (the shard drops it)."""
+        self._check_secret(shard, secret)
         orders: list[Order] = []
+        out = []
         with self._lock:
-            info = self.shards.get(shard)
-            if info is None:
-                raise ValueError(f"unknown shard {shard!r}")
+            info = self.shards[shard]
             if info.incarnation is not None and incarnation != info.incarnation:
                 # the shard restarted (empty) before the monitor noticed: its old blocks died with it
                 lost = self.placement.remove_shard(shard)
                 self.placement.add_shard(shard, self.cfg.shard_bytes)
                 info.incarnation = incarnation
                 self._error(f"shard {shard} restarted; forgot {len(lost)} blocks it held")
-            for i, (key, size, gen, ref) in enumerate(entries):
-                if i < len(cold) and cold[i] and self.cold is not None:
-                    orders += self.placement.put_cold(key, size)
-                orders += self.placement.put_warm(key, size, shard, gen, ref)
-        self._dispatch(orders)
-        return len(entries)
+            for key, size, gen, ref, version in entries:
+                if version:
+                    orders += self.placement.put_warm(key, size, shard, gen, ref, version=version)
+                    e = self.placement.entries.get(key)
+                    out.append(version if e is not None and e.shard == shard and e.gen == gen else 0)
+                else:
+                    v, more = self.placement.write(key, size, shard, gen, ref)
+                    orders += more
+                    out.append(v)
+        self._dispatch(orders)  # a refused copy's drop order is a no-op: the shard has dropped it on the 0
+        return out
 
-    def demoted(self, shard: str, done: list) -> None:
+    def demoted(self, shard: str, secret: str, done: list) -> None:
+        self._check_secret(shard, secret)
         orders: list[Order] = []
         with self._lock:
-            for key, gen, ok in done:
-                orders += self.placement.demoted(key, shard, gen, ok)
+            for key, gen, ok, version in done:
+                orders += self.placement.demoted(key, shard, gen, ok, version)
         self._dispatch(orders)
 
     # ---- called by clients ----------------------------------------------
@@ -202,13 +283,13 @@ class Controller:
                 "shards": [{"id": i.id, "node_id": i.node_id, "handle": i.handle} for i in self.shards.values()]}
 
     def locate(self, keys: list[str], pin: bool = True) -> tuple[list, int]:
-        """Per key: None, or (size, shard id or None, [ObjectRef] or None, in cold). One call per batch.
+        """Per key: None, or (size, shard id or None, [ObjectRef] or None, in cold, version). One call per batch.
         Keys served from cold are pinned under the returned lease. Warm ones need no pin: the
         ObjectRef the reader holds keeps the bytes alive in the object store even if the shard
         drops them meanwhile (Ray reference counting), so the common path needs no unpin call."""
         with self._lock:
             entries, lease = self.placement.locate(keys, self.lease_s if pin else None, pin_warm=False)
-        return [None if e is None else (e.size, e.shard, e.ref, e.cold) for e in entries], lease
+        return [None if e is None else (e.size, e.shard, e.ref, e.cold, e.version) for e in entries], lease
 
     def lookup(self, keys: list[str], have: list[bool]) -> int:
         with self._lock:
@@ -227,18 +308,21 @@ class Controller:
             orders = self.placement.unpin(lease)
         self._dispatch(orders)
 
-    def put_cold(self, keys: list[str], sizes: list[int]) -> None:
+    def put_cold(self, keys: list[str], sizes: list[int], versions: list[int]) -> None:
+        """A writer wrote these versions to the cold tier (write-through): taken if still current."""
+        if self.cold is None:
+            return
         orders: list[Order] = []
         with self._lock:
-            for k, n in zip(keys, sizes):
-                orders += self.placement.put_cold(k, n)
+            for k, n, v in zip(keys, sizes, versions):
+                orders += self.placement.put_cold(k, n, int(v), adopt=False)
         self._dispatch(orders)
 
-    def forget(self, keys: list[str], cold_keys: list[str]) -> None:
+    def forget(self, keys: list[str], cold_keys: list[str], cold_versions: list[int] | None = None) -> None:
         """A reader found these warm copies lost or corrupt, and these cold objects missing or corrupt."""
         with self._lock:
             orders = self.placement.forget(keys)
-            self.placement.forget_cold(cold_keys)
+            self.placement.forget_cold(cold_keys, cold_versions or ())
         self._dispatch(orders)
 
     def delete(self, keys: list[str]) -> int:

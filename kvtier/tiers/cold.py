@@ -1,15 +1,23 @@
 """The cold tier: serialized blocks as objects in a local directory (NVMe) or on S3.
 
-One object per block, at ``<root>/<shard>/<key>.kvb`` where ``shard`` is the
-key's first two hex characters (256 folders: a million blocks make ~4,000 files
-per folder, which every filesystem lists quickly; other keys go to ``__``). The object holds exactly the
-block's Arrow IPC bytes (``Block.to_arrow()``), so a cold hit can be promoted to
-warm without re-serializing.
+One object per block and version, at ``<root>/<shard>/<key>~<version hex>.kvb``
+(``<key>.kvb`` for version 0, a store used without the tier's index) where ``shard``
+is the key's first two hex characters (256 folders: a million blocks make ~4,000 files
+per folder, which every filesystem lists quickly; other keys go to ``__``). The version
+is the tier index's version of the write (``kvtier.placement``): it travels in the name,
+so a rebuild from a listing knows which object holds the newest write of a key, and
+an old version can never be read as a newer one ('~' is not a key character). The
+object holds exactly the block's Arrow IPC bytes (``Block.to_arrow()``), so a cold hit
+can be promoted to warm without re-serializing.
 
 Guarantees:
 - Writes are atomic: a local write goes to a hidden temp file in the same
   folder, is fsynced and renamed over the final name; an S3 object appears only
   when its upload completes. A reader sees the old object, the new one, or none.
+- Something else at an object's path (a directory, a FIFO) never blocks a read
+  (local reads open with ``O_NONBLOCK`` and read regular files only: anything else
+  is a miss) and never fails a write (it is moved aside to a hidden
+  ``.<name>.blocked-<random>`` name, logged, and the object written).
 - Every read is verified (``Block.from_arrow`` with the expected key and model):
   a corrupt, truncated, swapped or foreign object is a miss, counted in
   ``stats()["corrupt"]``, logged and deleted. It is never returned.
@@ -36,6 +44,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import stat
 import threading
 import time
 from typing import Any, Iterator
@@ -45,6 +54,7 @@ import pyarrow as pa
 import pyarrow.fs as pafs
 
 from kvtier.block import MAX_BLOCK_BYTES, Block
+from kvtier.config import s3_uri_options
 from kvtier.errors import BlockFormatError, TierUnavailableError
 
 log = logging.getLogger("kvtier.cold")
@@ -58,6 +68,8 @@ S3_CONNECT_TIMEOUT_S = 1.0
 S3_REQUEST_TIMEOUT_S = 2.0  # curl low-speed time: 2 s with no byte moving, not a cap on a whole transfer
 S3_MAX_ATTEMPTS = 2  # one retry: absorbs a transient 5xx/throttle; measured: refused fails in 0.1-0.8 s, hung in ~4.5 s
 _KEY_RE = re.compile(r"[A-Za-z0-9_=-][A-Za-z0-9._=-]{0,199}")  # no '/', no leading '.', fits a file name
+_VERSION_SEP = "~"  # not a key character: <key>~<version>.kvb parses one way only
+ALL_VERSIONS = -1
 _HEX2 = re.compile(r"[0-9a-f]{2}")
 
 
@@ -81,6 +93,13 @@ class ColdStore:
             bucket, prefix = parts.netloc, parts.path.strip("/")
             if not bucket:
                 raise ValueError(f"cold uri={uri!r} names no bucket; expected s3://bucket/prefix")
+            opts = s3_uri_options(uri)  # pyarrow's URI parameters, honoured; any other one is an error naming it
+            if "endpoint_override" in opts:
+                if s3_endpoint:
+                    raise ValueError(f"cold uri names endpoint_override={opts['endpoint_override']!r} and "
+                                     f"s3_endpoint={s3_endpoint!r} is set too; give one of them")
+                s3_endpoint = f"{opts.get('scheme', 'https')}://{opts['endpoint_override']}"
+            s3_region = opts.get("region", s3_region)
             self.s3 = True
             self.uri = f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}"
             self._bucket = bucket
@@ -105,14 +124,15 @@ class ColdStore:
         self._unlogged = 0
 
     # ---- writes --------------------------------------------------------
-    def put(self, key: str, data: Any) -> int:
-        """Store the serialized block ``data`` (``pa.Buffer``, bytes, a uint8 array or a ``Block``) under
-        ``key``, replacing any object there. Returns the bytes written. Raises ``BlockFormatError`` if
-        ``data`` is not a valid block of ``key`` and ``TierUnavailableError`` if the backend fails."""
+    def put(self, key: str, data: Any, version: int = 0) -> int:
+        """Store the serialized block ``data`` (``pa.Buffer``, bytes, a uint8 array or a ``Block``) as
+        ``version`` of ``key``, replacing any object of that version. Returns the bytes written. Raises
+        ``BlockFormatError`` if ``data`` is not a valid block of ``key`` and ``TierUnavailableError`` if
+        the backend fails."""
         buf = data.to_arrow() if isinstance(data, Block) else data
         buf = buf if isinstance(buf, pa.Buffer) else pa.py_buffer(buf)
         Block.from_arrow(buf, expect_key=self._check_key(key))  # never store what a read would reject (~0.5 ms/8 MiB)
-        path = self._path(key)
+        path = self._path(key, _check_version(version))
         self._fail_fast("put", key)
         try:
             old = self._size(path)
@@ -129,52 +149,67 @@ class ColdStore:
             self._n["bytes"] += buf.size - (old or 0)
         return buf.size
 
-    def delete(self, key: str) -> bool:
-        """Remove ``key``'s object. True if it existed; ``TierUnavailableError`` if the backend fails."""
+    def delete(self, key: str, version: int | None = None) -> bool:
+        """Remove ``version`` of ``key`` (None or ``ALL_VERSIONS``: every version). True if one existed;
+        ``TierUnavailableError`` if the backend fails."""
         if not _KEY_RE.fullmatch(key if isinstance(key, str) else "") or ".." in key:
             return False  # put() never stores such a key
-        path = self._path(key)
         self._fail_fast("delete", key)
         try:
-            size = self._size(path)
-            if size is None:
-                return False
-            self.fs.delete_file(path)
-        except FileNotFoundError:
-            return False  # removed by another process between the two calls
+            if version is None or version == ALL_VERSIONS:
+                paths = [(p, n) for p, n, _ in self._versions(key)]
+            else:
+                path = self._path(key, version)
+                size = self._size(path)
+                paths = [] if size is None else [(path, size)]
+            gone = 0
+            for path, size in paths:
+                try:
+                    self.fs.delete_file(path)
+                except FileNotFoundError:
+                    continue  # removed by another process between the two calls
+                gone += 1
+                with self._lock:
+                    self._n["blocks"] -= 1
+                    self._n["bytes"] -= size
         except (OSError, pa.ArrowException) as e:
             raise TierUnavailableError(self._failed("delete", key, e)) from None
-        with self._lock:
-            self._n["blocks"] -= 1
-            self._n["bytes"] -= size
-        return True
+        return gone > 0
 
     # ---- reads ---------------------------------------------------------
-    def get(self, key: str, expect_model: str | None = None) -> Block | None:
-        """The verified block of ``key``, or None (absent, corrupt, or backend down: see ``stats()``)."""
-        return self._read(key, expect_model)
+    def get(self, key: str, expect_model: str | None = None, version: int | None = None) -> Block | None:
+        """The verified block of ``version`` of ``key`` (None: the newest version stored, one folder
+        listing more), or None (absent, corrupt, or backend down: see ``stats()``)."""
+        return self._read(key, expect_model, version)
 
-    def get_bytes(self, key: str, expect_model: str | None = None) -> pa.Buffer | None:
+    def get_bytes(self, key: str, expect_model: str | None = None, version: int | None = None) -> pa.Buffer | None:
         """Like ``get`` but returns the verified wire bytes (promotion to warm without re-serializing)."""
-        block = self._read(key, expect_model)
+        block = self._read(key, expect_model, version)
         return None if block is None else block.to_arrow()
 
-    def contains(self, key: str) -> bool:
-        """Whether an object exists for ``key`` (its contents are verified by ``get``, not here)."""
+    def contains(self, key: str, version: int | None = None) -> bool:
+        """Whether an object exists for ``key`` (of ``version``; None: any). Contents are verified by ``get``."""
         if not _KEY_RE.fullmatch(key if isinstance(key, str) else "") or ".." in key:
             return False
         if self._in_backoff():
             self._count_error()
             return False
         try:
-            return self._size(self._path(key)) is not None
+            if version is None:
+                return bool(self._versions(key))
+            return self._size(self._path(key, version)) is not None
         except (OSError, pa.ArrowException) as e:
             self._failed("contains", key, e)
             return False
 
     def list(self) -> Iterator[tuple[str, int]]:
-        """``(key, size)`` of every stored object (temp files of unfinished writes are skipped, and
-        removed once older than ``TEMP_MAX_AGE_S``). Raises ``TierUnavailableError`` if the backend
+        """``(key, size)`` of every stored object (a key stored in two versions is listed twice)."""
+        for key, size, _ in self.list_versions():
+            yield key, size
+
+    def list_versions(self) -> Iterator[tuple[str, int, int]]:
+        """``(key, size, version)`` of every stored object (temp files of unfinished writes are skipped,
+        and removed once older than ``TEMP_MAX_AGE_S``). Raises ``TierUnavailableError`` if the backend
         fails: an empty answer always means an empty store. A complete iteration resets the counts."""
         self._fail_fast("list", "")
         try:
@@ -193,11 +228,11 @@ class ColdStore:
                 if now - mtime > TEMP_MAX_AGE_S:
                     self._remove_quietly(info.path)
                 continue
-            key = name[: -len(SUFFIX)] if name.endswith(SUFFIX) else ""
-            if not key or "/" in shard or not _KEY_RE.fullmatch(key) or ".." in key or shard != _shard(key):
+            key, version = _parse_name(name)
+            if not key or "/" in shard or shard != _shard(key):
                 continue  # not ours, or somewhere get() would never look
             blocks, nbytes = blocks + 1, nbytes + info.size
-            yield key, info.size
+            yield key, info.size, version
         with self._lock:
             self._n["blocks"], self._n["bytes"] = blocks, nbytes
             self._counted = True
@@ -235,7 +270,7 @@ class ColdStore:
         return f"ColdStore({self.uri!r}, capacity_bytes={self.capacity_bytes})"
 
     # ---- internals ---------------------------------------------------------
-    def _read(self, key: str, expect_model: str | None) -> Block | None:
+    def _read(self, key: str, expect_model: str | None, version: int | None) -> Block | None:
         if not _KEY_RE.fullmatch(key if isinstance(key, str) else "") or ".." in key:
             self._count("misses")
             return None  # put() never stores such a key
@@ -243,22 +278,23 @@ class ColdStore:
             self._count("misses")
             self._count_error()
             return None
-        path = self._path(key)
         try:
-            with self.fs.open_input_file(path) as f:  # one ranged GET on S3: 2x faster than an 8 MiB-buffered stream
-                size = f.size()
-                if size > MAX_OBJECT_BYTES:
-                    raise BlockFormatError(f"object of {size} bytes exceeds the largest block ({MAX_OBJECT_BYTES})")
-                buf = f.read_buffer(size)
+            if version is None:  # the newest version stored
+                found = self._versions(key)
+                if not found:
+                    raise FileNotFoundError(key)
+                version = max(v for _, _, v in found)
+            path = self._path(key, version)
+            buf = self._read_local(path) if not self.s3 else self._read_s3(path)
             block = Block.from_arrow(buf, expect_key=key, expect_model=expect_model)
         except FileNotFoundError:
             self._count("misses")
             return None
         except BlockFormatError as e:
             self._count("misses", "corrupt")
-            log.warning("cold tier %s: object %s is corrupt, deleting it: %s", self.uri, path, e)
+            log.warning("cold tier %s: object %s of version %s is corrupt, deleting it: %s", self.uri, key, version, e)
             try:
-                self.delete(key)
+                self.delete(key, version)
             except TierUnavailableError:
                 pass  # counted and logged by delete; the next read finds it corrupt again
             return None
@@ -275,8 +311,48 @@ class ColdStore:
                              "not starting with '.', without '..' (kvtier.chunk_keys gives such keys)")
         return key
 
-    def _path(self, key: str) -> str:
-        return f"{self.root}/{_shard(key)}/{key}{SUFFIX}"
+    def _path(self, key: str, version: int = 0) -> str:
+        name = f"{key}{_VERSION_SEP}{version:x}" if version else key
+        return f"{self.root}/{_shard(key)}/{name}{SUFFIX}"
+
+    def _versions(self, key: str) -> list[tuple[str, int, int]]:
+        """(path, size, version) of every object of ``key``: one listing of its folder."""
+        folder = f"{self.root}/{_shard(key)}"
+        out = []
+        for info in self.fs.get_file_info(pafs.FileSelector(folder, allow_not_found=True)):
+            name = info.path.rsplit("/", 1)[-1]
+            if info.type == pafs.FileType.File and name.startswith(key):
+                k, v = _parse_name(name)
+                if k == key:
+                    out.append((info.path, info.size, v))
+        return out
+
+    def _read_local(self, path: str) -> pa.Buffer:
+        # O_NONBLOCK: a FIFO at the path would block open() forever; only a regular file is an object
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise FileNotFoundError(f"{path} is not a regular file")
+            if st.st_size > MAX_OBJECT_BYTES:
+                raise BlockFormatError(f"object of {st.st_size} bytes exceeds the largest block ({MAX_OBJECT_BYTES})")
+            data = bytearray(st.st_size)
+            view, got = memoryview(data), 0
+            while got < st.st_size:
+                n = os.readv(fd, [view[got:]])
+                if n == 0:
+                    break  # truncated meanwhile: the block parse rejects it
+                got += n
+            return pa.py_buffer(bytes(data[:got]) if got < st.st_size else data)
+        finally:
+            os.close(fd)
+
+    def _read_s3(self, path: str) -> pa.Buffer:
+        with self.fs.open_input_file(path) as f:  # one ranged GET on S3: 2x faster than an 8 MiB-buffered stream
+            size = f.size()
+            if size > MAX_OBJECT_BYTES:
+                raise BlockFormatError(f"object of {size} bytes exceeds the largest block ({MAX_OBJECT_BYTES})")
+            return f.read_buffer(size)
 
     def _size(self, path: str) -> int | None:
         info = self.fs.get_file_info(path)
@@ -333,6 +409,28 @@ class ColdStore:
         return text
 
 
+def _check_version(version: Any) -> int:
+    if not isinstance(version, int) or isinstance(version, bool) or version < 0:
+        raise ValueError(f"version={version!r} must be an int >= 0")
+    return version
+
+
+def _parse_name(name: str) -> tuple[str, int]:
+    """``<key>~<hex>.kvb`` -> (key, version); ``<key>.kvb`` -> (key, 0); anything else -> ("", 0)."""
+    if not name.endswith(SUFFIX):
+        return "", 0
+    stem = name[: -len(SUFFIX)]
+    key, sep, ver = stem.partition(_VERSION_SEP)
+    version = 0
+    if sep:
+        if not re.fullmatch(r"[0-9a-f]{1,16}", ver):
+            return "", 0
+        version = int(ver, 16)
+    if not key or not _KEY_RE.fullmatch(key) or ".." in key:
+        return "", 0
+    return key, version
+
+
 def _shard(key: str) -> str:
     # chunk keys are hex digests: their first two characters spread blocks evenly over 256 folders
     head = key[:2].lower()
@@ -360,6 +458,16 @@ def _atomic_write(path: str, buf: pa.Buffer) -> None:
     folder = os.path.dirname(path)
     os.makedirs(folder, exist_ok=True)
     tmp = os.path.join(folder, f".{os.path.basename(path)}.{os.getpid()}.{os.urandom(4).hex()}.tmp")
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        # a directory or FIFO squatting on the object's name would fail the rename on every later demotion
+        # of this key (the block dropped each time): move it aside, keep it for whoever put it there
+        aside = os.path.join(folder, f".{os.path.basename(path)}.blocked-{os.urandom(4).hex()}")
+        os.rename(path, aside)
+        log.warning("cold tier: %s was not a regular file (mode %o); moved aside to %s", path, mode, aside)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
     try:
         try:

@@ -7,9 +7,11 @@ handle stored here is the ``ObjectRef``. This module only keeps the table and
 its byte count; it does not know what a handle is, and it does not decide what
 to evict (the controller's ``kvtier.placement`` does, and the shard executes).
 
-Every write gets a new generation number. Orders from the controller carry the
-generation they were decided on, so an order about an older copy never removes
-a newer one written under the same key in between.
+Every write gets a new generation number (local to the shard). Orders from the
+controller carry the generation they were decided on, so an order about an older
+copy never removes a newer one written under the same key in between. Each copy
+also carries the tier-wide version the controller gave its write (0 until the
+controller has answered), which goes with it to the cold tier on demotion.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ class WarmItem:
     size: int
     gen: int
     handle: Any
+    version: int = 0
 
 
 class WarmStore:
@@ -47,9 +50,9 @@ class WarmStore:
     def __contains__(self, key: object) -> bool:
         return key in self._items
 
-    def add(self, key: str, size: int, handle: Any) -> WarmItem:
+    def add(self, key: str, size: int, handle: Any, version: int = 0) -> WarmItem:
         """Hold a new copy of ``key`` (replacing an older one); returns it with its generation."""
-        item = WarmItem(key, int(size), next(self._gens), handle)
+        item = WarmItem(key, int(size), next(self._gens), handle, version)
         with self._lock:
             old = self._items.get(key)
             self.bytes += item.size - (old.size if old else 0)
@@ -63,6 +66,13 @@ class WarmStore:
         if item is None or (gen is not None and gen and item.gen != gen):
             return None
         return item
+
+    def set_version(self, key: str, gen: int, version: int) -> None:
+        """The controller gave the write of copy ``gen`` of ``key`` this version (if it is still held)."""
+        with self._lock:
+            item = self._items.get(key)
+            if item is not None and item.gen == gen:
+                self._items[key] = WarmItem(item.key, item.size, item.gen, item.handle, version)
 
     def remove(self, key: str, gen: int | None = None) -> WarmItem | None:
         """Drop the copy of ``key`` if it is of generation ``gen`` (any if None or 0)."""

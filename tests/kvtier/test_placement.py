@@ -107,7 +107,7 @@ def test_failed_demotion_evicts_and_no_cold_tier_drops():
 def test_block_already_in_cold_is_dropped_from_warm_not_rewritten():
     p, _ = make(shard_cap=100)
     p.put_cold("a", 100)
-    p.put_warm("a", 100, "s0", gen=7)  # promotion of a cold hit
+    p.put_warm("a", 100, "s0", gen=7, version=p.entries["a"].version)  # promotion of a cold hit
     assert kinds(p.put_warm("b", 100, "s0")) == {("drop", "s0"): ["a"]}
     entries, _ = p.locate(["a"])
     assert entries[0].tier == "cold"
@@ -211,11 +211,10 @@ def test_late_report_of_a_replaced_copy_is_ignored():
     # after a controller restart Ray retries a shard's register calls, and the controller runs calls concurrently:
     # the report of gen 3 can arrive after the one of gen 5 that replaced it in the shard
     p, _ = make(shard_cap=200)
-    p.put_cold("a", 100)
     p.put_warm("a", 100, "s0", gen=5, ref="new")
     assert p.put_warm("a", 100, "s0", gen=3, ref="old") == []
     entries, _ = p.locate(["a"])
     assert (entries[0].gen, entries[0].ref) == (5, "new")
     p.put_warm("b", 100, "s0", gen=6)
-    # the eviction order names the copy the shard really holds, so the shard drops it
-    assert p.put_warm("c", 100, "s0", gen=7) == [Order("drop", "s0", ("a",), (5,))]
+    # the eviction order names the copy the shard really holds, so the shard demotes it
+    assert p.put_warm("c", 100, "s0", gen=7) == [Order("demote", "s0", ("a",), (5,))]
