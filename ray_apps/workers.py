@@ -101,6 +101,7 @@ class _ModelWorker:
         self.name = getattr(self.model.config, "kvtier_model_name", None) or self.model_id.split("|")[0]
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
         self.eos = set(_as_list(self.model.generation_config.eos_token_id) or _as_list(self.tok.eos_token_id))
+        self.tier = self.tier.replace(model_id=self.model_id)  # in every block this worker puts, checked on reads
         kvtier.init(namespace=self.cfg.namespace, config=self.tier)
         import ray  # lazily, as kvtier does: importing this module never imports Ray
 
@@ -170,14 +171,12 @@ class _ModelWorker:
     def put_new(self, keys: list[str], cache, first: int, last: int) -> tuple[list[torch.Tensor], list[kvtier.Block]]:
         """Put chunks ``first..last-1`` of ``cache`` under ``keys[first:last]``; returns them and their blocks.
 
-        Each chunk is compressed and serialized once, with this model's id in its header: the tier
-        stores these blocks' bytes as they are, and the handoff publishes the same bytes."""
+        Each chunk is compressed and serialized once, with this model's id in its header: the blocks
+        ``put`` returns are the stored bytes, and the handoff publishes those same bytes."""
         if last <= first:
             return [], []
         chunks = cache_to_chunks(cache, self.C, start=first * self.C)[: last - first]
-        blocks = [kvtier.compress(kv, self.tier.codec, key=k, model_id=self.model_id)
-                  for k, kv in zip(keys[first:last], chunks)]
-        kvtier.put(keys[first:last], blocks)  # returns once queued: the store runs off the request path
+        blocks = kvtier.put(keys[first:last], chunks)  # returns once queued: the store runs off the request path
         self.counters["put_chunks"] += len(chunks)
         return chunks, blocks
 

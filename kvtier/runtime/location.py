@@ -19,6 +19,7 @@ class Location:
     shard: str | None       # the warm shard holding it, or None
     ref: Any = None         # the warm copy's ObjectRef (Ray keeps its bytes alive while a reader holds it)
     cold: bool = False      # a copy is in the cold tier
+    version: int | None = 0  # the write's version (the cold object to read); None: unknown, read the newest
 
     @property
     def tier(self) -> str | None:

@@ -43,7 +43,7 @@ class Pending:
     key: str
     wire: Any  # pyarrow.Buffer
     nbytes: int
-    cold: bool = False  # already in the cold tier (a promotion of a cold hit)
+    version: int = 0  # 0: a put; else a promotion of that version of a cold hit
 
 
 class StoreQueue:

@@ -4,7 +4,8 @@ Each serving process (a prefill or decode worker, a notebook) has one
 ``HotTier``: a byte budget over the payload bytes it holds and a local LRU
 order. It is the nearest copy: a hit costs a decode and no remote call.
 
-Ownership: the tier owns every byte it counts. An entry is the block's header
+Ownership: the tier owns every byte it holds, and counts each entry at the
+block's serialized size (as the warm and cold tiers do). An entry is the block's header
 (codec, params, shape, dtype) plus its payload buffers as tensors *on the tier's
 device*, allocated by the tier (or handed over by the fetch pipeline, which
 allocated them for it). It never keeps a view of memory someone else owns (a
@@ -95,11 +96,8 @@ class HotEntry:
     dtype: str
     params: Mapping[str, Any]
     buffers: Mapping[str, torch.Tensor]
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes this entry owns (its payload buffers): what it counts against the hot budget."""
-        return sum(t.numel() for t in self.buffers.values())
+    nbytes: int  # what it counts against the hot budget: the block's serialized size (the wire it adopted on
+    #              CPU; on CUDA the payload plus ~1 KiB of header not held), or the inflated payload of a +zstd block
 
     def decode(self, device: torch.device) -> torch.Tensor:
         """The KV chunk on ``device``, owning its memory (never a view of this entry's buffers)."""
@@ -137,6 +135,25 @@ def entry_buffers(block: Block, device: torch.device) -> tuple[str, dict, dict[s
     return codec, params, out
 
 
+def wire_buffers(wire) -> dict[str, torch.Tensor]:
+    """The payload buffers of a block's Arrow bytes that this process just serialized, as uint8 CPU
+    tensors viewing ``wire`` (no copy, no checksum: trusted bytes, never a block read from elsewhere).
+    ``put`` hands them to a CPU hot tier, which then owns ``wire``: nothing else writes it."""
+    import numpy as np
+    import pyarrow as pa
+
+    batch = pa.ipc.open_stream(wire).read_next_batch()
+    out = {}
+    with warnings.catch_warnings():  # read-only Arrow memory: the tier and the codecs only read it
+        warnings.simplefilter("ignore", UserWarning)
+        for name, col in zip(batch.schema.names, batch.columns):
+            _, offsets, data = col.buffers()
+            start, end = np.frombuffer(offsets, dtype="<i8", count=2, offset=8 * col.offset).tolist()
+            out[name] = (torch.frombuffer(memoryview(data.slice(start, end - start)), dtype=torch.uint8)
+                         if end > start else torch.empty(0, dtype=torch.uint8))
+    return out
+
+
 class HotTier:
     """A byte-budgeted LRU of compressed blocks on one device."""
 
@@ -171,7 +188,9 @@ class HotTier:
             codec, params, bufs = block.codec, dict(block.params), dict(buffers)
         else:
             codec, params, bufs = entry_buffers(block, self.device)
-        entry = HotEntry(block.key, block.model, codec, tuple(block.shape), block.dtype, params, bufs)
+        payload = sum(t.numel() for t in bufs.values())
+        size = block.nbytes if codec == block.codec else payload  # nbytes: cached by whoever serialized it
+        entry = HotEntry(block.key, block.model, codec, tuple(block.shape), block.dtype, params, bufs, max(size, payload))
         if entry.nbytes > self.capacity:
             return []
         with self._lock:

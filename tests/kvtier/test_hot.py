@@ -18,7 +18,7 @@ def block(i, codec="none"):
 
 def test_budget_and_lru_order():
     blocks = [block(i)[0] for i in range(4)]
-    one = blocks[0].buffers["data"].size  # the budget counts the payload bytes the tier owns
+    one = blocks[0].nbytes  # the budget counts serialized bytes, as every tier does
     hot = HotTier(3 * one, device="cpu")
     for b in blocks[:3]:
         assert hot.put(b) == []
@@ -32,7 +32,7 @@ def test_budget_and_lru_order():
 
 def test_a_block_larger_than_the_budget_is_not_kept_and_zero_disables():
     b, _ = block(0)
-    assert HotTier(b.buffers["data"].size - 1).put(b) == []
+    assert HotTier(b.nbytes - 1).put(b) == []
     hot = HotTier(0)
     hot.put(b)
     assert len(hot) == 0 and hot.get_kv(b.key) is None
@@ -67,7 +67,7 @@ def test_the_tier_owns_its_bytes_and_never_views_the_source():
     assert not src.address <= held.data_ptr() < src.address + src.size, "a copy, not a view of the source"
     del wire, src  # dropping the source (a shard dropping its object) leaves the hot copy intact
     assert torch.equal(hot.get_kv(b.key), kv)
-    assert hot.stats()["bytes"] == held.numel()
+    assert hot.stats()["bytes"] == b.nbytes
 
 
 def test_device_none_is_the_tiers_device_and_a_foreign_model_is_a_miss():
