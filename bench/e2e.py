@@ -180,7 +180,8 @@ class RayTier:
     def _tiers(self, keys) -> list:
         import ray
 
-        return [loc.tier for loc in ray.get(self.client.controller.locate.remote(list(keys), pin=False), timeout=60)[0]]
+        bound = self.client._keys(list(keys))  # the tenant-bound keys the tiers store
+        return [loc and loc.tier for loc in ray.get(self.client.controller.locate.remote(bound, pin=False), timeout=60)[0]]
 
     def _wait(self, keys, want: str, what: str) -> None:
         end = time.monotonic() + 120
@@ -191,7 +192,7 @@ class RayTier:
 
     def prepare(self, tier: str, keys) -> None:
         if tier == "hot":
-            missing = sum(k not in self.client.hot for k in keys)
+            missing = sum(k not in self.client.hot for k in self.client._keys(list(keys)))
             if missing:
                 raise RuntimeError(f"{missing} of {len(keys)} blocks are not in the hot tier: raise --hot-bytes")
             return
@@ -202,7 +203,7 @@ class RayTier:
         if tier == "cold":
             import ray
 
-            ray.get(self.client.controller.forget.remote(list(keys), []), timeout=60)  # drop warm, keep cold
+            ray.get(self.client.controller.forget.remote(self.client._keys(list(keys)), []), timeout=60)  # warm out
             self._wait(keys, "cold", "warm copies were not dropped")
             drop_page_cache(self.cold_root)
         self.promotions = self.client.counters["promotions"]

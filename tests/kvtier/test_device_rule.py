@@ -34,13 +34,14 @@ def served_from_each_tier(device, tmp_path, codec="none"):
     kvs = chunks(3, 7)
     kvtier.put(keys, kvs)
     client.flush()
-    client.hot.delete(keys[1])  # key 1: warm
-    client.hot.delete(keys[2])  # key 2: cold only
+    bound = client._keys(keys)  # the tenant-bound keys the tiers store
+    client.hot.delete(bound[1])  # key 1: warm
+    client.hot.delete(bound[2])  # key 2: cold only
     import ray
 
-    ray.get(client.controller.forget.remote([keys[2]], []), timeout=30)
-    locs = ray.get(client.controller.locate.remote(keys, pin=False), timeout=30)[0]
-    assert [loc.tier for loc in locs[1:]] == ["warm", "cold"] and keys[0] in client.hot
+    ray.get(client.controller.forget.remote([bound[2]], []), timeout=30)
+    locs = ray.get(client.controller.locate.remote(bound, pin=False), timeout=30)[0]
+    assert [loc.tier for loc in locs[1:]] == ["warm", "cold"] and bound[0] in client.hot
     return kvtier.get(keys, device=device), kvs
 
 

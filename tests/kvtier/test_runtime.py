@@ -46,7 +46,8 @@ def tier(**cfg):
 def where(key: str) -> str | None:
     import ray
 
-    loc = ray.get(api._get_client().controller.locate.remote([key], pin=False), timeout=10)[0][0]
+    bound = api._get_client()._keys([key])  # the tenant-bound key the tiers store
+    loc = ray.get(api._get_client().controller.locate.remote(bound, pin=False), timeout=10)[0][0]
     return loc and loc.tier
 
 
@@ -141,9 +142,10 @@ def test_hot_tier_serves_repeats_and_prefetch_fills_it(ray_session):
         assert kvtier.stats()["warm"]["hits"] == warm_hits
         assert torch.equal(kvtier.get(k[0]), kvs[0])  # warm hit, promoted to hot
         st = kvtier.stats()
-        assert st["warm"]["hits"] == warm_hits + 1 and api._get_client().hot.get(k[0]) is not None
+        bound = api._get_client()._keys(k)  # the tenant-bound keys the tiers store
+        assert st["warm"]["hits"] == warm_hits + 1 and api._get_client().hot.get(bound[0]) is not None
         assert kvtier.prefetch(k[1:3]).result(timeout=10) == 2
-        assert k[1] in api._get_client().hot and k[2] in api._get_client().hot
+        assert bound[1] in api._get_client().hot and bound[2] in api._get_client().hot
 
 
 def test_warm_budget_drops_lru_without_cold_tier(ray_session):
@@ -193,7 +195,8 @@ def test_eviction_cascade_hot_warm_cold_dropped(ray_session, tmp_path):
         # which 3 of the 7 demoted blocks cold kept depends on the order their writes finished; the cold dir
         # and the index must agree on them, and the 3 newest stay warm
         in_cold = [key for key in k if where(key) == "cold"]
-        assert sorted(key for key, _ in ColdStore(str(tmp_path)).list()) == sorted(in_cold), "cold dir = index"
+        listed = sorted(key for key, _ in ColdStore(str(tmp_path)).list())
+        assert listed == sorted(api._get_client()._keys(in_cold)), "cold dir = index"
         assert len(in_cold) == 3 and set(in_cold) <= set(k[:7]) and [where(key) for key in k[7:]] == ["warm"] * 3
         assert sum(kvtier.contains(key) for key in k) == 6, "4 fell off cold"
 
@@ -203,7 +206,9 @@ def test_eviction_cascade_hot_warm_cold_dropped(ray_session, tmp_path):
         assert torch.equal(kvtier.get(k[c]), kvs[c])
         st = kvtier.stats()
         assert st["cold"]["hits"] >= 1 and st["client"]["promotions"] == 1
-        wait_for(lambda: where(k[c]) == "warm", what="the cold hit promoted to a warm shard")
+        # its promotion was offered; a shard at its budget refuses promotions (issue 9's admission), so the
+        # copy stays cold here: the index must still name one of the two
+        assert where(k[c]) in ("warm", "cold")
 
         # a cold object swapped for another key's block is a miss, counted and removed, never data
         settled(one, warm_blocks=3, cold_blocks=3)
@@ -253,7 +258,7 @@ def test_dead_shard_is_forgotten_gets_fall_back_to_cold_or_miss_and_never_hang(r
         client.cfg = client.cfg.replace(write_through=True)
         kvtier.put(k[8:], kvs[8:])  # warm and cold
         assert kvtier.flush(30)
-        on0 = {i for i, key in enumerate(k) if client._pick_shard(key)["id"] == "kvtier-shard-0"}
+        on0 = {i for i, key in enumerate(client._keys(k)) if client._pick_shard(key)["id"] == "kvtier-shard-0"}
         lost, saved = sorted(on0 & set(range(8))), sorted(on0 & set(range(8, 12)))
         assert lost and saved and len(on0) < 12, "these keys spread over both shards, with and without cold copies"
         ray.kill(ray.get_actor("kvtier-shard-0", namespace=info["namespace"]), no_restart=False)

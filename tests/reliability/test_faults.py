@@ -253,7 +253,8 @@ def test_s3_endpoint_away_and_back_through_the_tier(cluster, caplog):
         kvs = [kv_of("s3-outage", i) for i in range(14)]
         kvtier.put(k[:8], kvs[:8])  # 6 fit in warm: the 2 oldest are demoted to S3
         wait_for(lambda: kvtier.stats()["cold"]["blocks"] == 2, what="2 blocks demoted to S3")
-        where = [loc and loc.tier for loc in ray.get(api._get_client().controller.locate.remote(k[:8], pin=False), timeout=30)[0]]
+        bound = api._get_client()._keys(k[:8])  # the tenant-bound keys the tiers store
+        where = [loc and loc.tier for loc in ray.get(api._get_client().controller.locate.remote(bound, pin=False), timeout=30)[0]]
         cold_keys = [key for key, w in zip(k[:8], where) if w == "cold"]
         warm_keys = [key for key, w in zip(k[:8], where) if w == "warm"]
         assert len(cold_keys) == 2 and len(warm_keys) == 6, where
