@@ -212,9 +212,10 @@ def test_eviction_cascade_hot_warm_cold_dropped(ray_session, tmp_path):
 
         # a cold object swapped for another key's block is a miss, counted and removed, never data
         settled(one, warm_blocks=3, cold_blocks=3)
-        victim = next(key for key in k if where(key) == "cold")
-        path = next(p for p in tmp_path.rglob(f"{victim}*") if p.is_file())
-        other = next(p for p in tmp_path.rglob("*.kvb") if p.is_file() and victim not in p.name)
+        victim = next(key for key in k if where(key) == "cold" and key != k[c])  # k[c] is in the hot tier now
+        vb = api._get_client()._keys([victim])[0]  # its object is named after the tenant-bound key
+        path = next(p for p in tmp_path.rglob(f"{vb}*") if p.is_file())
+        other = next(p for p in tmp_path.rglob("*.kvb") if p.is_file() and vb not in p.name)
         path.write_bytes(other.read_bytes())
         assert kvtier.get(victim) is None
         assert not path.exists(), "the corrupt object was deleted"
