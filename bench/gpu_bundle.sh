@@ -30,9 +30,9 @@ trap 'rm -rf "$tmp"' EXIT
 FLAGS="--only-binary=:all: --no-deps --python-version 3.12 --implementation cp --abi cp312 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64"
 $PIP download --quiet $FLAGS -d "$tmp/ray" ray==2.60.0
 # Ray core's own requirements that the GPU machine lacks (it has packaging, pyyaml, requests, filelock
-# through torch/transformers), and zstandard for the +zstd codecs
+# through torch/transformers), zstandard for the +zstd codecs, and pytest for the CUDA tests
 $PIP download --quiet $FLAGS -d "$OUT" jsonschema jsonschema-specifications referencing rpds-py attrs \
-    msgpack protobuf click zstandard
+    msgpack protobuf click zstandard pytest pluggy iniconfig pygments
 rm -f "$OUT"/ray-*.whl
 (cd "$tmp/ray" && unzip -q ray-2.60.0-*.whl -d unpacked)
 tar -C "$tmp/ray/unpacked" --exclude='ray/jars' --exclude='ray/rllib' --exclude='ray/tune' --exclude='ray/train' \
