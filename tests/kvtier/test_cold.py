@@ -96,7 +96,7 @@ def test_round_trip_list_delete_and_counts(store):
     for k, b in BLOCKS.items():
         got = store.get(k, expect_model=MODEL)
         assert got is not None and same(got, b)
-        assert got.to_arrow().equals(b.to_arrow())  # the verified bytes, as stored
+        assert store.get(k).to_arrow().equals(b.to_arrow())  # a second read: the verified bytes, as stored
         assert store.contains(k)
     assert sorted(store.list()) == sorted((k, b.nbytes) for k, b in BLOCKS.items())
     assert store.get(KEYS[5]) is None and not store.contains(KEYS[5])
