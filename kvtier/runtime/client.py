@@ -390,18 +390,19 @@ class Client:
                     cold_lost.append(key)
             elif r.status in ("error", "timeout"):
                 self._error(f"{tier} read of {key[:16]} failed: {r.status}: {r.error}")
-        wanted = {t: sum(1 for k in order if src[k][0] == t) for t in TIERS}
-        for t in ("warm", "cold"):
-            if wanted[t] or served[t]:
-                self._count(t, [r.kv if r.kv is not None else r for r in served[t]], wanted[t] - len(served[t]))
-        if served["hot"]:  # read back from this process's store queue
-            self._count("hot", [r.kv if r.kv is not None else r for r in served["hot"]], 0)
+        if decode:  # a get, not a prefetch: what the caller was served
+            wanted = {t: sum(1 for k in order if src[k][0] == t) for t in TIERS}
+            for t in ("warm", "cold"):
+                if wanted[t] or served[t]:
+                    self._count(t, [r.kv for r in served[t]], wanted[t] - len(served[t]))
+            if served["hot"]:  # read back from this process's store queue
+                self._count("hot", [r.kv for r in served["hot"]], 0)
         return found
 
     def _count(self, tier: str, hits: list, misses: int) -> None:
         """One definition of a hit: a block served from ``tier``; counted in blocks and tokens, for
         Prometheus now and for the controller's ``stats()`` (``_report``)."""
-        tokens = sum(int(h.shape[3]) if isinstance(h, torch.Tensor) else int(h.block.shape[3]) for h in hits)
+        tokens = sum(int(h.shape[3]) for h in hits)  # [layers, 2, kv_heads, tokens, head_dim]
         with self._lock:
             for d in (self.served[tier], self._unreported[tier]):
                 d["hits"] += len(hits)

@@ -84,7 +84,7 @@ class Controller:
         self.started = time.time()
         self.shards = {shard_name(i): _ShardInfo(shard_name(i), self._ensure_shard(i)) for i in range(self.cfg.num_shards)}
         self._reported = {"warm": 0, "cold": 0}  # drop counts already exported
-        self.served = {t: {"hits": 0, "hit_tokens": 0, "misses": 0} for t in ("hot", "warm", "cold")}  # by clients
+        self._served = {t: {"hits": 0, "hit_tokens": 0, "misses": 0} for t in ("hot", "warm", "cold")}  # by clients
         self._stop = threading.Event()
         self._rebuild()
         threading.Thread(target=self._monitor, name="kvtier-monitor", daemon=True).start()
@@ -299,11 +299,11 @@ class Controller:
         shows are the blocks clients were served, the same events their Prometheus counters count."""
         with self._lock:
             for tier, d in counts.items():
-                if tier in self.served and isinstance(d, dict):
-                    for k in self.served[tier]:
+                if tier in self._served and isinstance(d, dict):
+                    for k in self._served[tier]:
                         n = d.get(k, 0)
                         if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
-                            self.served[tier][k] += n
+                            self._served[tier][k] += n
 
     def lookup(self, keys: list[str], have: list[bool]) -> int:
         with self._lock:
@@ -346,8 +346,8 @@ class Controller:
             out = self.placement.stats()
             for tier in ("warm", "cold"):  # the index's answers are "located"; hits are blocks clients were served
                 out[tier]["located"], out[tier]["not_located"] = out[tier].pop("hits"), out[tier].pop("misses")
-                out[tier].update(self.served[tier])
-            out["served_hot"] = dict(self.served["hot"])
+                out[tier].update(self._served[tier])
+            out["served_hot"] = dict(self._served["hot"])
         refs = {sid: info.handle.stats.remote() for sid, info in self.shards.items()}
         shards = []
         for sid, ref in refs.items():
