@@ -6,6 +6,12 @@
 #
 # The GPU machine (H200: Python 3.12, torch, triton, transformers, pyarrow, xxhash, numpy; no ray,
 # zstandard, nixl) then installs it offline into /tmp/kvtier-py with bench/gpu_bundle.sh --install.
+# The lead's call there (carry .whl; TRITON_INTERPRET=0 overrides tests/conftest.py's CPU default):
+#
+#   bash bench/gpu_bundle.sh --install && export PYTHONPATH=$PWD:/tmp/kvtier-py RAY_AUTH_MODE=disabled \
+#     TRITON_INTERPRET=0 && python -m pytest -q -rs tests/kvtier/test_device_rule.py \
+#     tests/kvtier/test_pipeline.py tests/kvtier/test_hot.py && python bench/e2e.py --device cuda \
+#     --lengths 4096,16384 --out $OUT/e2e-h200.md
 #
 # Ray 2.60's cp312 wheel is 79 MB; without ray/jars (a 33 MB Java jar), rllib/tune/train/data and
 # *.js.map it is 24 MB as tar.xz (ENVIRONMENT.md, "The GPU machine"). A tar keeps the exec bits of
@@ -17,7 +23,8 @@ TARGET=${KVTIER_PY:-/tmp/kvtier-py}
 
 if [[ "${1:-}" == "--install" ]]; then
     mkdir -p "$TARGET"
-    python -m pip install --quiet --no-index --no-deps --target "$TARGET" "$OUT"/*.whl
+    python -m pip install --quiet --no-index --no-deps --target "$TARGET" "$OUT"/*.whl 2>/dev/null || \
+        for w in "$OUT"/*.whl; do python -m zipfile -e "$w" "$TARGET"; done  # no pip there: a wheel is a zip
     tar -xJf "$OUT"/ray-2.60.0-cp312-trimmed.tar.xz -C "$TARGET"
     echo "installed into $TARGET: use PYTHONPATH=$PWD:$TARGET"
     exit 0
