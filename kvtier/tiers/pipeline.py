@@ -183,11 +183,12 @@ def _nbytes(block: Block) -> int:
     return block.nbytes if block._wire else sum(b.size for b in block.buffers.values())
 
 
-def _stage(buffers: Mapping[str, Any]) -> dict[str, torch.Tensor]:
+def _stage(buffers: Mapping[str, Any], pin: bool = True) -> dict[str, torch.Tensor]:
     """One pinned host tensor holding every buffer (512-byte aligned slices), filled by this thread."""
-    sizes = {n: memoryview(b).nbytes for n, b in buffers.items()}
+    sizes = {n: b.numel() * b.element_size() if isinstance(b, torch.Tensor) else memoryview(b).nbytes
+             for n, b in buffers.items()}
     total = sum(-(-s // _ALIGN) * _ALIGN for s in sizes.values())
-    pinned = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=True)
+    pinned = torch.empty(max(total, 1), dtype=torch.uint8, pin_memory=pin)
     out, off = {}, 0
     for name, b in buffers.items():
         n = sizes[name]

@@ -104,6 +104,19 @@ def test_decode_false_hands_buffers_only(loader):
     assert torch.equal(hot.get_kv(key), kvtier.decompress(b))
 
 
+def test_staging_packs_every_buffer_aligned_and_byte_exact():
+    from kvtier.tiers.pipeline import _ALIGN, _stage
+
+    _, _, b = make(7, "kivi4")
+    bufs = dict(b.buffers, extra=torch.arange(10, dtype=torch.uint8), empty=torch.empty(0, dtype=torch.uint8))
+    staged = _stage(bufs, pin=False)  # pinned on CUDA; the packing is the same
+    base = staged["extra"].untyped_storage().data_ptr()
+    for name, src in bufs.items():
+        want = src if isinstance(src, torch.Tensor) else torch.frombuffer(bytearray(src.to_pybytes()), dtype=torch.uint8)
+        assert torch.equal(staged[name], want), name
+        assert not want.numel() or (staged[name].data_ptr() - base) % _ALIGN == 0, "512-byte aligned slices"
+
+
 def test_bad_arguments_name_the_value(loader):
     with pytest.raises(ValueError, match="2 keys and 1 sources"):
         loader.load(["a", "b"], [None], "cpu")
