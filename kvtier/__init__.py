@@ -24,14 +24,16 @@ def init(address=None, namespace="kvtier", config=None):
 
 
 def put(keys, kvs, codec=None):
-    """Compress and store one KV chunk (``put(key, kv)``) or a batch of them."""
+    """Compress and store one KV chunk (``put(key, kv)``) or a batch of them (a ``Block`` is stored as is);
+    returns the stored block(s)."""
     from kvtier.runtime import api
 
     return api.put(keys, kvs, codec)
 
 
 def get(keys, device=None):
-    """The KV chunk of a key (or None on a miss), or a list of them for a list of keys."""
+    """The KV chunk of a key (or None on a miss), or a list of them, every one on ``device``
+    (None: the first GPU if there is one, else the CPU)."""
     from kvtier.runtime import api
 
     return api.get(keys, device)
@@ -63,6 +65,13 @@ def delete(keys):
     return api.delete(keys)
 
 
+def flush(timeout_s=None):
+    """Wait until this process's puts are stored (``put`` returns once they are queued); False on timeout."""
+    from kvtier.runtime import api
+
+    return api.flush(timeout_s)
+
+
 def stats():
     from kvtier.runtime import api
 
@@ -79,5 +88,5 @@ def shutdown(stop=None):
 __all__ = [
     "Block", "TierConfig", "KvtierError", "BlockFormatError", "CodecError", "TierUnavailableError",
     "chunk_keys", "model_fingerprint", "compress", "decompress", "get_codec", "list_codecs",
-    "init", "put", "get", "lookup", "contains", "prefetch", "delete", "stats", "shutdown",
+    "init", "put", "get", "lookup", "contains", "prefetch", "delete", "flush", "stats", "shutdown",
 ]

@@ -94,10 +94,6 @@ class Block:
         return math.prod(self.shape) * DTYPE_SIZES[self.dtype]
 
     @property
-    def payload_nbytes(self) -> int:
-        return sum(b.size for b in self.buffers.values())
-
-    @property
     def nbytes(self) -> int:
         """Serialized size: header, schema, padding and every payload byte."""
         return self.to_arrow().size

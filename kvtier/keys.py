@@ -19,23 +19,27 @@ from typing import Iterable, Sequence
 import numpy as np
 
 KEY_BYTES = 20  # 160 bits: collisions need ~2**80 chunks
-KEY_HEX_LEN = 2 * KEY_BYTES
-_KEY_RE = re.compile(rf"^[0-9a-f]{{{KEY_HEX_LEN}}}$")
 _DOMAIN = b"kvtier/chunk/v1"
 
 
-def model_fingerprint(model_id: str, num_layers: int, num_kv_heads: int, head_dim: int, dtype: str) -> str:
-    """A model id bound to the KV shape and dtype it produces, e.g.
-    ``"SmolLM2-135M|L30|H3|D64|float32"``. Pass this as ``model_id`` to
-    ``chunk_keys``/``compress`` so two models (or one model in two dtypes)
-    never share a block."""
+def model_fingerprint(model_id: str, num_layers: int, num_kv_heads: int, head_dim: int, dtype: str,
+                      weights: str = "") -> str:
+    """A model id bound to the KV shape and dtype it produces and to a digest of its weights, e.g.
+    ``"SmolLM2-135M|L30|H3|D64|float32|W5f0c2a9d1e7b3c44"``. Pass this as ``model_id`` to
+    ``chunk_keys``/``compress`` so two models (or one model in two dtypes) never share a block.
+
+    ``weights``: a hex digest of the model's weights or files (``kvtier.model.files_digest`` for a
+    folder); the first 16 hex digits go in. Without it, two fine-tunes loaded from folders of the
+    same name, with the same shape, would get the same keys and be served each other's KV."""
     if not isinstance(model_id, str) or not model_id or "|" in model_id:
         raise ValueError(f"model_id={model_id!r} must be a non-empty string without '|'")
     for name, v in (("num_layers", num_layers), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
         if not isinstance(v, int) or v < 1:
             raise ValueError(f"{name}={v!r} must be a positive int")
+    if not isinstance(weights, str) or (weights and not re.fullmatch(r"[0-9a-f]{16,}", weights)):
+        raise ValueError(f"weights={weights!r} must be '' or a hex digest of at least 16 lowercase hex digits")
     dtype = str(dtype).removeprefix("torch.")
-    return f"{model_id}|L{num_layers}|H{num_kv_heads}|D{head_dim}|{dtype}"
+    return f"{model_id}|L{num_layers}|H{num_kv_heads}|D{head_dim}|{dtype}" + (f"|W{weights[:16]}" if weights else "")
 
 
 def _token_array(token_ids: Sequence[int] | np.ndarray | "torch.Tensor") -> np.ndarray:  # noqa: F821
@@ -83,10 +87,6 @@ def chunk_keys(
         prev = h.digest()
         keys.append(prev.hex())
     return keys
-
-
-def is_key(key: object) -> bool:
-    return isinstance(key, str) and bool(_KEY_RE.match(key))
 
 
 # what every tier can store: the cold tier names a file or an S3 object after the key, so a key it

@@ -64,7 +64,8 @@ class MetricSpec:
 DEFAULT_TAGS = ("role", "shard")  # on every series: who records, and which warm shard
 
 METRICS: tuple[MetricSpec, ...] = (
-    MetricSpec("kvtier_hits", "counter", "Gets served from this tier", ("tier",)),
+    MetricSpec("kvtier_hits", "counter", "Blocks served from this tier (verified and returned)", ("tier",)),
+    MetricSpec("kvtier_hit_tokens", "counter", "Tokens of the blocks served from this tier", ("tier",)),
     MetricSpec("kvtier_misses", "counter",
                "Lookups that did not find the key in this tier; tier=none: in no tier", ("tier",)),
     MetricSpec("kvtier_tier_blocks", "gauge", "Blocks held in this tier", ("tier",)),
@@ -158,11 +159,13 @@ class TierMetrics:
         self._m = made
 
     # -- lookups ---------------------------------------------------------------
-    def hit(self, tier: str, n: int = 1) -> None:
-        """``n`` keys were served from ``tier``."""
+    def hit(self, tier: str, n: int = 1, tokens: int = 0) -> None:
+        """``n`` blocks (``tokens`` tokens) were served from ``tier``."""
         _check_tier(tier)
         if _check_count("n", n):
             self._m["kvtier_hits"].inc(n, {"tier": tier})
+        if _check_count("tokens", tokens):
+            self._m["kvtier_hit_tokens"].inc(tokens, {"tier": tier})
 
     def miss(self, tier: str, n: int = 1) -> None:
         """``n`` keys were looked for in ``tier`` and not found there; ``tier="none"``:

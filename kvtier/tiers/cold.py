@@ -182,11 +182,6 @@ class ColdStore:
         listing more), or None (absent, corrupt, or backend down: see ``stats()``)."""
         return self._read(key, expect_model, version)
 
-    def get_bytes(self, key: str, expect_model: str | None = None, version: int | None = None) -> pa.Buffer | None:
-        """Like ``get`` but returns the verified wire bytes (promotion to warm without re-serializing)."""
-        block = self._read(key, expect_model, version)
-        return None if block is None else block.to_arrow()
-
     def contains(self, key: str, version: int | None = None) -> bool:
         """Whether an object exists for ``key`` (of ``version``; None: any). Contents are verified by ``get``."""
         if not _KEY_RE.fullmatch(key if isinstance(key, str) else "") or ".." in key:

@@ -19,7 +19,7 @@ from __future__ import annotations
 import itertools
 import threading
 from dataclasses import dataclass
-from typing import Any, Iterable
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -88,9 +88,6 @@ class WarmStore:
     def items(self) -> list[WarmItem]:
         with self._lock:
             return list(self._items.values())
-
-    def keys(self) -> Iterable[str]:
-        return list(self._items)
 
     def stats(self) -> dict[str, Any]:
         return {"blocks": len(self._items), "bytes": self.bytes, "capacity_bytes": self.capacity,

@@ -1,7 +1,7 @@
 """Smoke run of bench/e2e.py on a tiny random Llama: the benchmark's whole code path in seconds.
 
-Both backends run: ``direct`` (the tier classes, no Ray) and ``ray`` (the real
-tier through ``kvtier.init`` on the session's shared Ray, in its own namespace).
+The benchmark measures ``kvtier.get`` through the real tier (``kvtier.init`` on
+the session's shared Ray, in its own namespace).
 Each must produce one recompute row and one row per (codec, tier) for every
 prompt length, hits that reuse every full chunk but the last token's, and, with
 codec ``none``, bit-identical KV and the same first token as recompute. Timings
@@ -40,9 +40,9 @@ def e2e():
     torch.set_num_threads(threads)
 
 
-def run(e2e, tmp_path, backend: str) -> tuple[list[dict], str]:
-    out = tmp_path / f"e2e-{backend}.md"
-    rows = e2e.main(["--device", "cpu", "--model", "tiny", "--backend", backend, "--chunk-tokens", str(CT),
+def run(e2e, tmp_path) -> tuple[list[dict], str]:
+    out = tmp_path / "e2e-cpu.md"
+    rows = e2e.main(["--device", "cpu", "--model", "tiny", "--chunk-tokens", str(CT), "--no-baselines",
                      "--lengths", ",".join(map(str, LENGTHS)), "--codecs", "none,kivi4", "--reps", "1",
                      "--cold-dir", str(tmp_path), "--out", str(out)])
     return rows, out.read_text()
@@ -71,19 +71,14 @@ def check(rows: list[dict], report: str) -> None:
     assert "- date: " in report and "- device: " in report and "- command: `python bench/e2e.py" in report
 
 
-def test_direct_backend(e2e, tmp_path):
-    rows, report = run(e2e, tmp_path, "direct")
-    check(rows, report)
-    assert "verify" in report  # the warm get's phases were timed
-    assert not any(p.name.startswith("kvtier-bench-cold-") for p in tmp_path.iterdir())  # cold dir removed
-
-
 @pytest.mark.ray
-def test_ray_backend(e2e, tmp_path, ray_session):
+def test_through_kvtier_get_on_the_real_tier(e2e, tmp_path, ray_session):
     import ray
 
-    rows, report = run(e2e, tmp_path, "ray")
+    rows, report = run(e2e, tmp_path)
     check(rows, report)
+    assert "load " in report, "the get's phases as the client timed them"
+    assert not any(p.name.startswith("kvtier-bench-cold-") for p in tmp_path.iterdir())  # cold dir removed
     assert ray.is_initialized()  # joined the session's Ray and left it running
     namespaces = {a["namespace"] for a in ray.util.list_named_actors(all_namespaces=True)}
     assert f"kvtier-bench-{os.getpid()}" not in namespaces  # its tier was stopped

@@ -99,8 +99,8 @@ def test_sizes_count_every_serialized_byte():
     assert block.to_arrow() is wire  # cached
     assert block.nbytes == wire.size == len(wire.to_pybytes())
     assert block.raw_nbytes == kv.numel() * 2
-    assert block.payload_nbytes == kv.numel() * 2
-    assert block.nbytes > block.payload_nbytes  # header and schema are counted, not hidden
+    assert sum(b.size for b in block.buffers.values()) == kv.numel() * 2
+    assert block.nbytes > sum(b.size for b in block.buffers.values())  # header and schema are counted, not hidden
     assert block.ratio == pytest.approx(block.raw_nbytes / block.nbytes)
     assert Block.from_arrow(wire).nbytes == wire.size
     assert "ratio=" in repr(block) and KEY[:12] in repr(block)

@@ -98,7 +98,7 @@ def test_round_trip_list_delete_and_counts(store):
     for k, b in BLOCKS.items():
         got = store.get(k, expect_model=MODEL)
         assert got is not None and same(got, b)
-        assert store.get_bytes(k).equals(b.to_arrow())
+        assert store.get(k).to_arrow().equals(b.to_arrow())  # a second read: the verified bytes, as stored
         assert store.contains(k)
     assert sorted(store.list()) == sorted((k, b.nbytes) for k, b in BLOCKS.items())
     assert store.get(KEYS[5]) is None and not store.contains(KEYS[5])
@@ -150,7 +150,7 @@ def test_put_accepts_ray_style_numpy_bytes(local):
 def test_keys_that_could_escape_are_rejected(local, key, tmp_path):
     with pytest.raises(ValueError, match="cannot name a cold object"):
         local.put(key, BLOCKS[KEYS[0]].to_arrow())
-    assert local.get(key) is None and local.get_bytes(key) is None
+    assert local.get(key) is None
     assert local.contains(key) is False and local.delete(key) is False
     assert not (tmp_path / "escape").exists() and list(local.list()) == []
 
@@ -259,8 +259,7 @@ def test_corrupt_objects_are_misses_counted_and_deleted(store, kind, caplog):
     foreign = make_block(key, seed=3, model="another-model|L2|H2|D16|float16").to_arrow().to_pybytes()
     corrupt(store, key, CORRUPTIONS[kind](BLOCKS[key].to_arrow().to_pybytes(), BLOCKS[other].to_arrow().to_pybytes(), foreign))
     caplog.set_level(logging.WARNING, logger="kvtier.cold")
-    reader = store.get_bytes if "header" in kind else store.get  # both paths verify
-    assert reader(key, expect_model=MODEL) is None
+    assert store.get(key, expect_model=MODEL) is None
     st = store.stats()
     assert (st["corrupt"], st["misses"], st["hits"]) == (1, 1, 0)
     assert not store.contains(key), "a corrupt object must be deleted"
@@ -434,7 +433,7 @@ def test_s3_goes_away_and_comes_back(s3store, s3, caplog):
         assert first < 5.0, f"a refused S3 connection took {first:.1f} s"
         t0 = time.monotonic()
         assert s3store.get(KEYS[0]) is None  # a miss, not an exception
-        assert s3store.get_bytes(KEYS[1]) is None and s3store.contains(KEYS[0]) is False
+        assert s3store.get(KEYS[1]) is None and s3store.contains(KEYS[0]) is False
         with pytest.raises(TierUnavailableError):
             s3store.delete(KEYS[0])
         with pytest.raises(TierUnavailableError):

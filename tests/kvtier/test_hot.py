@@ -18,11 +18,11 @@ def block(i, codec="none"):
 
 def test_budget_and_lru_order():
     blocks = [block(i)[0] for i in range(4)]
-    one = blocks[0].nbytes
+    one = blocks[0].nbytes  # the budget counts serialized bytes, as every tier does
     hot = HotTier(3 * one, device="cpu")
     for b in blocks[:3]:
         assert hot.put(b) == []
-    assert hot.get(blocks[0].key) is blocks[0]  # touch: blocks[1] is now the oldest
+    assert hot.get(blocks[0].key).key == blocks[0].key  # touch: blocks[1] is now the oldest
     assert hot.put(blocks[3]) == [blocks[1].key]
     st = hot.stats()
     assert (st["blocks"], st["bytes"], st["capacity_bytes"], st["evictions"]) == (3, 3 * one, 3 * one, 1)
@@ -55,6 +55,28 @@ def test_get_kv_decodes_and_the_caller_owns_the_result(codec):
     assert torch.equal(hot.get_kv(b.key), kvtier.decompress(b))
     if codec == "none":
         assert torch.equal(out.add_(kv), kv)  # sanity: out was a real, writable tensor
+
+
+def test_the_tier_owns_its_bytes_and_never_views_the_source():
+    b, kv = block(4)
+    wire = kvtier.Block.from_arrow(b.to_arrow())  # as a warm get sees it: views of someone else's buffer
+    src = wire.buffers["data"]
+    hot = HotTier(1 << 30, device="cpu")
+    hot.put(wire)
+    held = hot.get(wire.key).buffers["data"]
+    assert not src.address <= held.data_ptr() < src.address + src.size, "a copy, not a view of the source"
+    del wire, src  # dropping the source (a shard dropping its object) leaves the hot copy intact
+    assert torch.equal(hot.get_kv(b.key), kv)
+    assert hot.stats()["bytes"] == b.nbytes
+
+
+def test_device_none_is_the_tiers_device_and_a_foreign_model_is_a_miss():
+    b, kv = block(5)
+    hot = HotTier(1 << 30, device="cpu")
+    hot.put(b)
+    assert hot.get_kv(b.key).device.type == "cpu" and hot.get_kv(b.key, device="cpu").device.type == "cpu"
+    assert hot.get_kv(b.key, expect_model="another-model") is None
+    assert hot.stats()["misses"] == 1
 
 
 def test_decode_block_copies_only_when_aliasing():
@@ -97,7 +119,7 @@ def test_cuda_hot_tier_keeps_payload_on_the_gpu_and_decodes_there(codec):
     b, _ = block(3, codec)
     hot = HotTier(1 << 30, device="cuda")
     hot.put(b)
-    assert all(t.is_cuda for t in hot._dev[b.key].values()), "payload kept in device memory"
+    assert all(t.is_cuda for t in hot.get(b.key).buffers.values()), "payload kept in device memory"
     out = hot.get_kv(b.key)
     assert out.is_cuda
     ref = kvtier.decompress(b)
@@ -110,9 +132,9 @@ def test_cuda_hot_tier_keeps_payload_on_the_gpu_and_decodes_there(codec):
 
 
 def test_large_copies_are_writable_and_independent():
-    from kvtier.tiers.hot import _HUGE_COPY_BYTES, _copy
+    from kvtier.tiers.hot import _copy
 
-    src = torch.arange(_HUGE_COPY_BYTES // 2 + 7, dtype=torch.bfloat16).view(-1, 1)
+    src = torch.arange((4 << 20) // 2 + 7, dtype=torch.bfloat16).view(-1, 1)
     out = _copy(src)
     assert torch.equal(out, src) and out.shape == src.shape and out.dtype == src.dtype
     out.add_(1)

@@ -18,7 +18,7 @@ import pytest
 import torch
 
 import kvtier.keys as keys_module
-from kvtier.keys import KEY_BYTES, check_keys, chunk_keys, is_key, model_fingerprint
+from kvtier.keys import KEY_BYTES, check_keys, chunk_keys, model_fingerprint
 
 MODEL = model_fingerprint("SmolLM2-135M", 30, 3, 64, "float32")
 
@@ -94,7 +94,7 @@ def test_key_width_is_at_least_128_bits():
     k = chunk_keys(tokens(256), MODEL, chunk_tokens=256)[0]
     assert KEY_BYTES * 8 >= 128
     assert len(k) * 4 >= 128 and len(k) == 2 * KEY_BYTES
-    assert is_key(k) and int(k, 16) >= 0
+    assert set(k) <= set("0123456789abcdef") and check_keys([k]) == [k]
 
 
 def test_golden_value_matches_the_documented_construction():
@@ -150,6 +150,12 @@ def test_bad_arguments_name_the_value(bad, msg):
 def test_model_fingerprint_and_check_keys():
     assert MODEL == "SmolLM2-135M|L30|H3|D64|float32"
     assert model_fingerprint("m", 1, 1, 8, torch.bfloat16) == "m|L1|H1|D8|bfloat16"
+    w1, w2 = "0123456789abcdef" * 2, "fedcba9876543210" * 2
+    a, b = model_fingerprint("m", 1, 1, 8, "float32", w1), model_fingerprint("m", 1, 1, 8, "float32", w2)
+    assert a == "m|L1|H1|D8|float32|W0123456789abcdef" and a != b, "two weight digests, two key spaces"
+    assert chunk_keys(list(range(256)), a) != chunk_keys(list(range(256)), b)
+    with pytest.raises(ValueError, match="weights='xyz'"):
+        model_fingerprint("m", 1, 1, 8, "float32", "xyz")
     with pytest.raises(ValueError, match=r"model_id='a\|b'"):
         model_fingerprint("a|b", 1, 1, 8, "float32")
     with pytest.raises(ValueError, match="head_dim=0"):

@@ -139,7 +139,7 @@ def _child(port: int, temp_dir: str) -> None:
         shard = Shard.remote()              # its worker starts while the driver records
         pending = shard.work.remote()
         client = TierMetrics("client")
-        client.hit("hot", 3)
+        client.hit("hot", 3, tokens=768)    # 3 blocks of 256 tokens: hits in blocks and in tokens
         client.miss("hot")
         client.miss("none")
         client.get_latency(0.004, "hot")    # lands in the le=0.005 bucket, not le=0.0025
@@ -199,6 +199,7 @@ def test_counters_and_gauges_read_back_from_driver_and_actor(exported):
     s = exported["first"]
     # driver: role=client; actor: role=shard, shard=shard-0
     assert _value(s, "ray_kvtier_hits_total", tier="hot", role="client") == 3
+    assert _value(s, "ray_kvtier_hit_tokens_total", tier="hot", role="client") == 768
     assert _value(s, "ray_kvtier_hits_total", tier="warm", role="shard", shard="shard-0") == 2
     assert _value(s, "ray_kvtier_misses_total", tier="hot") == 1
     assert _value(s, "ray_kvtier_misses_total", tier="none") == 1

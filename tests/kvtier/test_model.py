@@ -24,7 +24,7 @@ from kvtier import model as km
 
 pytestmark = pytest.mark.slow  # ~30 s: one GGUF de-quantization
 
-MODEL_ID = "SmolLM2-135M-Instruct|L30|H3|D64|float32"
+MODEL_ID = "SmolLM2-135M-Instruct|L30|H3|D64|float32|W"  # then 16 hex digits of the GGUF file's digest
 PROMPT = (
     "The harbour town woke slowly. Fishing boats came in before dawn, their decks stacked with crates of "
     "mackerel and crab, and the auction hall filled with buyers who argued over prices in three languages. "
@@ -87,11 +87,13 @@ def test_cached_weights_equal_the_gguf_weights(loaded):
 
 def test_model_id_and_folder_path(loaded):
     model = loaded["model"]
-    assert km.model_id_for(model) == MODEL_ID
-    assert km.model_id_for(model, torch.bfloat16).endswith("|bfloat16")
+    mid = km.model_id_for(model)
+    assert mid.startswith(MODEL_ID) and len(mid) == len(MODEL_ID) + 16
+    assert mid[-16:] == km.files_digest(km.smollm2_gguf())[:16]
+    assert km.model_id_for(model, torch.bfloat16).startswith(MODEL_ID.replace("float32", "bfloat16"))
     folder = cache_dirs(loaded["home"])[0]
     again, tok = km.load_model(folder, dtype=torch.bfloat16, progress=None)  # any local HF folder works
-    assert km.model_id_for(again) == "SmolLM2-135M-Instruct|L30|H3|D64|bfloat16"
+    assert km.model_id_for(again).startswith("SmolLM2-135M-Instruct|L30|H3|D64|bfloat16|W")
     assert again.dtype == torch.bfloat16 and tok("hello").input_ids == loaded["tok"]("hello").input_ids
 
 

@@ -15,7 +15,6 @@ import pytest
 import torch
 
 import kvtier
-from kvtier.keys import tenant_key
 from kvtier.runtime import api
 
 pytestmark = pytest.mark.ray
@@ -47,7 +46,9 @@ def tier(**cfg):
 def where(key: str) -> str | None:
     import ray
 
-    return ray.get(api._get_client().controller.where.remote([tenant_key(key, "")]), timeout=10)[0]
+    bound = api._get_client()._keys([key])  # the tenant-bound key the tiers store
+    loc = ray.get(api._get_client().controller.locate.remote(bound, pin=False), timeout=10)[0][0]
+    return loc and loc.tier
 
 
 def wait_for(cond, timeout=30.0, what="condition"):
@@ -84,6 +85,7 @@ def test_round_trip_every_codec_through_a_warm_shard(warm_only):
         kv = kv_of(n, torch.bfloat16)
         expected = kvtier.decompress(kvtier.compress(kv, codec, key=k))  # what the codec itself gives back
         kvtier.put(k, kv, codec=codec)
+        api._get_client().flush()  # stored: the get below reads the shard, not this process's store queue
         out = kvtier.get(k)
         assert out is not None, codec
         assert out.dtype == kv.dtype and out.shape == kv.shape
@@ -140,9 +142,10 @@ def test_hot_tier_serves_repeats_and_prefetch_fills_it(ray_session):
         assert kvtier.stats()["warm"]["hits"] == warm_hits
         assert torch.equal(kvtier.get(k[0]), kvs[0])  # warm hit, promoted to hot
         st = kvtier.stats()
-        assert st["warm"]["hits"] == warm_hits + 1 and api._get_client().hot.get(tenant_key(k[0], "")) is not None
+        bound = api._get_client()._keys(k)  # the tenant-bound keys the tiers store
+        assert st["warm"]["hits"] == warm_hits + 1 and api._get_client().hot.get(bound[0]) is not None
         assert kvtier.prefetch(k[1:3]).result(timeout=10) == 2
-        assert tenant_key(k[1], "") in api._get_client().hot and tenant_key(k[2], "") in api._get_client().hot
+        assert bound[1] in api._get_client().hot and bound[2] in api._get_client().hot
 
 
 def test_warm_budget_drops_lru_without_cold_tier(ray_session):
@@ -151,6 +154,7 @@ def test_warm_budget_drops_lru_without_cold_tier(ray_session):
         k = keys_of(5, model="warm-budget")
         for i in range(5):
             kvtier.put(k[i], kv_of(i))
+        assert kvtier.flush(30)
         st = wait_for(lambda: (s := kvtier.stats())["shards"][0]["bytes"] <= 3 * one and s, what="shard within budget")
         assert st["warm"]["blocks"] == 3 and st["warm"]["bytes"] == 3 * one and st["warm"]["evictions"] == 2
         assert st["shards"][0]["bytes"] == 3 * one, "the shard really dropped the evicted objects"
@@ -187,21 +191,31 @@ def test_eviction_cascade_hot_warm_cold_dropped(ray_session, tmp_path):
         assert (st["hot"]["blocks"], st["hot"]["bytes"]) == (2, 2 * one)
         assert (st["warm"]["bytes"], st["warm"]["evictions"], st["warm"]["demotions"]) == (3 * one, 7, 7)
         assert (st["cold"]["bytes"], st["cold"]["evictions"], st["cold"]["dropped"]) == (3 * one, 4, 4)
-        assert sorted(key for key, _ in ColdStore(str(tmp_path)).list()) == sorted(tenant_key(x, "") for x in k[4:7]), "cold dir = index"
-        assert [kvtier.contains(key) for key in k] == [False] * 4 + [True] * 6, "the 4 oldest fell off cold"
+        # the shard runs demote orders concurrently (max_concurrency=8) and puts now reach it in batches, so
+        # which 3 of the 7 demoted blocks cold kept depends on the order their writes finished; the cold dir
+        # and the index must agree on them, and the 3 newest stay warm
+        in_cold = [key for key in k if where(key) == "cold"]
+        listed = sorted(key for key, _ in ColdStore(str(tmp_path)).list())
+        assert listed == sorted(api._get_client()._keys(in_cold)), "cold dir = index"
+        assert len(in_cold) == 3 and set(in_cold) <= set(k[:7]) and [where(key) for key in k[7:]] == ["warm"] * 3
+        assert sum(kvtier.contains(key) for key in k) == 6, "4 fell off cold"
 
         # a cold hit: read, verified, returned, promoted to warm (which pushes warm's LRU block down)
         api._get_client().hot.clear()
-        assert torch.equal(kvtier.get(k[4]), kvs[4])
+        c = k.index(in_cold[0])
+        assert torch.equal(kvtier.get(k[c]), kvs[c])
         st = kvtier.stats()
         assert st["cold"]["hits"] >= 1 and st["client"]["promotions"] == 1
-        wait_for(lambda: where(k[4]) == "warm", what="k4 promoted to a warm shard")
+        # its promotion was offered; a shard at its budget refuses promotions (issue 9's admission), so the
+        # copy stays cold here: the index must still name one of the two
+        assert where(k[c]) in ("warm", "cold")
 
         # a cold object swapped for another key's block is a miss, counted and removed, never data
         settled(one, warm_blocks=3, cold_blocks=3)
-        victim = next(key for key in k if where(key) == "cold")
-        path = next(p for p in tmp_path.rglob(f"{tenant_key(victim, '')}*") if p.is_file())
-        other = next(p for p in tmp_path.rglob("*.kvb") if p.is_file() and tenant_key(victim, "") not in p.name)
+        victim = next(key for key in k if where(key) == "cold" and key != k[c])  # k[c] is in the hot tier now
+        vb = api._get_client()._keys([victim])[0]  # its object is named after the tenant-bound key
+        path = next(p for p in tmp_path.rglob(f"{vb}*") if p.is_file())
+        other = next(p for p in tmp_path.rglob("*.kvb") if p.is_file() and vb not in p.name)
         path.write_bytes(other.read_bytes())
         assert kvtier.get(victim) is None
         assert not path.exists(), "the corrupt object was deleted"
@@ -241,9 +255,11 @@ def test_dead_shard_is_forgotten_gets_fall_back_to_cold_or_miss_and_never_hang(r
         kvs = [kv_of(i) for i in range(12)]
         client = api._get_client()
         kvtier.put(k[:8], kvs[:8])  # warm only
+        assert kvtier.flush(30)
         client.cfg = client.cfg.replace(write_through=True)
         kvtier.put(k[8:], kvs[8:])  # warm and cold
-        on0 = {i for i, key in enumerate(k) if client._pick_shard(tenant_key(key, ""))["id"] == "kvtier-shard-0"}
+        assert kvtier.flush(30)
+        on0 = {i for i, key in enumerate(client._keys(k)) if client._pick_shard(key)["id"] == "kvtier-shard-0"}
         lost, saved = sorted(on0 & set(range(8))), sorted(on0 & set(range(8, 12)))
         assert lost and saved and len(on0) < 12, "these keys spread over both shards, with and without cold copies"
         ray.kill(ray.get_actor("kvtier-shard-0", namespace=info["namespace"]), no_restart=False)

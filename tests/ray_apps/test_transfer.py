@@ -18,9 +18,9 @@ import pytest
 
 from kvtier.block import Block
 from kvtier.errors import TierUnavailableError
-from ray_apps import nixl_transport
-from ray_apps.nixl_transport import NixlTransport
-from ray_apps.transfer import ObjectStoreTransport, make_transport, pull
+from ray_apps.transport import nixl as nixl_transport
+from ray_apps.transport.nixl import NixlTransport
+from ray_apps.transport import ObjectStoreTransport, make_transport, pull
 
 ray = pytest.importorskip("ray")
 import ray.cloudpickle  # noqa: E402
@@ -64,6 +64,12 @@ class Source:
 
     def publish_made(self, kind: str) -> dict:
         return self.t[kind].publish([(self.made.key, self.made.to_arrow())])
+
+    def holds(self, ids: list[str]) -> int:
+        """How many of these objects this process (their owner) still tracks: 0 once every borrower let go."""
+        counts = ray._private.worker.global_worker.core_worker.get_all_reference_counts()
+        known = {oid.decode() if isinstance(oid, bytes) else str(oid) for oid in counts}  # ascii hex ids
+        return sum(i in known for i in ids)
 
     def open_leases(self, kind: str) -> int:
         return self.t[kind].stats()["open_leases"]
@@ -109,16 +115,18 @@ def test_pull_between_processes_is_byte_exact_and_frees_the_lease(kind, source, 
     blocks = [make_block(i, nbytes=4096 * (i + 1)) for i in range(3)]
     desc = ray.get(src.publish.remote(kind, [(b.key, wire(b)) for b in blocks]))
     assert desc["transport"] == kind and [e["key"] for e in desc["blocks"]] == [b.key for b in blocks]
+    ids = [r.hex() for r in desc.get("refs", [])]
+    if kind == "object_store":
+        assert ray.get(src.holds.remote(ids)) == 3, "alive while the descriptor is held"
     got = pull(sinks[kind], desc)
     for want, have in zip(blocks, got):
         assert have is not None and have.key == want.key and have.checksum == want.checksum
         assert have.to_arrow().equals(want.to_arrow())
     if kind == "nixl":  # the READ's notification releases the source's registration
         assert wait_for(lambda: ray.get(src.open_leases.remote(kind)), 0) == 0
-    else:  # the object store has no notification: the sink (or lease expiry) releases it
-        assert ray.get(src.open_leases.remote(kind)) == 1
-        assert ray.get(src.release.remote(kind, desc["lease"])) is True
-        assert ray.get(src.open_leases.remote(kind)) == 0
+    else:  # no lease: the descriptor's refs were the only ones, and pull dropped them
+        assert ray.get(src.open_leases.remote(kind)) == 0 and desc["refs"] == []
+        assert wait_for(lambda: ray.get(src.holds.remote(ids)), 0) == 0, "released by the sink's pull, not a lease"
 
 
 @pytest.mark.ray
@@ -168,9 +176,10 @@ def test_nixl_lease_expires_when_nobody_pulls(source, sinks):
 @pytest.mark.ray
 def test_object_store_descriptor_pulls_with_a_nixl_sink_and_not_vice_versa(source, sinks):
     b = make_block(11, seed=4)
-    desc = ray.get(source.publish.remote("object_store", [(b.key, wire(b))]))
     for sink in sinks.values():
+        desc = ray.get(source.publish.remote("object_store", [(b.key, wire(b))]))
         assert pull(sink, desc)[0].checksum == b.checksum
+    assert pull(sinks["object_store"], desc) == [None], "a descriptor is consumed by its pull"
     fake_nixl = {"transport": "nixl", "lease": "x", "agent": "a", "host": "127.0.0.1", "port": 1,
                  "blocks": [{"key": b.key, "addr": 1, "len": 10}]}
     assert pull(sinks["object_store"], fake_nixl) == [None]
@@ -193,7 +202,7 @@ def test_throughput_32mib_block(kind, source, sinks):
         pulls.append(t2 - t1)
         ends.append(t2 - t0)
         assert got[0] is not None and got[0].checksum == b.checksum
-        ray.get(source.release.remote(kind, desc["lease"]))  # a no-op for NIXL, already released by the READ
+        assert ray.get(source.open_leases.remote(kind)) == 0 or kind == "nixl"  # NIXL: released by the READ's notice
     gb = b.nbytes / 1e9
     print(f"\n{kind:>12}: 32 MiB block, best of 4 after warm-up: pull+verify {min(pulls[1:]) * 1e3:.1f} ms "
           f"({gb / min(pulls[1:]):.2f} GB/s); publish+pull {min(ends[1:]) * 1e3:.1f} ms "

@@ -149,7 +149,7 @@ def test_controller_killed_and_restarted_under_load(cluster, tmp_path):
                 items = ray.get(h.inventory.remote(), timeout=30)["items"]
                 ks = [it[0] for it in items]
                 ctl = controller(info["namespace"])
-                w = ray.get(ctl.where.remote(ks), timeout=30)
+                w = [loc and loc.tier for loc in ray.get(ctl.locate.remote(ks, pin=False), timeout=30)[0]]
                 dbg.append([(kk[:8], it[2], ww) for kk, it, ww in zip(ks, items, w)])
             raise AssertionError(f"index and shards disagree: {dbg}") from None
         shards = [ray.get_actor(f"kvtier-shard-{i}", namespace=info["namespace"]) for i in range(2)]
@@ -183,7 +183,7 @@ class PrefillLike:
 
         import kvtier as kt
         from kvtier.runtime import api as kapi
-        from ray_apps.transfer import ObjectStoreTransport
+        from ray_apps.transport import ObjectStoreTransport
 
         kt.init(address=gcs, namespace=namespace)
         kvs = [t.from_numpy(x.copy()) for x in kvs]
@@ -200,7 +200,7 @@ class PrefillLike:
 
 
 def test_prefill_worker_dies_mid_transfer_leaks_no_block_or_pin(cluster, tmp_path):
-    from ray_apps.transfer import ObjectStoreTransport, pull
+    from ray_apps.transport import ObjectStoreTransport, pull
 
     one = one_block_bytes()
     with tier(num_shards=1, warm_bytes=3 * one, rpc_timeout_s=1.0, cold_uri=str(tmp_path)) as info:
@@ -256,7 +256,8 @@ def test_s3_endpoint_away_and_back_through_the_tier(cluster, caplog):
         kvs = [kv_of("s3-outage", i) for i in range(14)]
         kvtier.put(k[:8], kvs[:8])  # 6 fit in warm: the 2 oldest are demoted to S3
         wait_for(lambda: kvtier.stats()["cold"]["blocks"] == 2, what="2 blocks demoted to S3")
-        where = ray.get(api._get_client().controller.where.remote(k[:8]), timeout=30)
+        bound = api._get_client()._keys(k[:8])  # the tenant-bound keys the tiers store
+        where = [loc and loc.tier for loc in ray.get(api._get_client().controller.locate.remote(bound, pin=False), timeout=30)[0]]
         cold_keys = [key for key, w in zip(k[:8], where) if w == "cold"]
         warm_keys = [key for key, w in zip(k[:8], where) if w == "warm"]
         assert len(cold_keys) == 2 and len(warm_keys) == 6, where

@@ -1,0 +1,73 @@
+"""One device rule through the real tier: ``get(keys, device=X)`` returns every tensor on X, whichever tier
+served it; ``device=None`` means ``kvtier.tiers.hot.default_device()`` (the GPU if there is one, else the CPU).
+
+The CUDA test needs the GPU machine (Ray travels there as wheels: bench/gpu_bundle.sh); CI runs the CPU one.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+import kvtier
+from kvtier.runtime import api
+from kvtier.tiers.hot import default_device
+
+pytestmark = pytest.mark.ray
+_ns = itertools.count()
+SHAPE = (2, 2, 2, 256, 64)
+
+
+def chunks(n, seed):
+    return [torch.randn(SHAPE, generator=torch.Generator().manual_seed(seed + i)) for i in range(n)]
+
+
+def served_from_each_tier(device, tmp_path, codec="none"):
+    """(tensors of one get whose blocks come from hot, warm and cold at once, the chunks put)."""
+    kvtier.init(namespace=f"kvt-device-{next(_ns)}", config=dict(
+        codec=codec, hot_bytes="64MiB", warm_bytes="64MiB", num_shards=2, cold_uri=str(tmp_path / "cold"),
+        write_through=True, rpc_timeout_s=10.0))
+    client = api._get_client()
+    keys = kvtier.chunk_keys(list(range(256 * 3)), f"device-rule-{next(_ns)}")
+    kvs = chunks(3, 7)
+    kvtier.put(keys, kvs)
+    client.flush()
+    bound = client._keys(keys)  # the tenant-bound keys the tiers store
+    client.hot.delete(bound[1])  # key 1: warm
+    client.hot.delete(bound[2])  # key 2: cold only
+    import ray
+
+    ray.get(client.controller.forget.remote([bound[2]], []), timeout=30)
+    locs = ray.get(client.controller.locate.remote(bound, pin=False), timeout=30)[0]
+    assert [loc.tier for loc in locs[1:]] == ["warm", "cold"] and bound[0] in client.hot
+    return kvtier.get(keys, device=device), kvs
+
+
+def test_cpu_device_and_none_mean_one_device_for_every_tier(ray_session, tmp_path):
+    try:
+        got, kvs = served_from_each_tier("cpu", tmp_path)
+        assert [t.device.type for t in got] == ["cpu"] * 3
+        assert all(torch.equal(a, b) for a, b in zip(got, kvs))
+        got = kvtier.get(kvtier.chunk_keys(list(range(256 * 3)), "absent-model"), device=None)
+        assert got == [None] * 3
+    finally:
+        kvtier.shutdown(stop=True)
+    if not torch.cuda.is_available():
+        assert default_device() == torch.device("cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("device", ["cuda", None, "cpu"])
+def test_cuda_every_tensor_on_the_asked_device(ray_session, tmp_path, device):
+    try:
+        got, kvs = served_from_each_tier(device, tmp_path)
+        want = torch.device("cpu") if device == "cpu" else default_device()
+        assert [t.device for t in got] == [want] * 3, "hot, warm and cold hits on one device"
+        assert all(torch.equal(a.cpu(), b) for a, b in zip(got, kvs))
+        if device != "cpu":  # the warm/cold hits were copied to the GPU once, into the hot tier
+            hot = api._get_client().hot
+            assert all(t.is_cuda for k in hot._entries for t in hot.get(k).buffers.values())
+    finally:
+        kvtier.shutdown(stop=True)

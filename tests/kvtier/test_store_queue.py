@@ -1,0 +1,104 @@
+"""The background store stage (kvtier.runtime.store_queue): backpressure, read-your-writes, no drops. No Ray."""
+
+import threading
+import time
+
+import pytest
+
+from kvtier.errors import KvtierError
+from kvtier.runtime.store_queue import Pending, StoreQueue
+
+
+def items(*names, size=40):
+    return [Pending(n, f"bytes-of-{n}", size) for n in names]
+
+
+def test_put_returns_at_once_reads_back_and_is_sent_in_order():
+    sent, gate = [], threading.Event()
+
+    def send(batch):
+        gate.wait(5)
+        sent.extend(p.key for p in batch)
+
+    q = StoreQueue(send, max_bytes=1000, timeout_s=5)
+    t0 = time.monotonic()
+    q.submit(items("a", "b"))
+    q.submit(items("c"))
+    assert time.monotonic() - t0 < 0.5, "submit does not wait for the send"
+    assert q.pending("a").wire == "bytes-of-a" and q.pending("c") is not None  # the putter reads back at once
+    gate.set()
+    assert q.flush(5)
+    assert sent == ["a", "b", "c"] and q.pending("a") is None and q.queued_bytes() == 0
+    q.close()
+
+
+def test_a_full_queue_slows_put_down_and_never_overfills():
+    gate, seen = threading.Event(), []
+    q = None
+
+    def send(batch):
+        seen.append(q.queued_bytes())
+        gate.wait(5)
+
+    q = StoreQueue(send, max_bytes=100, timeout_s=5, max_batch=1)
+    q.submit(items("a", size=60))
+    threading.Timer(0.3, gate.set).start()
+    t0 = time.monotonic()
+    q.submit(items("b", size=60))  # 60 + 60 > 100: waits until "a" is sent
+    assert time.monotonic() - t0 >= 0.25
+    assert q.flush(5) and max(seen) <= 100 and q.counters["waits"] == 1 and q.counters["sent"] == 2
+    q.close()
+
+
+def test_a_queue_that_stays_full_raises_naming_the_wait_and_drops_nothing():
+    gate = threading.Event()
+    sent = []
+
+    def send(batch):
+        gate.wait(5)
+        sent.extend(p.key for p in batch)
+
+    q = StoreQueue(send, max_bytes=100, timeout_s=0.3)
+    q.submit(items("a", size=80))
+    with pytest.raises(KvtierError, match="stayed full for 0.3s"):
+        q.submit(items("b", size=80))
+    gate.set()
+    assert q.flush(5) and sent == ["a"]
+    q.close()
+
+
+def test_a_batch_larger_than_the_bound_goes_alone_and_a_failed_send_is_counted():
+    calls = []
+
+    def send(batch):
+        calls.append([p.key for p in batch])
+        if batch[0].key == "bad":
+            raise RuntimeError("shard gone")
+
+    q = StoreQueue(send, max_bytes=10, timeout_s=5)
+    q.submit(items("big", size=50))
+    assert q.flush(5)
+    q.submit(items("bad"))
+    assert q.flush(5)
+    q.submit(items("after"))
+    assert q.flush(5)
+    assert calls == [["big"], ["bad"], ["after"]] and q.counters["send_errors"] == 1
+    q.close()
+
+
+def test_offer_never_waits():
+    gate = threading.Event()
+    q = StoreQueue(lambda b: gate.wait(5), max_bytes=100, timeout_s=5)
+    assert q.offer(items("a", size=80))
+    t0 = time.monotonic()
+    assert not q.offer(items("b", size=80)) and time.monotonic() - t0 < 0.2 and q.pending("b") is None
+    gate.set()
+    assert q.flush(5)
+    q.close()
+
+
+def test_bad_arguments_name_the_value():
+    with pytest.raises(ValueError, match="max_bytes=0"):
+        StoreQueue(lambda b: None, max_bytes=0, timeout_s=1)
+    with pytest.raises(ValueError, match="timeout_s=-1"):
+        StoreQueue(lambda b: None, max_bytes=1, timeout_s=-1)
