@@ -105,7 +105,7 @@ class TierConfig:
     num_shards: int = 2
     cold_uri: str = field(default_factory=default_cold_uri)
     cold_bytes: int = 0
-    codec: str = "kivi4"
+    codec: str = "q1+zstd"
     chunk_tokens: int = 256
     write_through: bool = False
     tenant: str = ""

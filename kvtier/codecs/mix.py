@@ -45,8 +45,10 @@ from kvtier.errors import CodecError
 
 SINK_TAU = 0.8
 MAX_SINKS = 8  # 8 of 256 tokens would add 0.5 bit/elem; the sink is one token, the cap bounds a pathological chunk
-# fallback widths without a profile: the uniform width that met each budget on SmolLM2 (kernels/NOTES.md)
-FALLBACK = {"q0.5": 8, "q1": 4, "q5": 3}
+# fallback widths without a profile: the smallest uniform width that met each budget on both texts in
+# bench/results/quality.md (uniform 4 bits, rot4: +1.61 % on the held-out text, so q1 needs 8; uniform
+# 3 bits, rot3: +6.1 %, so q5 needs 4). Conservative on purpose: an uncalibrated model has no measurement.
+FALLBACK = {"q0.5": 8, "q1": 8, "q5": 4}
 
 
 def detect_sinks(nrm: torch.Tensor) -> list[int]:
