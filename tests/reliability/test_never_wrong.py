@@ -29,7 +29,8 @@ from tierkit import controller, keys_of, kv_of, one_block_bytes, same, tier, wai
 
 
 def where(ns: str, key: str, tenant: str = "") -> str | None:
-    return ray.get(controller(ns).where.remote([tenant_key(key, tenant)]), timeout=30)[0]
+    loc = ray.get(controller(ns).locate.remote([tenant_key(key, tenant)], pin=False), timeout=30)[0][0]
+    return loc and loc.tier
 
 
 def to_cold(ns: str, key: str, fillers: list[str], tag: str) -> None:
@@ -70,7 +71,7 @@ def test_2_a_late_promotion_never_replaces_a_newer_put(ray_session, tmp_path):
         kvtier.put(k[0], A)
         to_cold(ns, k[0], k[1:4], "lp")
         (loc,), _ = ray.get(controller(ns).locate.remote([tenant_key(k[0], "")], False), timeout=30)
-        version = loc[4]
+        version = loc.version
         wire = kvtier.compress(A, "none", key=tenant_key(k[0], "")).to_arrow()
         kvtier.put(k[0], B)
         # the reader's promotion of version A arrives only now, after the newer put
