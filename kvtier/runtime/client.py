@@ -97,7 +97,8 @@ class Client:
         self.cold = open_cold_store(self.cfg)
         self._shards: list[dict] = info["shards"]
         self.loader = Loader()
-        self.store = StoreQueue(self._store_batch, STORE_QUEUE_BYTES, timeout_s=max(60.0, 4 * self.timeout))
+        self.store = StoreQueue(self._store_batch, STORE_QUEUE_BYTES, timeout_s=max(60.0, 4 * self.timeout),
+                                max_batch_bytes=max(1, self.cfg.shard_bytes // 8))
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtier-prefetch")
         self._lock = threading.Lock()
         self._reconnected = 0.0

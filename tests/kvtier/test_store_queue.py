@@ -102,3 +102,22 @@ def test_bad_arguments_name_the_value():
         StoreQueue(lambda b: None, max_bytes=0, timeout_s=1)
     with pytest.raises(ValueError, match="timeout_s=-1"):
         StoreQueue(lambda b: None, max_bytes=1, timeout_s=-1)
+
+
+def test_sends_stay_within_max_batch_bytes_and_split_a_large_put():
+    gate, batches = threading.Event(), []
+
+    def send(batch):
+        gate.wait(5)
+        batches.append([p.key for p in batch])
+
+    q = StoreQueue(send, max_bytes=10_000, timeout_s=5, max_batch_bytes=100)
+    q.submit(items("a", "b", "c", "d", "e", size=40))  # one put of 200 bytes: split into sends of <= 100
+    q.submit(items("f", size=40))
+    q.submit(items("g", size=150))  # a block larger than the limit still goes, alone
+    gate.set()
+    assert q.flush(5)
+    assert [k for b in batches for k in b] == list("abcdefg"), "every block is sent once, in order"
+    assert all(len(b) == 1 or 40 * len(b) <= 100 for b in batches), batches
+    assert ["g"] in batches
+    q.close()

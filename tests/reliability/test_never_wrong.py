@@ -118,8 +118,10 @@ def test_5_another_models_block_under_the_same_key_is_a_miss(ray_session, tmp_pa
         m1, m2 = client_for(ns, model_id="model-1"), client_for(ns, model_id="model-2")
         k = keys_of("mdl", 3)
         m1.put([k[0]], [kv_of("mdl", 0)])
+        assert m1.flush(30), "puts are stored in the background: wait until it is in the shard"
         assert m2.get([k[0]]) == [None], "warm: model-2 must not be served model-1's block"
         m1.put(k[1:3], [kv_of("mdl", 1), kv_of("mdl", 2)])
+        assert m1.flush(30)
         wait_for(lambda: where(ns, k[0]) == "cold", timeout=30, what="demoted")
         assert m2.get([k[0]]) == [None], "cold: the read checks the model"
         assert m2.counters["foreign_model"] == 2, "counted as misses of another model, not as corrupt"
