@@ -1,0 +1,119 @@
+"""What names a vLLM request's KV in kvtier: the connector's settings, the model identity, the keys.
+
+``ConnectorSettings.parse(extra)`` validates ``kv_connector_extra_config``:
+``address``/``namespace``/``codec`` and the connector's own knobs, every other key a
+TierConfig field (an unknown key is an error naming it). ``model_identity`` binds
+the model's fingerprint (name, layers, KV heads, head_dim, KV dtype), a digest of
+its config and weight files and the page format into one string; ``request_keys``
+chains kvtier's chunk keys over a request's prompt with that identity, the
+request's ``cache_salt`` and the tenant inside. Two models, two page formats, two
+salts or two tenants therefore never share a key. No vLLM import here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from kvtier.config import TierConfig
+from kvtier.keys import chunk_keys, model_fingerprint
+
+# the connector's own settings; everything else in extra_config is a TierConfig field
+_OWN = {"address", "namespace", "save_queue", "load_timeout_s", "connect_timeout_s"}
+_FULL_HASH_BYTES = 2 << 30  # weight files up to 2 GiB in all are hashed whole (~1-2 s); larger ones sampled
+_SAMPLE = 4 << 20
+
+
+@dataclass(frozen=True)
+class ConnectorSettings:
+    address: str = "auto"          # "auto": $RAY_ADDRESS or a local Ray, else a local tier; "local": always local
+    namespace: str = "kvtier"
+    save_queue: int = 8            # chunks batches waiting to be compressed+put; a full queue drops the save
+    load_timeout_s: float = 30.0   # a load that takes longer is a failure (recompute)
+    connect_timeout_s: float = 120.0
+    tier: dict = field(default_factory=dict)   # TierConfig fields given explicitly
+
+    @classmethod
+    def parse(cls, extra: Mapping[str, Any] | None) -> "ConnectorSettings":
+        extra = dict(extra or {})
+        own = {k: extra.pop(k) for k in list(extra) if k in _OWN}
+        known = {f.name for f in dataclasses.fields(TierConfig)}
+        unknown = sorted(set(extra) - known)
+        if unknown:
+            raise ValueError(f"kv_connector_extra_config has unknown key(s) {unknown}; known: "
+                             f"{sorted(_OWN | known)}")
+        TierConfig.from_any(extra)  # validates every value, naming a bad one
+        s = cls(tier=extra, **own)
+        if not isinstance(s.address, str) or not s.address:
+            raise ValueError(f"address={s.address!r} must be 'auto', 'local' or a Ray address")
+        if not isinstance(s.namespace, str) or not s.namespace:
+            raise ValueError(f"namespace={s.namespace!r} must be a non-empty string")
+        if not isinstance(s.save_queue, int) or isinstance(s.save_queue, bool) or s.save_queue < 1:
+            raise ValueError(f"save_queue={s.save_queue!r} must be an int >= 1")
+        for name in ("load_timeout_s", "connect_timeout_s"):
+            v = getattr(s, name)
+            if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 86400:
+                raise ValueError(f"{name}={v!r} must be a positive number of seconds")
+        return s
+
+    def tier_config(self, block_size: int) -> TierConfig:
+        """The TierConfig this connector runs with: ``chunk_tokens`` defaults to the multiple of
+        ``block_size`` nearest 256 (vLLM's CPU default block is 128: 256 tokens = 2 blocks)."""
+        cfg = dict(self.tier)
+        if "chunk_tokens" not in cfg:
+            cfg["chunk_tokens"] = max(1, round(256 / block_size)) * block_size
+        tc = TierConfig.from_any(cfg)
+        if tc.chunk_tokens % block_size:
+            raise ValueError(f"chunk_tokens={tc.chunk_tokens} must be a multiple of vLLM's block_size={block_size}")
+        return tc
+
+
+@functools.lru_cache(maxsize=8)
+def weights_digest(model_path: str, revision: str = "") -> str:
+    """A digest of a local model folder's config and weight files (20 hex chars), or of the hub
+    name and revision when ``model_path`` is not a local folder (vLLM resolves it; we cannot)."""
+    h = hashlib.blake2b(b"kvtier/vllm/weights/v1\0", digest_size=10)
+    p = Path(model_path)
+    if not p.is_dir():
+        h.update(f"hub:{model_path}@{revision}".encode())
+        return h.hexdigest()
+    files = sorted(f for f in p.iterdir() if f.is_file() and (
+        f.name == "config.json" or f.suffix in (".safetensors", ".bin", ".pt", ".gguf")))
+    if not files:
+        raise ValueError(f"model folder {model_path!r} has no config.json or weight files to identify it by")
+    whole = sum(f.stat().st_size for f in files) <= _FULL_HASH_BYTES
+    for f in files:
+        size = f.stat().st_size
+        h.update(f"{f.name}\0{size}\0".encode())
+        with open(f, "rb") as fh:
+            if whole or size <= 2 * _SAMPLE:
+                for piece in iter(lambda: fh.read(8 << 20), b""):
+                    h.update(piece)
+            else:  # head (header + first tensors) and tail: a retrained or re-quantized file differs there
+                h.update(fh.read(_SAMPLE))
+                fh.seek(size - _SAMPLE)
+                h.update(fh.read(_SAMPLE))
+    return h.hexdigest()
+
+
+def model_identity(name: str, num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str,
+                   weights: str, page_format: str) -> str:
+    """``<fingerprint>|W<weights digest>|P<page format>``: what the KV of one model in one layout is."""
+    fp = model_fingerprint(name.replace("|", "_"), num_layers, kv_heads, head_dim, kv_dtype)
+    return f"{fp}|W{weights}|P{page_format}"
+
+
+def request_keys(token_ids: Sequence[int], identity: str, chunk_tokens: int, tenant: str,
+                 cache_salt: str | None) -> list[str]:
+    """The chained keys of every full chunk of ``token_ids`` for this identity, salt and tenant."""
+    salt = cache_salt or ""
+    return chunk_keys(list(token_ids), f"{identity}|S{len(salt)}:{salt}", chunk_tokens, tenant)
+
+
+def env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")

@@ -1,0 +1,146 @@
+"""vLLM paged KV caches <-> kvtier chunks, in pure torch (no vLLM import).
+
+A kvtier chunk is ``[layers, 2, kv_heads, chunk_tokens, head_dim]`` (0 = K, 1 = V).
+vLLM keeps one paged tensor per attention layer; a chunk of ``chunk_tokens``
+tokens spans ``chunk_tokens // block_size`` whole blocks of it. Two page formats
+are known:
+
+``cpu-vec``  vLLM's CPU attention with the ``vec`` ISA (x86 without AMX, block
+             size a multiple of 32; ``v1/attention/backends/cpu_attn.py``):
+             ``[num_blocks, kv_heads, block_size, 2 * head_dim]``, and each
+             (block, head) page holds K transposed ``[head_dim, block_size]``
+             followed by V ``[block_size, head_dim]`` (not K|V per token: reading
+             it naively was off by 14.7 against transformers' K/V, this reading by 5.7e-6).
+``flash``    CUDA flash-attention: ``[2, num_blocks, block_size, kv_heads, head_dim]``.
+
+Other layouts (the CPU ``amx``/``neon``/``vsx``/``vec16`` ISAs, MLA, fp8 caches)
+are not decoded here: ``detect`` names them and the connector refuses them, so a
+page is never read in a layout nobody checked. The code runs on CPU and CUDA
+(index_select / index_copy_ and views only); this module knows nothing of
+tiers, keys or vLLM's scheduler.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+
+FORMATS = ("cpu-vec", "flash")
+
+
+@dataclass(frozen=True)
+class PageLayout:
+    """The shape of one layer's paged KV tensor, and how its pages are laid out."""
+
+    format: str
+    num_blocks: int
+    block_size: int
+    kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+
+    def __post_init__(self) -> None:
+        if self.format not in FORMATS:
+            raise ValueError(f"page format {self.format!r} is not supported; known: {FORMATS}")
+
+    def shape(self) -> tuple[int, ...]:
+        if self.format == "cpu-vec":
+            return (self.num_blocks, self.kv_heads, self.block_size, 2 * self.head_dim)
+        return (2, self.num_blocks, self.block_size, self.kv_heads, self.head_dim)
+
+
+def detect(t: torch.Tensor, cpu_isa: str | None = None) -> PageLayout:
+    """The layout of one layer's KV tensor, or a ValueError naming what it is.
+
+    ``cpu_isa`` is vLLM's CPU attention ISA for this cache (``"vec"``, ``"amx"``, ...)
+    on CPU, None for a CUDA tensor."""
+    if t.device.type == "cpu":
+        if t.dim() != 4:
+            raise ValueError(f"CPU KV cache of shape {tuple(t.shape)} (dims {t.dim()}) is not the "
+                             "[num_blocks, kv_heads, block_size, 2*head_dim] layout of vLLM's CPU attention "
+                             "(an MLA cache?); refused")
+        if cpu_isa != "vec":
+            raise ValueError(f"vLLM CPU attention ISA {cpu_isa!r} lays pages out in a format kvtier does not "
+                             f"decode (page format 'cpu-{cpu_isa}'); supported: 'cpu-vec' (x86 without AMX, "
+                             "block_size a multiple of 32, head_dim a multiple of 32)")
+        n, h, bs, d2 = t.shape
+        if d2 % 2:
+            raise ValueError(f"CPU KV cache last dim {d2} is odd; expected 2*head_dim")
+        return PageLayout("cpu-vec", n, bs, h, d2 // 2, t.dtype)
+    if t.dim() == 5 and t.shape[0] == 2:
+        _, n, bs, h, d = t.shape
+        return PageLayout("flash", n, bs, h, d, t.dtype)
+    raise ValueError(f"{t.device.type} KV cache of shape {tuple(t.shape)} is not the flash-attention layout "
+                     "[2, num_blocks, block_size, kv_heads, head_dim]; refused")
+
+
+def _check(layers: Sequence[torch.Tensor], lay: PageLayout, block_ids: torch.Tensor, chunk_tokens: int) -> int:
+    if chunk_tokens % lay.block_size:
+        raise ValueError(f"chunk_tokens={chunk_tokens} is not a multiple of block_size={lay.block_size}")
+    per = chunk_tokens // lay.block_size
+    if block_ids.dim() != 2 or block_ids.shape[1] != per:
+        raise ValueError(f"block_ids has shape {tuple(block_ids.shape)}, expected [chunks, {per}]")
+    for i, t in enumerate(layers):
+        if tuple(t.shape) != lay.shape() or t.dtype != lay.dtype:
+            raise ValueError(f"layer {i} KV tensor {tuple(t.shape)} {t.dtype} does not match {lay}")
+    return per
+
+
+def gather(layers: Sequence[torch.Tensor], lay: PageLayout, block_ids: torch.Tensor,
+           chunk_tokens: int) -> torch.Tensor:
+    """Chunks ``[C, layers, 2, kv_heads, chunk_tokens, head_dim]`` (a new tensor) from the pages
+    ``block_ids[c]`` (``[C, chunk_tokens // block_size]``, in token order) of every layer."""
+    per = _check(layers, lay, block_ids, chunk_tokens)
+    c, h, bs, d = block_ids.shape[0], lay.kv_heads, lay.block_size, lay.head_dim
+    dev = layers[0].device
+    ids = block_ids.to(dev, torch.long).reshape(-1)
+    out = torch.empty((c, len(layers), 2, h, chunk_tokens, d), dtype=lay.dtype, device=dev)
+    for li, t in enumerate(layers):
+        if lay.format == "cpu-vec":
+            sel = t.view(lay.num_blocks, h, 2, bs * d).index_select(0, ids)     # [C*per, H, 2, bs*D]
+            k = sel[:, :, 0].view(c, per, h, d, bs).permute(0, 2, 1, 4, 3)      # [C, H, per, bs, D]
+            v = sel[:, :, 1].view(c, per, h, bs, d).permute(0, 2, 1, 3, 4)
+            out[:, li, 0].view(c, h, per, bs, d).copy_(k)
+            out[:, li, 1].view(c, h, per, bs, d).copy_(v)
+        else:
+            sel = t.index_select(1, ids).view(2, c, per, bs, h, d)              # [2, C, per, bs, H, D]
+            out[:, li].view(c, 2, h, per, bs, d).copy_(sel.permute(1, 0, 4, 2, 3, 5))
+    return out
+
+
+def scatter(layers: Sequence[torch.Tensor], lay: PageLayout, block_ids: torch.Tensor,
+            chunks: torch.Tensor) -> None:
+    """Write chunks ``[C, layers, 2, kv_heads, chunk_tokens, head_dim]`` into the pages
+    ``block_ids[c]`` of every layer, in place (the inverse of ``gather``)."""
+    if chunks.dim() != 6:
+        raise ValueError(f"chunks has {chunks.dim()} dims, expected 6: [chunks, layers, 2, kv_heads, tokens, head_dim]")
+    c, nl, two, h, tokens, d = chunks.shape
+    if (nl, two, h, d) != (len(layers), 2, lay.kv_heads, lay.head_dim) or c != block_ids.shape[0]:
+        raise ValueError(f"chunks of shape {tuple(chunks.shape)} do not fit {len(layers)} layers of {lay} "
+                         f"and {block_ids.shape[0]} chunks of block ids")
+    per = _check(layers, lay, block_ids, tokens)
+    bs = lay.block_size
+    dev = layers[0].device
+    ids = block_ids.to(dev, torch.long).reshape(-1)
+    chunks = chunks.to(device=dev, dtype=lay.dtype)
+    for li, t in enumerate(layers):
+        src = chunks[:, li].view(c, 2, h, per, bs, d)
+        if lay.format == "cpu-vec":
+            page = torch.empty((c, per, h, 2, bs * d), dtype=lay.dtype, device=dev)
+            page[:, :, :, 0].view(c, per, h, d, bs).copy_(src[:, 0].permute(0, 2, 1, 4, 3))
+            page[:, :, :, 1].view(c, per, h, bs, d).copy_(src[:, 1].permute(0, 2, 1, 3, 4))
+            t.view(lay.num_blocks, h, 2, bs * d).index_copy_(0, ids, page.view(c * per, h, 2, bs * d))
+        else:
+            page = src.permute(1, 0, 3, 4, 2, 5).reshape(2, c * per, bs, h, d)  # [2, C*per, bs, H, D]
+            t.index_copy_(1, ids, page)
+
+
+def tokens_kv(layers: Sequence[torch.Tensor], lay: PageLayout, block_ids: Sequence[int],
+              num_tokens: int) -> torch.Tensor:
+    """The K/V of the first ``num_tokens`` tokens held in ``block_ids`` (a request's block table), as
+    ``[layers, 2, kv_heads, num_tokens, head_dim]``: for comparing pages against another engine's K/V."""
+    nb = -(-num_tokens // lay.block_size)
+    ids = torch.tensor(list(block_ids[:nb]), dtype=torch.long).view(1, nb)
+    return gather(layers, lay, ids, nb * lay.block_size)[0, :, :, :, :num_tokens]

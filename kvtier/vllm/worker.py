@@ -1,0 +1,145 @@
+"""The worker side of the kvtier connector: KV pages in and out of the tier.
+
+It runs in each vLLM worker process, beside the paged KV tensors. Loading is
+synchronous and happens before the step's forward: one batched ``kvtier.get``
+of the planned chunks (bounded by ``load_timeout_s``), decoded chunks scattered
+into the request's blocks. Any chunk that does not come back whole (a miss since
+the lookup, a checksum mismatch the tier turned into a miss, a shard or tier
+that is down, a timeout, a wrong shape) fails that chunk's blocks, which vLLM
+recomputes (``kv_load_failure_policy="recompute"``). Saving copies the finished
+chunks out of the pages after the forward (a gather, ~memcpy speed) and leaves
+compression and the put to one background thread fed by a bounded queue: a
+full queue drops the save (a later miss), never stalls the engine.
+
+It knows the page layout only through ``pages.PageLayout``; vLLM-specific
+detection of the layout lives in ``connector.py``.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
+from typing import Callable, Sequence
+
+import torch
+
+from kvtier.vllm import pages
+from kvtier.vllm.scheduler import LoadSpec, SaveSpec
+
+log = logging.getLogger("kvtier.vllm")
+
+
+class WorkerSide:
+    def __init__(self, layers: Sequence[torch.Tensor], layout: pages.PageLayout, chunk_tokens: int,
+                 codec: str | None, save_queue: int, load_timeout_s: float,
+                 get: Callable[[list[str]], list], put: Callable[[list[str], list, str | None], None],
+                 ready: Callable[[], bool]) -> None:
+        self.layers = list(layers)
+        self.layout = layout
+        self.chunk_tokens = chunk_tokens
+        self.codec = codec
+        self.load_timeout_s = load_timeout_s
+        self._get, self._put, self._ready = get, put, ready
+        self._queue: queue.Queue = queue.Queue(maxsize=save_queue)
+        self._load_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
+        self._errors: set[int] = set()
+        self.counters = {"loaded_chunks": 0, "failed_chunks": 0, "saved_chunks": 0, "dropped_saves": 0,
+                         "save_errors": 0}
+        self._saver = threading.Thread(target=self._save_loop, name="kvtier-save", daemon=True)
+        self._saver.start()
+
+    # ---- load -------------------------------------------------------------
+    def load(self, specs: Sequence[LoadSpec]) -> None:
+        """Fill the planned blocks before the forward; failed blocks go to ``take_errors``."""
+        if not specs:
+            return
+        keys = [k for s in specs for k in s.keys]
+        got: list = [None] * len(keys)
+        if self._ready():
+            fut = self._load_pool.submit(self._get, keys)
+            try:
+                got = list(fut.result(timeout=self.load_timeout_s))
+            except FutureTimeout:
+                log.warning("kvtier: loading %d chunks took over %.1fs; recomputing them", len(keys),
+                            self.load_timeout_s)
+            except Exception as e:  # noqa: BLE001 - a tier error is a miss: vLLM recomputes
+                log.warning("kvtier: loading %d chunks failed (%s: %s); recomputing them", len(keys),
+                            type(e).__name__, e)
+            if len(got) != len(keys):
+                got = [None] * len(keys)
+        lay = self.layout
+        want = (len(self.layers), 2, lay.kv_heads, self.chunk_tokens, lay.head_dim)
+        i = 0
+        for spec in specs:
+            good_rows, good_kvs, failed = [], [], False
+            for row in spec.block_ids:
+                kv = got[i]
+                i += 1
+                if failed or kv is None or tuple(kv.shape) != want:
+                    if kv is not None and tuple(kv.shape) != want:
+                        log.warning("kvtier: chunk of shape %s does not fit %s; recomputing", tuple(kv.shape), want)
+                    failed = True  # vLLM truncates at the first failed block: later chunks would be dropped
+                    self._errors.update(b for b in row if b >= 0)
+                    self.counters["failed_chunks"] += 1
+                    continue
+                good_rows.append(row)
+                good_kvs.append(kv)
+            if good_rows:
+                chunks = torch.stack([kv.to(self.layers[0].device, lay.dtype) for kv in good_kvs])
+                pages.scatter(self.layers, lay, torch.tensor(good_rows, dtype=torch.long), chunks)
+                self.counters["loaded_chunks"] += len(good_rows)
+
+    def take_errors(self) -> set[int]:
+        errors, self._errors = self._errors, set()
+        return errors
+
+    # ---- save -------------------------------------------------------------
+    def save(self, specs: Sequence[SaveSpec]) -> None:
+        """Copy the chunks out of the pages (the pages may be reused after this step) and queue the puts."""
+        if not specs or not self._ready():
+            return
+        for spec in specs:
+            chunks = pages.gather(self.layers, self.layout, torch.tensor(spec.block_ids, dtype=torch.long),
+                                  self.chunk_tokens)
+            try:
+                self._queue.put_nowait((spec.keys, chunks))
+            except queue.Full:
+                self.counters["dropped_saves"] += len(spec.keys)
+                log.warning("kvtier: save queue full (%d batches); dropping %d chunks of %s",
+                            self._queue.maxsize, len(spec.keys), spec.req_id)
+
+    def _save_loop(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                keys, chunks = item
+                self._put(list(keys), list(chunks.unbind(0)), self.codec)
+                self.counters["saved_chunks"] += len(keys)
+            except Exception as e:  # noqa: BLE001 - a failed save is a later miss, not an engine error
+                self.counters["save_errors"] += 1
+                log.warning("kvtier: saving %d chunks failed (%s: %s)", len(item[0]), type(e).__name__, e)
+            finally:
+                self._queue.task_done()
+
+    def flush(self, timeout_s: float) -> bool:
+        """Wait (bounded) until every queued save is done; True if it drained."""
+        done = threading.Event()
+
+        def wait() -> None:
+            self._queue.join()
+            done.set()
+
+        threading.Thread(target=wait, daemon=True).start()
+        return done.wait(timeout_s)
+
+    def close(self, timeout_s: float = 10.0) -> None:
+        self.flush(timeout_s)
+        try:
+            self._queue.put(None, timeout=1.0)
+        except queue.Full:
+            pass
+        self._load_pool.shutdown(wait=False, cancel_futures=True)
