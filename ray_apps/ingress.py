@@ -37,6 +37,7 @@ import re
 from typing import Any, Mapping
 
 from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.responses import JSONResponse, Response
 
 from ray.llm._internal.serve.core.configs.openai_api_models import ChatCompletionRequest, CompletionRequest
@@ -184,5 +185,12 @@ def make_app(tokens: Mapping[str, str]) -> FastAPI:
     from ray.llm._internal.serve.core.ingress.ingress import init
 
     app = init()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _openai_shaped(_request, exc: StarletteHTTPException):
+        # OpenAiIngress raises FastAPI's HTTPException for an unknown model (404): {"detail": ...} by default
+        kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
+        return _error(exc.status_code, str(exc.detail), kind, str(exc.status_code))
+
     app.add_middleware(TenantAuth, tokens=dict(tokens))  # added last: runs first, before body parsing
     return app

@@ -42,6 +42,7 @@ from ray_apps.ingress import TENANT_RE, check_tokens
 
 SHAPES = ("shared", "pd")
 DTYPES = ("float32", "bfloat16", "float16")
+ROLES = ("engine", "prefill", "decode")
 ENGINE_ENV = {
     # the engines are spawned subprocesses; kvtier's code must be importable there too
     "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
@@ -69,6 +70,8 @@ class AppConfig:
     namespace        the tier's Ray namespace; address: the Ray address the engines join (None = this cluster)
     api_tokens       token -> tenant; api_token/tenant: one token (else $KVTIER_API_TOKENS / $KVTIER_API_TOKEN)
     engine_kwargs    more vLLM engine args, merged last
+    engine_resources custom Ray resources in each engine's placement bundle, per role ("engine" in the
+                     shared shape, "prefill"/"decode" in pd): how the Helm chart puts engines on their pods
     host, port       where ``kvtier serve`` binds
     """
 
@@ -92,6 +95,7 @@ class AppConfig:
     address: str | None = None
     api_tokens: dict = field(default_factory=dict)
     engine_kwargs: dict = field(default_factory=dict)
+    engine_resources: dict = field(default_factory=dict)
     max_ongoing_requests: int = 64
     host: str = "127.0.0.1"
     port: int = 8000
@@ -123,6 +127,13 @@ class AppConfig:
             raise ValueError("app arg engine_kwargs must be a dict without kv_transfer_config (set kvtier=false "
                              "for an app without kvtier's connector)")
         check_tokens(self.api_tokens)
+        if not isinstance(self.engine_resources, dict) or set(self.engine_resources) - set(ROLES):
+            raise ValueError(f"app arg engine_resources={self.engine_resources!r} must map a role in {list(ROLES)} "
+                             "to {resource: amount}")
+        for role, res in self.engine_resources.items():
+            if not isinstance(res, dict) or not all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0
+                                                    for k, v in res.items()):
+                raise ValueError(f"app arg engine_resources[{role!r}]={res!r} must map resource names to amounts > 0")
 
     @classmethod
     def from_args(cls, args: Mapping[str, Any] | None) -> "AppConfig":
@@ -219,8 +230,8 @@ def kv_transfer_config(cfg: AppConfig) -> dict[str, Any]:
             "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
 
 
-def llm_config(cfg: AppConfig, folder: str, replicas: int) -> dict[str, Any]:
-    """One Ray Serve LLM ``LLMConfig`` (as a dict) for ``replicas`` engines."""
+def llm_config(cfg: AppConfig, folder: str, replicas: int, role: str = "engine") -> dict[str, Any]:
+    """One Ray Serve LLM ``LLMConfig`` (as a dict) for ``replicas`` engines of ``role``."""
     engine: dict[str, Any] = {"dtype": cfg.dtype, "max_model_len": cfg.max_model_len,
                               "enable_prefix_caching": cfg.prefix_caching,
                               "enable_prompt_tokens_details": True,  # usage.prompt_tokens_details.cached_tokens
@@ -245,6 +256,9 @@ def llm_config(cfg: AppConfig, folder: str, replicas: int) -> dict[str, Any]:
     }
     if cfg.accelerator_type:
         out["accelerator_type"] = cfg.accelerator_type
+    if cfg.engine_resources.get(role):
+        bundle = {"CPU": 1, **({"GPU": 1} if cfg.accelerator == "gpu" else {}), **cfg.engine_resources[role]}
+        out["placement_group_config"] = {"bundle_per_worker": bundle}  # one bundle per tensor-parallel rank
     return out
 
 
@@ -266,8 +280,8 @@ def build_app(args: Mapping[str, Any] | None = None):
         top = LLMConfig.model_validate(llm_config(cfg, folder, cfg.replicas))
         server = build_llm_deployment(top)
     else:
-        prefill = LLMConfig.model_validate(llm_config(cfg, folder, cfg.prefill_replicas))
-        top = LLMConfig.model_validate(llm_config(cfg, folder, cfg.decode_replicas))
+        prefill = LLMConfig.model_validate(llm_config(cfg, folder, cfg.prefill_replicas, "prefill"))
+        top = LLMConfig.model_validate(llm_config(cfg, folder, cfg.decode_replicas, "decode"))
         if not cfg.kvtier:
             raise ValueError("app arg shape='pd' needs kvtier=true: decode gets prefill's KV through the tier")
         server = build_llm_deployment(top, name_prefix="Decode:", deployment_cls=PDDecodeServer, bind_kwargs={

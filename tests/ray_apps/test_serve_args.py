@@ -140,3 +140,16 @@ def test_an_open_app_has_only_the_default_tenant():
     assert _call(auth, {})[2] == ""
     status, body, _ = _call(auth, {"X-KVTier-Tenant": "team-a"})
     assert status == 403 and body["error"]["code"] == "tenant_not_allowed"
+
+
+def test_engine_resources_place_each_role_on_its_pods():
+    cfg = AppConfig.from_args({"shape": "pd", "accelerator": "gpu",
+                               "engine_resources": '{"prefill": {"kvtier_prefill": 1}, "decode": {"kvtier_decode": 1}}'})
+    assert llm_config(cfg, "/m", 1, "prefill")["placement_group_config"] == {
+        "bundle_per_worker": {"CPU": 1, "GPU": 1, "kvtier_prefill": 1}}
+    assert llm_config(cfg, "/m", 1, "decode")["placement_group_config"]["bundle_per_worker"]["kvtier_decode"] == 1
+    assert "placement_group_config" not in llm_config(AppConfig(), "/m", 1)
+    with pytest.raises(ValueError, match="engine_resources"):
+        AppConfig.from_args({"engine_resources": {"gpu": {"x": 1}}})
+    with pytest.raises(ValueError, match=r"engine_resources\['engine'\]"):
+        AppConfig.from_args({"engine_resources": {"engine": {"x": 0}}})
