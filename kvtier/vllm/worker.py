@@ -7,8 +7,8 @@ into the request's blocks. Any chunk that does not come back whole (a miss since
 the lookup, a checksum mismatch the tier turned into a miss, a shard or tier
 that is down, a timeout, a wrong shape) fails that chunk's blocks, which vLLM
 recomputes (``kv_load_failure_policy="recompute"``). Saving copies the finished
-chunks out of the pages after the forward (a gather, ~memcpy speed) and leaves
-compression and the put to one background thread fed by a bounded queue: a
+pages of finished chunks out after the forward (index_select, memcpy speed) and
+leaves the reordering into chunks, compression and the put to one background thread fed by a bounded queue: a
 full queue drops the save (a later miss), never stalls the engine.
 
 It knows the page layout only through ``pages.PageLayout``; vLLM-specific
@@ -101,10 +101,10 @@ class WorkerSide:
         if not specs or not self._ready():
             return
         for spec in specs:
-            chunks = pages.gather(self.layers, self.layout, torch.tensor(spec.block_ids, dtype=torch.long),
-                                  self.chunk_tokens)
+            raw = pages.copy_pages(self.layers, self.layout, torch.tensor(spec.block_ids, dtype=torch.long),
+                                   self.chunk_tokens)
             try:
-                self._queue.put_nowait((spec.keys, chunks))
+                self._queue.put_nowait((spec.keys, raw))
             except queue.Full:
                 self.counters["dropped_saves"] += len(spec.keys)
                 log.warning("kvtier: save queue full (%d batches); dropping %d chunks of %s",
@@ -116,7 +116,8 @@ class WorkerSide:
             try:
                 if item is None:
                     return
-                keys, chunks = item
+                keys, raw = item
+                chunks = pages.pages_to_chunks(raw, self.layout, len(keys))
                 self._put(list(keys), list(chunks.unbind(0)), self.codec)
                 self.counters["saved_chunks"] += len(keys)
             except Exception as e:  # noqa: BLE001 - a failed save is a later miss, not an engine error

@@ -1,0 +1,137 @@
+"""Benchmark: vLLM pages <-> kvtier chunks (kvtier/vllm/pages.py) in TB/s of KV, on CUDA or CPU.
+
+What the connector does per hit/save, without vLLM: ``gather`` copies whole chunks
+out of paged per-layer tensors (a save), ``scatter`` writes chunks back into pages
+(a load). Shapes are vLLM's: by default Llama-3-8B (32 layers, 8 KV heads,
+head_dim 128, bf16), block 16, the CUDA flash-attention layout
+``[2, num_blocks, block_size, kv_heads, head_dim]`` per layer, 256-token chunks
+on shuffled blocks (a real block table is not contiguous). Baseline, measured
+in the same run: one contiguous ``copy_`` of the same number of bytes (the
+device's copy roofline). TB/s counts KV bytes moved once (read+write = 2x traffic).
+
+    python bench/pages.py                       # CUDA if present, else CPU (smaller default)
+    python bench/pages.py --out $OUT/vllm-pages-h200.md
+
+Needs only torch (the pages module is loaded by path: no kvtier, Ray or vLLM import).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import os
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+_spec = importlib.util.spec_from_file_location("kvtier_pages", os.path.join(HERE, "..", "kvtier", "vllm", "pages.py"))
+pages = sys.modules["kvtier_pages"] = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(pages)
+
+
+def timeit(fn, reps: int, dev: torch.device) -> float:
+    """Median seconds of ``fn`` over ``reps`` runs after 2 warm-ups (CUDA events on a GPU)."""
+    for _ in range(2):
+        fn()
+    out = []
+    for _ in range(reps):
+        if dev.type == "cuda":
+            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            a.record()
+            fn()
+            b.record()
+            b.synchronize()
+            out.append(a.elapsed_time(b) / 1e3)
+        else:
+            t0 = time.perf_counter()
+            fn()
+            out.append(time.perf_counter() - t0)
+    return statistics.median(out)
+
+
+def run(args) -> list[dict]:
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dtype = getattr(torch, args.dtype)
+    L, H, D, bs = args.layers, args.kv_heads, args.head_dim, args.block_size
+    per = args.chunk_tokens // bs
+    rows = []
+    for fmt in args.formats:
+        nblocks = args.chunks * per + 1
+        lay = pages.PageLayout(fmt, nblocks, bs, H, D, dtype)
+        layers = [torch.randn(lay.shape(), device=dev, dtype=torch.float32).to(dtype) for _ in range(L)]
+        g = torch.Generator().manual_seed(0)
+        ids = (torch.randperm(nblocks - 1, generator=g)[: args.chunks * per] + 1).view(args.chunks, per).to(dev)
+        chunks = pages.gather(layers, lay, ids, args.chunk_tokens)
+        nbytes = chunks.numel() * chunks.element_size()
+        assert torch.equal(chunks[0, 0, 0, :, :bs], _first_block_k(layers[0], lay, int(ids[0, 0]))), "gather is wrong"
+        flat_src = torch.empty(nbytes // chunks.element_size(), device=dev, dtype=dtype)
+        flat_dst = torch.empty_like(flat_src)
+        t_copy = timeit(lambda: flat_dst.copy_(flat_src), args.reps, dev)
+        t_copy_pages = timeit(lambda: pages.copy_pages(layers, lay, ids, args.chunk_tokens), args.reps, dev)
+        t_gather = timeit(lambda: pages.gather(layers, lay, ids, args.chunk_tokens), args.reps, dev)
+        t_scatter = timeit(lambda: pages.scatter(layers, lay, ids, chunks), args.reps, dev)
+        back = pages.gather(layers, lay, ids, args.chunk_tokens)
+        assert torch.equal(back, chunks), "scatter then gather did not round-trip"
+        for op, t in (("contiguous copy (baseline)", t_copy),
+                      ("copy_pages: blocks out, as they are (save, on the engine step)", t_copy_pages),
+                      ("gather: pages -> chunks (save, all of it)", t_gather),
+                      ("scatter: chunks -> pages (load)", t_scatter)):
+            rows.append({"format": fmt, "op": op, "tokens": args.chunks * args.chunk_tokens, "MiB": nbytes / 2**20,
+                         "ms": t * 1e3, "TB/s": nbytes / t / 1e12, "vs copy": t_copy / t})
+        del layers, chunks, back, flat_src, flat_dst
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
+    return rows
+
+
+def _first_block_k(t, lay, block):
+    if lay.format == "flash":
+        return t[0, block].permute(1, 0, 2)  # [H, bs, D]
+    page = t[block].reshape(lay.kv_heads, 2, lay.block_size * lay.head_dim)[:, 0]
+    return page.reshape(lay.kv_heads, lay.head_dim, lay.block_size).transpose(1, 2)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default=None)
+    p.add_argument("--layers", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=8)
+    p.add_argument("--head-dim", type=int, default=128)
+    p.add_argument("--block-size", type=int, default=16)
+    p.add_argument("--chunk-tokens", type=int, default=256)
+    p.add_argument("--chunks", type=int, default=None, help="chunks per call (default: 64 on CUDA = 16K tokens, 4 on CPU)")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--formats", nargs="+", default=["flash", "cpu-vec"], choices=list(pages.FORMATS))
+    p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--out", default=os.path.join(HERE, "results", "vllm-pages.md"))
+    args = p.parse_args()
+    cuda = (args.device or ("cuda" if torch.cuda.is_available() else "cpu")).startswith("cuda")
+    if args.chunks is None:
+        args.chunks = 64 if cuda else 4
+    rows = run(args)
+    dev_name = torch.cuda.get_device_name() if cuda else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    head = "| format | op | tokens | MiB | ms | TB/s | vs copy |\n|---|---|---:|---:|---:|---:|---:|"
+    lines = [f"| {r['format']} | {r['op']} | {r['tokens']} | {r['MiB']:.0f} | {r['ms']:.3f} | {r['TB/s']:.3f} | "
+             f"{r['vs copy']:.2f} |" for r in rows]
+    table = "\n".join([head, *lines])
+    print(table)
+    cmd = "python " + " ".join([os.path.relpath(sys.argv[0])] + sys.argv[1:])
+    text = (f"# vLLM pages <-> kvtier chunks\n\nDate: {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M UTC}  \n"
+            f"Device: {dev_name}; torch {torch.__version__}  \nCommand: `{cmd}`  \n"
+            f"Shape: {args.layers} layers, {args.kv_heads} KV heads, head_dim {args.head_dim}, {args.dtype}, block "
+            f"{args.block_size}, {args.chunk_tokens}-token chunks on shuffled blocks, {args.chunks} chunks per call.  \n"
+            "TB/s = KV bytes moved once / median time; 'vs copy' = time of one contiguous copy_ of the same bytes "
+            "(baseline, same run) / time of the op (1.0 = copy speed).\n\n" + table + "\n")
+    os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    with open(args.out, "w") as f:
+        f.write(text)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

