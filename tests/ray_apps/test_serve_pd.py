@@ -89,6 +89,7 @@ def test_pd_streaming_chat_gives_the_same_text_under_fresh_keys(app_url):
     c = client(app_url)
     model = c.models.list().data[0].id
     msgs = [{"role": "user", "content": "Summarize: " + DOC * 8}]
+    c.chat.completions.create(model=model, messages=msgs, max_tokens=2, temperature=0)  # stores the prompt's KV
     pieces, usage = [], None
     for ev in c.chat.completions.create(model=model, messages=msgs, max_tokens=10, temperature=0, stream=True,
                                         stream_options={"include_usage": True}):
