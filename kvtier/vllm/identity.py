@@ -15,7 +15,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -31,7 +30,7 @@ _SAMPLE = 4 << 20
 
 @dataclass(frozen=True)
 class ConnectorSettings:
-    address: str = "auto"          # "auto": $RAY_ADDRESS or a local Ray, else a local tier; "local": always local
+    address: str = "auto"          # "auto": $RAY_ADDRESS if set, else a local tier; "local": always local
     namespace: str = "kvtier"
     save_queue: int = 8            # chunks batches waiting to be compressed+put; a full queue drops the save
     load_timeout_s: float = 30.0   # a load that takes longer is a failure (recompute)
@@ -114,6 +113,3 @@ def request_keys(token_ids: Sequence[int], identity: str, chunk_tokens: int, ten
     salt = cache_salt or ""
     return chunk_keys(list(token_ids), f"{identity}|S{len(salt)}:{salt}", chunk_tokens, tenant)
 
-
-def env_flag(name: str) -> bool:
-    return os.environ.get(name, "").strip().lower() in ("1", "true", "yes")

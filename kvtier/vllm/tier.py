@@ -3,14 +3,19 @@
 vLLM runs the scheduler (EngineCore) and the workers in spawned processes, not
 Ray workers, so each joins the tier itself with ``kvtier.init``:
 
-* ``address`` a Ray address, or "auto" with ``$RAY_ADDRESS`` set or a Ray found by
-  Ray's own discovery: join that cluster's tier in ``namespace``.
-* "local", or "auto" with no Ray anywhere: the engine's processes share one local
-  tier. Under a file lock (``$KVTIER_HOME/vllm/<namespace>.lock``) the first process
-  starts Ray and the tier and writes the GCS address and its pid next to the lock;
-  the others read it and join. A stale address (its pid gone) is replaced, so two
-  processes never start two tiers and none joins a dead one. The tier lives as long
-  as the process that started it (the engine); its cold tier stays on disk.
+* ``address`` a Ray address, or "auto" with ``$RAY_ADDRESS`` set: join that cluster's
+  tier in ``namespace``. Ray's own "auto" discovery (scanning this machine for a
+  gcs_server) is not used: on a shared machine it joined another user's cluster, and
+  its connect hung vLLM's start-up here.
+* "local", or "auto" without ``$RAY_ADDRESS``: the engine's processes share one local
+  tier, run by a helper process (``python -m kvtier.vllm.tier``) that owns Ray and the
+  tier and exits when the engine process that started it exits. Under a file lock
+  (``$KVTIER_HOME/vllm/<namespace>.lock``) the first engine process starts the helper
+  and waits for the address file it writes (GCS address + helper pid); the others read
+  it and join. A stale file (its pid gone) is replaced, so two processes never start
+  two tiers and none joins a dead one. Ray is never started inside a vLLM process:
+  a head started in vLLM's worker lost its GCS a minute later, and Ray then killed
+  the worker. The cold tier stays on disk after the helper exits.
 
 Connecting runs in a background thread: until it succeeds every lookup is a miss
 and every save is dropped, so a tier that is down never blocks or fails the engine.
@@ -22,9 +27,12 @@ import fcntl
 import json
 import logging
 import os
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+from pathlib import Path
 
 import kvtier
 from kvtier.config import TierConfig
@@ -45,14 +53,20 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _local(namespace: str, cfg: TierConfig, timeout_s: float) -> None:
-    import ray
+def _read_addr(path: Path) -> dict | None:
+    try:
+        info = json.loads(path.read_text())
+        return info if _pid_alive(int(info["pid"])) else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
+
+def _local(namespace: str, cfg: TierConfig, timeout_s: float) -> None:
     folder = kvtier_home() / "vllm"
     folder.mkdir(parents=True, exist_ok=True)
     addr_file = folder / f"{namespace}.addr"
+    end = time.monotonic() + timeout_s
     with open(folder / f"{namespace}.lock", "a+") as lock:
-        end = time.monotonic() + timeout_s
         while True:  # a bounded wait for the lock: flock itself has no timeout
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -62,26 +76,24 @@ def _local(namespace: str, cfg: TierConfig, timeout_s: float) -> None:
                     raise TimeoutError(f"{lock.name} stayed locked for {timeout_s:.0f}s") from None
                 time.sleep(0.1)
         try:
-            info = None
-            if addr_file.is_file():
-                try:
-                    info = json.loads(addr_file.read_text())
-                except ValueError:
-                    info = None
-            if info and _pid_alive(int(info["pid"])):
-                kvtier.init(address=info["address"], namespace=namespace, config=cfg)
-                return
-            # a short temp dir: Ray's unix sockets must stay under 107 characters; private, so another
-            # Ray on this machine never finds this one by "auto" discovery
-            tmp = tempfile.mkdtemp(prefix="kvtvllm", dir="/tmp")
-            ray.init(num_cpus=2, include_dashboard=False, namespace=namespace, _temp_dir=tmp,
-                     log_to_driver=False, configure_logging=False)
-            kvtier.init(namespace=namespace, config=cfg)
-            tmpf = addr_file.with_suffix(".tmp")
-            tmpf.write_text(json.dumps({"address": ray.get_runtime_context().gcs_address, "pid": os.getpid()}))
-            os.replace(tmpf, addr_file)
+            info = _read_addr(addr_file)
+            if info is None:
+                addr_file.unlink(missing_ok=True)
+                helper = subprocess.Popen(
+                    [sys.executable, "-m", "kvtier.vllm.tier", namespace, json.dumps(cfg.to_dict()),
+                     str(os.getpid()), str(addr_file)],
+                    stdin=subprocess.DEVNULL, start_new_session=True)
+                while info is None:
+                    if helper.poll() is not None:
+                        raise RuntimeError(f"the local tier helper exited with status {helper.returncode}")
+                    if time.monotonic() > end:
+                        helper.kill()
+                        raise TimeoutError(f"the local tier did not start within {timeout_s:.0f}s")
+                    time.sleep(0.2)
+                    info = _read_addr(addr_file)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+    kvtier.init(address=info["address"], namespace=namespace, config=cfg)
 
 
 def _connect(address: str, namespace: str, cfg: TierConfig, timeout_s: float) -> None:
@@ -94,14 +106,6 @@ def _connect(address: str, namespace: str, cfg: TierConfig, timeout_s: float) ->
     elif address == "auto" and os.environ.get("RAY_ADDRESS"):
         kvtier.init(address=os.environ["RAY_ADDRESS"], namespace=namespace, config=cfg)
     else:
-        if address == "auto":
-            try:
-                ray.init(address="auto", namespace=namespace, log_to_driver=False)
-            except (ConnectionError, RuntimeError, ValueError):
-                pass
-            if ray.is_initialized():
-                kvtier.init(namespace=namespace, config=cfg)
-                return
         _local(namespace, cfg, timeout_s)
 
 
@@ -132,3 +136,33 @@ def ready(wait_s: float = 0.0) -> bool:
 
 def error() -> str | None:
     return _state["error"]
+
+
+def _serve(namespace: str, cfg_json: str, watch_pid: int, addr_file: str) -> None:
+    """The helper: Ray (loopback, a private temp dir) + the tier, until ``watch_pid`` exits."""
+    import shutil
+
+    import ray
+
+    # a short temp dir: Ray's unix sockets must stay under 107 characters; private, so no other Ray finds it
+    tmp = tempfile.mkdtemp(prefix="kvtvllm", dir="/tmp")
+    ray.init(num_cpus=2, include_dashboard=False, namespace=namespace, _temp_dir=tmp, _node_ip_address="127.0.0.1",
+             log_to_driver=False, configure_logging=False)
+    try:
+        kvtier.init(namespace=namespace, config=json.loads(cfg_json))
+        out = Path(addr_file)
+        part = out.with_suffix(".tmp")
+        part.write_text(json.dumps({"address": ray.get_runtime_context().gcs_address, "pid": os.getpid()}))
+        os.replace(part, out)
+        while _pid_alive(watch_pid):
+            time.sleep(1.0)
+        if _read_addr(out) and json.loads(out.read_text())["pid"] == os.getpid():
+            out.unlink(missing_ok=True)
+        kvtier.shutdown(stop=True)
+    finally:
+        ray.shutdown()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    _serve(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])

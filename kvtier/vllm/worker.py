@@ -35,7 +35,7 @@ class WorkerSide:
     def __init__(self, layers: Sequence[torch.Tensor], layout: pages.PageLayout, chunk_tokens: int,
                  codec: str | None, save_queue: int, load_timeout_s: float,
                  get: Callable[[list[str]], list], put: Callable[[list[str], list, str | None], None],
-                 ready: Callable[[], bool]) -> None:
+                 ready: Callable[[float], bool]) -> None:
         self.layers = list(layers)
         self.layout = layout
         self.chunk_tokens = chunk_tokens
@@ -57,7 +57,9 @@ class WorkerSide:
             return
         keys = [k for s in specs for k in s.keys]
         got: list = [None] * len(keys)
-        if self._ready():
+        # the scheduler offered these chunks, so its process reached the tier; this one connects at the same
+        # time and is ready within seconds: wait for it (bounded) rather than fail a hit on an engine's first step
+        if self._ready(min(self.load_timeout_s, 15.0)):
             fut = self._load_pool.submit(self._get, keys)
             try:
                 got = list(fut.result(timeout=self.load_timeout_s))
