@@ -47,7 +47,9 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+# bench/ holds a vllm.py (bench/vllm.py): `python bench/serve.py` puts bench/ first on sys.path, where it
+# would shadow the vllm package the app's engines import
+sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 EVAL_TEXT = ROOT.parent / "shared" / "data" / "eval-text"
 MAX_TOKENS = 8
 ARMS = ("kvtier", "baseline")
