@@ -1,7 +1,7 @@
 """The ``kvtier`` command line: a thin dispatcher to each command's own module.
 
-    kvtier demo     the main job: an embedded tier serving a real model (ray_apps.demo)
-    kvtier serve    the OpenAI-compatible Ray Serve app (ray_apps.serve)
+    kvtier demo     the main job: an embedded tier under two vLLM engines, against recompute (ray_apps.demo)
+    kvtier serve    Ray Serve LLM with vLLM engines on kvtier's connector (ray_apps.serve)
     kvtier start    start (or join) a tier on a Ray cluster and keep it running (kvtier.runtime.start)
     kvtier status   print the tiers and shards of a running tier (kvtier.runtime.status)
     kvtier bench    run a benchmark from bench/ (quality, kernels, tiers, e2e, load)
@@ -18,8 +18,8 @@ import runpy
 import sys
 
 COMMANDS = {
-    "demo": ("ray_apps.demo", "run the main job: an embedded tier serving SmolLM2 with prefill/decode workers"),
-    "serve": ("ray_apps.serve", "start the OpenAI-compatible HTTP API on Ray Serve"),
+    "demo": ("ray_apps.demo", "run the main job: two vLLM engines sharing an embedded tier, against recompute"),
+    "serve": ("ray_apps.serve", "start the OpenAI API on Ray Serve LLM (vLLM engines with kvtier's connector)"),
     "start": ("kvtier.runtime.start", "start or join a tier on a Ray cluster and keep it running"),
     "status": ("kvtier.runtime.status", "print tiers and shards of a running tier (--json for scripts)"),
     "bench": (None, "run a benchmark: kvtier bench {quality,kernels,tiers,e2e,load} [args]"),

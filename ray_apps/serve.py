@@ -1,340 +1,342 @@
-"""The kvtier Ray Serve app: an OpenAI-compatible HTTP API over disaggregated
-prefill and decode workers that share KV through kvtier.
+"""The kvtier Serve app: Ray Serve LLM over vLLM engines whose KV connector is kvtier's.
 
-    serve run ray_apps.serve:app                        # defaults; tier config from $KVTIER_CONFIG
-    serve run ray_apps.serve:build_app tier=tier.json decode_replicas=2
-    KVTIER_API_TOKEN=... kvtier serve --tier tier.json --host 0.0.0.0 --port 8000
+    serve run ray_apps.serve:app                                  # CPU, one engine, SmolLM2-135M
+    serve run ray_apps.serve:app replicas=2                       # two engines sharing the tier
+    serve run ray_apps.serve:app shape=pd                         # prefill/decode, KV through kvtier
+    serve run ray_apps.serve:app accelerator=gpu model=/models/llama-8b dtype=bfloat16
+    KVTIER_API_TOKENS='{"tok-a-...": "team-a"}' kvtier serve --replicas 2 --port 8000
 
-Three deployments: ``Ingress`` (FastAPI: auth, validation, SSE, counters; no
-model, no torch), ``Prefill`` and ``Decode`` (``ray_apps.workers``; one model
-per replica, replica counts from the args). A request goes Ingress -> Prefill
-(tokenize, tier lookup, compute missing chunks, hand off) -> Decode (pull,
-generate, stream). If the Prefill call fails, Decode recomputes the prompt.
+Two shapes from the ``shape`` arg:
+  * ``shared``: ``replicas`` vLLM engines behind Ray Serve LLM's OpenAI ingress;
+    every engine saves the prompt's KV chunks to the tier and loads what the
+    tier has, so a prefix computed on one replica is reused by the others.
+  * ``pd``: Ray Serve LLM's prefill/decode graph (ingress -> decode -> prefill):
+    prefill computes the prompt and saves its KV to the tier, decode loads it.
 
-Routes: ``POST /v1/completions``, ``POST /v1/chat/completions`` (``stream``
-gives ``data: {...}`` events ending with ``data: [DONE]``), ``GET /v1/models``,
-``GET /health`` (never needs the token), ``GET /kvtier/stats``.
+The engines start or join the tier (``tier_backend.KVTierBackend``): a replica
+joins its Ray cluster's tier in ``namespace``, creating the controller and shards
+with ``tier`` (TierConfig fields) when it is the first. HTTP: completions, chat,
+streaming, ``/v1/models`` (Ray Serve LLM / vLLM), plus ``/health``, ``/kvtier/stats``
+and tokens bound to tenants (``ray_apps.ingress``).
 
-App args (a dict; strings from ``serve run`` are converted): ``tier`` (alias
-``tier_config``: a dict of TierConfig fields or a JSON file path; default
-``$KVTIER_CONFIG``), ``model``,
-``dtype``, ``device``, ``transport``, ``namespace``, ``torch_threads``,
-``prefill_replicas``, ``decode_replicas``, ``ingress_replicas``, ``num_cpus``
-and ``num_gpus`` per worker replica, ``limits`` (dict, see
-``openai_api.Limits``), ``api_token`` (else ``$KVTIER_API_TOKEN``),
-``tenant`` (default tenant), ``tenant_tokens`` (else ``$KVTIER_TENANT_TOKENS``:
-``token=tenant,...``; a caller's tenant is the one its bearer token is bound to, and
-without a map every caller is the default tenant), ``host``/``port`` (used by ``kvtier serve``).
+App args (a dict; the strings of ``serve run k=v`` are converted): see
+``AppConfig``. CPU is the default (``accelerator_config={"kind": "cpu"}``, one
+CPU per engine); ``accelerator=gpu`` gives each engine ``tensor_parallel_size``
+GPUs (of ``accelerator_type`` when set) and vLLM's GPU memory sizing.
 """
 
-# no ``from __future__ import annotations``: FastAPI must see the real Request type under @serve.ingress
+from __future__ import annotations
+
 import argparse
-import asyncio
 import dataclasses
 import json
-import logging
 import os
 import signal
 import sys
 import time
-from typing import Any, AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping
 
-from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
-from ray import serve
-from starlette.exceptions import HTTPException as StarletteHTTPException
+from ray_apps.ingress import TENANT_RE, check_tokens
 
-from ray_apps.openai_api import (_TENANT_RE, DONE, TENANT_HEADER, APIError, Limits, Request as ApiRequest, bound_tenant,
-                                 check_auth, chunk, parse_body, parse_chat, parse_completion, response, sse,
-                                 tenant_tokens, usage)
-
-log = logging.getLogger(__name__)
-api = FastAPI(title="kvtier", docs_url=None, redoc_url=None)
-
-_WORKER_KEYS = ("model", "dtype", "device", "transport", "transfer_host", "namespace", "torch_threads")
-_INT_KEYS = ("prefill_replicas", "decode_replicas", "ingress_replicas", "port", "torch_threads")
-_FLOAT_KEYS = ("num_cpus", "num_gpus")
-DEFAULTS: dict[str, Any] = {"prefill_replicas": 1, "decode_replicas": 1, "ingress_replicas": 1, "num_cpus": 1.0,
-                            "num_gpus": 0.0, "host": "127.0.0.1", "port": 8000, "api_token": None, "tenant": "",
-                            "tenant_tokens": None, "limits": None, "tier": None}
+SHAPES = ("shared", "pd")
+DTYPES = ("float32", "bfloat16", "float16")
+ROLES = ("engine", "prefill", "decode")
+ENGINE_ENV = {
+    # the engines are spawned subprocesses; kvtier's code must be importable there too
+    "PYTHONPATH": os.environ.get("PYTHONPATH", ""),
+    # vLLM's hashes of prompt blocks are reproducible across processes only with a fixed seed
+    # (../shared/VLLM.md); kvtier's keys do not depend on it, vLLM's prefix cache does
+    "PYTHONHASHSEED": "0",
+}
 
 
-def settings_from_args(args: dict[str, Any] | None) -> dict[str, Any]:
-    """Validated app settings from ``args``; every error names the bad arg."""
-    from kvtier.config import TierConfig
+@dataclass(frozen=True)
+class AppConfig:
+    """The app's settings; ``from_args`` converts ``serve run`` strings and names every bad value.
 
-    args = dict(args or {})
-    for alias in ("tier_config", "config"):  # the Helm chart passes tier_config (a mounted JSON file)
-        if alias in args:
-            if "tier" in args:
-                raise ValueError(f"app args tier and {alias} both given; pass one")
-            args["tier"] = args.pop(alias)
-    known = set(DEFAULTS) | set(_WORKER_KEYS)
-    unknown = sorted(set(args) - known)
-    if unknown:
-        raise ValueError(f"unknown app arg(s) {unknown}; known: {sorted(known)}")
-    s = {**DEFAULTS, **args}
-    for k in _INT_KEYS + _FLOAT_KEYS:
-        if k in s and isinstance(s[k], str):
+    shape            "shared" (replicas share the tier) or "pd" (prefill/decode)
+    model            local Hugging Face folder; None = SmolLM2-135M-Instruct (kvtier.model's cached copy)
+    model_id         the name clients send as ``model``; default: the folder's name
+    replicas         engines in the shared shape
+    prefill_replicas, decode_replicas   engines in the pd shape
+    accelerator      "cpu" or "gpu"; accelerator_type e.g. "H100" (GPU only), tensor_parallel_size
+    dtype, max_model_len, block_size    vLLM engine args (block_size None = vLLM's default)
+    kv_cache_bytes   vLLM's KV cache per engine (CPU default 512 MiB; GPU: gpu_memory_utilization)
+    prefix_caching   vLLM's own in-engine prefix cache (on: the engine's memory is the first tier)
+    kvtier           the kvtier connector on (off: the same app without it, a baseline)
+    tier             TierConfig fields (dict) or a JSON file; default $KVTIER_CONFIG / the defaults
+    namespace        the tier's Ray namespace; address: the Ray address the engines join (None = this cluster)
+    api_tokens       token -> tenant; api_token/tenant: one token (else $KVTIER_API_TOKENS / $KVTIER_API_TOKEN)
+    engine_kwargs    more vLLM engine args, merged last
+    engine_resources custom Ray resources in each engine's placement bundle, per role ("engine" in the
+                     shared shape, "prefill"/"decode" in pd): how the Helm chart puts engines on their pods
+    host, port       where ``kvtier serve`` binds
+    """
+
+    shape: str = "shared"
+    model: str | None = None
+    model_id: str | None = None
+    replicas: int = 1
+    prefill_replicas: int = 1
+    decode_replicas: int = 1
+    accelerator: str = "cpu"
+    accelerator_type: str | None = None
+    tensor_parallel_size: int = 1
+    dtype: str = "float32"
+    max_model_len: int = 4096
+    block_size: int | None = None
+    kv_cache_bytes: int | None = None
+    prefix_caching: bool = True
+    kvtier: bool = True
+    tier: dict = field(default_factory=dict)
+    namespace: str = "kvtier"
+    address: str | None = None
+    api_tokens: dict = field(default_factory=dict)
+    engine_kwargs: dict = field(default_factory=dict)
+    engine_resources: dict = field(default_factory=dict)
+    max_ongoing_requests: int = 64
+    host: str = "127.0.0.1"
+    port: int = 8000
+
+    def __post_init__(self) -> None:
+        if self.shape not in SHAPES:
+            raise ValueError(f"app arg shape={self.shape!r} must be one of {list(SHAPES)}")
+        for k in ("replicas", "prefill_replicas", "decode_replicas", "tensor_parallel_size", "max_model_len",
+                  "max_ongoing_requests"):
+            v = getattr(self, k)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ValueError(f"app arg {k}={v!r} must be an int >= 1")
+        if self.accelerator not in ("cpu", "gpu"):
+            raise ValueError(f"app arg accelerator={self.accelerator!r} must be 'cpu' or 'gpu'")
+        if self.accelerator == "cpu" and (self.accelerator_type or self.tensor_parallel_size != 1):
+            raise ValueError("app args accelerator_type and tensor_parallel_size > 1 need accelerator='gpu'")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"app arg dtype={self.dtype!r} must be one of {list(DTYPES)}")
+        if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 16
+                                            or self.block_size % 16):
+            raise ValueError(f"app arg block_size={self.block_size!r} must be a multiple of 16 (vLLM CPU: of 32)")
+        if self.model is not None and not (Path(self.model).expanduser() / "config.json").is_file():
+            raise ValueError(f"app arg model={self.model!r} is not a local Hugging Face folder (no config.json)")
+        if not isinstance(self.namespace, str) or not self.namespace:
+            raise ValueError(f"app arg namespace={self.namespace!r} must be a non-empty string")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"app arg port={self.port!r} must be a TCP port")
+        if not isinstance(self.engine_kwargs, dict) or "kv_transfer_config" in self.engine_kwargs:
+            raise ValueError("app arg engine_kwargs must be a dict without kv_transfer_config (set kvtier=false "
+                             "for an app without kvtier's connector)")
+        check_tokens(self.api_tokens)
+        if not isinstance(self.engine_resources, dict) or set(self.engine_resources) - set(ROLES):
+            raise ValueError(f"app arg engine_resources={self.engine_resources!r} must map a role in {list(ROLES)} "
+                             "to {resource: amount}")
+        for role, res in self.engine_resources.items():
+            if not isinstance(res, dict) or not all(isinstance(k, str) and isinstance(v, (int, float)) and v > 0
+                                                    for k, v in res.items()):
+                raise ValueError(f"app arg engine_resources[{role!r}]={res!r} must map resource names to amounts > 0")
+
+    @classmethod
+    def from_args(cls, args: Mapping[str, Any] | None) -> "AppConfig":
+        from kvtier.config import TierConfig, parse_size
+
+        a = dict(args or {})
+        names = {f.name for f in dataclasses.fields(cls)} | {"api_token", "tenant", "tier_config"}
+        unknown = sorted(set(a) - names)
+        if unknown:
+            raise ValueError(f"unknown app arg(s) {unknown}; known: {sorted(names)}")
+        if "tier_config" in a:  # the Helm chart mounts the tier config as a JSON file
+            if "tier" in a:
+                raise ValueError("app args tier and tier_config both given; pass one")
+            a["tier"] = a.pop("tier_config")
+        for f in dataclasses.fields(cls):
+            v = a.get(f.name)
+            if not isinstance(v, str):
+                continue
+            if f.type in ("int", "int | None") and f.name != "kv_cache_bytes":
+                try:
+                    a[f.name] = int(v)
+                except ValueError:
+                    raise ValueError(f"app arg {f.name}={v!r} is not an int") from None
+            elif f.type == "bool":
+                if v.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                    raise ValueError(f"app arg {f.name}={v!r} is not a boolean (true/false)")
+                a[f.name] = v.lower() in ("1", "true", "yes", "on")
+            elif f.type == "dict":
+                try:
+                    a[f.name] = json.loads(v)
+                except json.JSONDecodeError:
+                    if f.name != "tier":
+                        raise ValueError(f"app arg {f.name}={v[:80]!r} is not a JSON object") from None
+        if a.get("kv_cache_bytes") is not None:
+            a["kv_cache_bytes"] = parse_size(a["kv_cache_bytes"], "kv_cache_bytes")
+        tier = a.get("tier")
+        if tier is None or tier == {}:
+            tier = TierConfig.from_env()
+        elif isinstance(tier, str):
+            tier = TierConfig.from_file(tier)
+        else:
+            tier = TierConfig.from_any(tier)
+        a["tier"] = tier.to_dict()
+        a["api_tokens"] = _tokens(a.pop("api_tokens", None), a.pop("api_token", None), a.pop("tenant", None))
+        return cls(**a)
+
+    @property
+    def served_name(self) -> str:
+        return self.model_id or (Path(self.model).name if self.model else "SmolLM2-135M-Instruct")
+
+
+def _tokens(tokens: Any, token: str | None, tenant: str | None) -> dict[str, str]:
+    """token -> tenant from the args, else from $KVTIER_API_TOKENS (JSON) / $KVTIER_API_TOKEN (the driver's env)."""
+    if tenant is not None and not (isinstance(tenant, str) and TENANT_RE.fullmatch(tenant)):
+        raise ValueError(f"app arg tenant={tenant!r} must be up to 64 characters of letters, digits, '.', '_' or '-'")
+    if tokens and token:
+        raise ValueError("app args api_tokens and api_token both given; pass one")
+    if not tokens and not token:
+        env = os.environ.get("KVTIER_API_TOKENS")
+        if env:
             try:
-                s[k] = int(s[k]) if k in _INT_KEYS else float(s[k])
-            except ValueError:
-                raise ValueError(f"app arg {k}={s[k]!r} is not a number") from None
-    for k in ("prefill_replicas", "decode_replicas", "ingress_replicas"):
-        if not isinstance(s[k], int) or isinstance(s[k], bool) or s[k] < 1:
-            raise ValueError(f"app arg {k}={s[k]!r} must be an int >= 1")
-    if not isinstance(s["port"], int) or not 0 < s["port"] < 65536:
-        raise ValueError(f"app arg port={s['port']!r} must be a TCP port")
-    tier = s["tier"]
-    if tier is None:
-        tier = TierConfig.from_env()
-    elif isinstance(tier, str):
-        tier = TierConfig.from_file(tier)
+                tokens = json.loads(env)
+            except json.JSONDecodeError:
+                raise ValueError("$KVTIER_API_TOKENS is not a JSON object of token -> tenant") from None
+        token = os.environ.get("KVTIER_API_TOKEN") or None
+    if isinstance(tokens, str):
+        tokens = json.loads(tokens)
+    out = check_tokens(tokens)
+    if token:
+        out.update(check_tokens({token: tenant or ""}))
+    return out
+
+
+def model_folder(cfg: AppConfig) -> str:
+    """The Hugging Face folder vLLM loads; for the default model, kvtier.model's safetensors copy (built once)."""
+    if cfg.model is not None:
+        return str(Path(cfg.model).expanduser().resolve())
+    from kvtier import model as m
+
+    folder = m._cache_folder(m.smollm2_gguf())
+    if not (folder / m._MARKER).is_file():
+        m.load_model(None)  # de-quantizes the GGUF once (~15-25 s) and writes the copy
+    return str(folder)
+
+
+def kv_transfer_config(cfg: AppConfig) -> dict[str, Any]:
+    """The engines' ``kv_transfer_config``: kvtier's connector, joining the tier of ``cfg``."""
+    from ray_apps.tier_backend import CONNECTOR, CONNECTOR_MODULE
+
+    extra = {**cfg.tier, "namespace": cfg.namespace}
+    if cfg.address:
+        extra["address"] = cfg.address
+    return {"kv_connector": CONNECTOR, "kv_connector_module_path": CONNECTOR_MODULE, "kv_role": "kv_both",
+            "kv_load_failure_policy": "recompute", "kv_connector_extra_config": extra}
+
+
+def llm_config(cfg: AppConfig, folder: str, replicas: int, role: str = "engine") -> dict[str, Any]:
+    """One Ray Serve LLM ``LLMConfig`` (as a dict) for ``replicas`` engines of ``role``."""
+    engine: dict[str, Any] = {"dtype": cfg.dtype, "max_model_len": cfg.max_model_len,
+                              "enable_prefix_caching": cfg.prefix_caching,
+                              "enable_prompt_tokens_details": True,  # usage.prompt_tokens_details.cached_tokens
+                              "tensor_parallel_size": cfg.tensor_parallel_size}
+    if cfg.accelerator == "cpu":
+        # eager: CPU graphs cost start-up time and gain nothing for a 135M model; 512 MiB of fp32 KV is
+        # ~11K tokens of SmolLM2 (46 KiB/token), 8 concurrent 1.4K-token requests
+        engine.update(enforce_eager=True, kv_cache_memory_bytes=cfg.kv_cache_bytes or (512 << 20))
+    elif cfg.kv_cache_bytes:
+        engine["kv_cache_memory_bytes"] = cfg.kv_cache_bytes
+    if cfg.block_size:
+        engine["block_size"] = cfg.block_size
+    if cfg.kvtier:
+        engine["kv_transfer_config"] = kv_transfer_config(cfg)
+    engine.update(cfg.engine_kwargs)
+    out: dict[str, Any] = {
+        "model_loading_config": {"model_id": cfg.served_name, "model_source": folder},
+        "engine_kwargs": engine,
+        "deployment_config": {"num_replicas": replicas, "max_ongoing_requests": cfg.max_ongoing_requests},
+        "runtime_env": {"env_vars": {k: v for k, v in ENGINE_ENV.items() if v}},
+        "accelerator_config": {"kind": cfg.accelerator},
+    }
+    if cfg.accelerator_type:
+        out["accelerator_type"] = cfg.accelerator_type
+    if cfg.engine_resources.get(role):
+        bundle = {"CPU": 1, **({"GPU": 1} if cfg.accelerator == "gpu" else {}), **cfg.engine_resources[role]}
+        out["placement_group_config"] = {"bundle_per_worker": bundle}  # one bundle per tensor-parallel rank
+    return out
+
+
+def build_app(args: Mapping[str, Any] | None = None):
+    """The Serve application for ``args`` (see ``AppConfig``)."""
+    from ray import serve
+    from ray.serve.llm import LLMConfig, build_llm_deployment
+    from ray.serve.llm.deployment import PDDecodeServer, PDPrefillServer
+    from ray.serve.llm.ingress import make_fastapi_ingress
+
+    from ray.llm._internal.serve.core.configs.openai_api_models import to_model_metadata
+    from ray_apps import ingress, tier_backend
+
+    cfg = AppConfig.from_args(args)
+    if cfg.kvtier:
+        tier_backend.register()
+    folder = model_folder(cfg)
+    if cfg.shape == "shared":
+        top = LLMConfig.model_validate(llm_config(cfg, folder, cfg.replicas))
+        server = build_llm_deployment(top)
     else:
-        tier = TierConfig.from_any(tier)
-    s["tier"] = tier.to_dict()
-    limits = json.loads(s["limits"]) if isinstance(s["limits"], str) else s["limits"]
-    s["limits"] = dataclasses.asdict(Limits.from_any(limits))
-    if not isinstance(s["tenant"], str) or not _TENANT_RE.fullmatch(s["tenant"]):
-        raise ValueError(f"app arg tenant={s['tenant']!r} must be up to 64 characters of letters, digits, '.', '_' or '-'")
-    s["tenant"] = s["tenant"] or tier.tenant
-    # read here (the driver's environment), not only in the Ingress replica, which may run elsewhere
-    s["api_token"] = s["api_token"] or os.environ.get("KVTIER_API_TOKEN") or None
-    if s["api_token"] is not None and (not isinstance(s["api_token"], str) or len(s["api_token"]) < 8):
-        raise ValueError("app arg api_token must be a string of at least 8 characters")
-    s["tenant_tokens"] = s["tenant_tokens"] or os.environ.get("KVTIER_TENANT_TOKENS") or None
-    tenant_tokens(s["tenant_tokens"])  # a bad map is named at startup, not at the first request
-    return s
+        prefill = LLMConfig.model_validate(llm_config(cfg, folder, cfg.prefill_replicas, "prefill"))
+        top = LLMConfig.model_validate(llm_config(cfg, folder, cfg.decode_replicas, "decode"))
+        if not cfg.kvtier:
+            raise ValueError("app arg shape='pd' needs kvtier=true: decode gets prefill's KV through the tier")
+        server = build_llm_deployment(top, name_prefix="Decode:", deployment_cls=PDDecodeServer, bind_kwargs={
+            "prefill_server": build_llm_deployment(prefill, name_prefix="Prefill:", deployment_cls=PDPrefillServer)})
+    cls = make_fastapi_ingress(ingress.KVTierIngress, endpoint_map=ingress.ENDPOINTS,
+                               app=ingress.make_app(cfg.api_tokens))
+    options = ingress.KVTierIngress.get_deployment_options([top])
+    return serve.deployment(cls, **options).bind(
+        llm_deployments={top.model_id: server}, model_cards={top.model_id: to_model_metadata(top.model_id, top)},
+        namespace=cfg.namespace if cfg.kvtier else None)
 
 
-def worker_config(s: dict[str, Any]) -> dict[str, Any]:
-    out = {k: s[k] for k in _WORKER_KEYS if k in s}
-    return {**out, "tier": s["tier"], "max_prompt_tokens": s["limits"]["max_prompt_tokens"]}
-
-
-def _error(e: APIError) -> JSONResponse:
-    return JSONResponse(e.body(), status_code=e.status)
-
-
-def _api_error(e: BaseException) -> APIError | None:
-    """The APIError behind ``e`` (Ray wraps exceptions raised in a worker)."""
-    for x in (e, getattr(e, "cause", None), e.__cause__):
-        if isinstance(x, APIError):
-            return x
-    return None
-
-
-@api.exception_handler(StarletteHTTPException)
-async def _http_error(_request, exc: StarletteHTTPException):  # 404/405 in the OpenAI error shape
-    return JSONResponse({"error": {"message": str(exc.detail), "type": "invalid_request_error", "param": None,
-                                   "code": str(exc.status_code)}}, status_code=exc.status_code)
-
-
-@serve.deployment(name="Ingress", ray_actor_options={"num_cpus": 0}, max_ongoing_requests=64)
-@serve.ingress(api)
-class Ingress:
-    def __init__(self, prefill, decode, settings: dict[str, Any]) -> None:
-        self.prefill, self.decode = prefill, decode
-        self.limits = Limits.from_any(settings["limits"])
-        self.token = settings.get("api_token") or os.environ.get("KVTIER_API_TOKEN") or None
-        self.tenant = settings.get("tenant", "")
-        # bearer token -> tenant: a caller's tenant is the one its token is bound to, never a header's claim
-        self.tenant_tokens = tenant_tokens(settings.get("tenant_tokens") or os.environ.get("KVTIER_TENANT_TOKENS"))
-        self._info: dict[str, Any] | None = None
-        self.counters = {"requests": 0, "rejected": 0, "choices": 0, "prompt_tokens": 0, "cached_tokens": 0,
-                         "completion_tokens": 0, "prefill_failures": 0, "handed_off_chunks": 0, "recomputed_chunks": 0}
-
-    async def info(self) -> dict[str, Any]:
-        if self._info is None:
-            self._info = await self.prefill.info.remote()
-        return self._info
-
-    def _denied(self, request: Request) -> JSONResponse | None:
-        """The 401 answer for a request without the bearer token, or None when it may pass."""
-        try:
-            check_auth(request.headers.get("authorization"), self.token)
-        except APIError as e:
-            return _error(e)
-        return None
-
-    @api.get("/health")
-    async def health(self) -> dict[str, str]:
-        return {"status": "ok"}
-
-    @api.get("/v1/models")
-    async def models(self, request: Request):
-        if (denied := self._denied(request)) is not None:
-            return denied
-        info = await self.info()
-        return {"object": "list", "data": [{"id": info["model"], "object": "model", "created": 0, "owned_by": "kvtier",
-                                            "max_model_len": info["max_positions"]}]}
-
-    @api.get("/kvtier/stats")
-    async def stats(self, request: Request):
-        if (denied := self._denied(request)) is not None:
-            return denied
-        prefill, decode = await asyncio.gather(self.prefill.stats.remote(), self.decode.stats.remote())
-        return {"ingress": dict(self.counters), "limits": dataclasses.asdict(self.limits), "prefill": prefill,
-                "decode": decode}
-
-    @api.post("/v1/completions")
-    async def completions(self, request: Request):
-        return await self._handle(request, chat=False)
-
-    @api.post("/v1/chat/completions")
-    async def chat_completions(self, request: Request):
-        return await self._handle(request, chat=True)
-
-    # ---- the request path -----------------------------------------------
-    async def _read(self, request: Request) -> bytes:
-        declared = request.headers.get("content-length")
-        cap = self.limits.max_body_bytes
-        if declared and declared.isdigit() and int(declared) > cap:
-            raise APIError(413, f"request body of {declared} bytes exceeds the limit max_body_bytes={cap}",
-                           code="request_too_large")
-        raw = bytearray()
-        async for part in request.stream():
-            raw += part
-            if len(raw) > cap:
-                raise APIError(413, f"request body exceeds the limit max_body_bytes={cap}", code="request_too_large")
-        return bytes(raw)
-
-    async def _handle(self, request: Request, chat: bool):
-        self.counters["requests"] += 1
-        try:
-            if not self.tenant_tokens:  # with a token -> tenant map, the tenant's token is the credential
-                check_auth(request.headers.get("authorization"), self.token)
-            tenant = bound_tenant(request.headers.get("authorization"), request.headers.get(TENANT_HEADER),
-                                  self.tenant_tokens, self.tenant)
-            body = parse_body(await self._read(request), self.limits)
-            served = (await self.info())["model"]
-            req = (parse_chat if chat else parse_completion)(body, self.limits, served)
-            sampling = req.sampling.to_dict()
-            inputs = req.inputs()
-            handoffs = await asyncio.gather(*[self._prefill(inp, tenant, sampling) for inp in inputs])
-        except APIError as e:
-            self.counters["rejected"] += 1
-            return _error(e)
-        runs = [(inp, h) for inp, h in zip(inputs, handoffs)]
-        if req.stream:
-            return StreamingResponse(self._sse(req, tenant, runs), media_type="text/event-stream",
-                                     headers={"Cache-Control": "no-cache"})
-        try:
-            results = await asyncio.gather(*[self._collect(tenant, sampling, inp, h) for inp, h in runs])
-        except Exception as e:  # noqa: BLE001 - a worker failure after validation
-            err = _api_error(e) or APIError(500, f"generation failed: {type(e).__name__}: {str(e)[:300]}",
-                                            type="server_error", code="internal_error")
-            return _error(err)
-        total = self._account([u for _, _, u in results])
-        return response(req, [(t, f) for t, f, _ in results], total)
-
-    async def _prefill(self, inp: dict, tenant: str, sampling: dict) -> dict | None:
-        try:
-            return await self.prefill.prefill.remote(inp, tenant, sampling)
-        except Exception as e:  # noqa: BLE001
-            err = _api_error(e)
-            if err is not None:
-                raise err from None
-            # a dead or failing prefill worker: the decode worker recomputes the prompt (issue 6)
-            log.warning("prefill failed (%s: %s); decode will recompute", type(e).__name__, str(e)[:200])
-            self.counters["prefill_failures"] += 1
-            return None
-
-    def _events(self, tenant: str, sampling: dict, inp: dict, handoff: dict | None):
-        return self.decode.options(stream=True).generate.remote(inp, tenant, sampling, handoff)
-
-    async def _collect(self, tenant: str, sampling: dict, inp: dict, handoff: dict | None):
-        parts, finish, use = [], "length", {}
-        async for ev in self._events(tenant, sampling, inp, handoff):
-            parts.append(ev["text"])
-            if "finish_reason" in ev:
-                finish, use = ev["finish_reason"], {**ev["usage"], **ev["kvtier"]}
-        return "".join(parts), finish, use
-
-    def _account(self, uses: list[dict]) -> dict[str, Any]:
-        c = self.counters
-        p, g, k = (sum(u.get(x, 0) for u in uses) for x in ("prompt_tokens", "completion_tokens", "cached_tokens"))
-        c["choices"] += len(uses)
-        c["prompt_tokens"] += p
-        c["completion_tokens"] += g
-        c["cached_tokens"] += k
-        c["handed_off_chunks"] += sum(u.get("handed_off_chunks", 0) for u in uses)
-        c["recomputed_chunks"] += sum(u.get("recomputed_chunks", 0) for u in uses)
-        return usage(p, g, k)
-
-    async def _sse(self, req: ApiRequest, tenant: str, runs: list) -> AsyncIterator[bytes]:
-        uses = []
-        sampling = req.sampling.to_dict()
-        try:
-            for i, (inp, handoff) in enumerate(runs):
-                if req.chat:
-                    yield sse(chunk(req, i, "", first=True))
-                async for ev in self._events(tenant, sampling, inp, handoff):
-                    if ev["text"]:
-                        yield sse(chunk(req, i, ev["text"]))
-                    if "finish_reason" in ev:
-                        uses.append({**ev["usage"], **ev["kvtier"]})
-                        yield sse(chunk(req, i, None, ev["finish_reason"]))
-            total = self._account(uses)
-            if req.include_usage:
-                yield sse(chunk(req, -1, None, use=total))
-        except Exception as e:  # noqa: BLE001 - the status line is sent: report in-band, then end the stream
-            err = _api_error(e) or APIError(500, f"generation failed: {type(e).__name__}: {str(e)[:300]}",
-                                            type="server_error", code="internal_error")
-            yield sse(err.body())
-        yield DONE
-
-
-def build_app(args: dict[str, Any] | None = None):
-    """The Serve application for ``args`` (see the module docstring)."""
-    from ray_apps.workers import DecodeWorker, PrefillWorker, WorkerConfig
-
-    s = settings_from_args(args)
-    wcfg = WorkerConfig.from_any(worker_config(s))  # validate here, not in a replica's constructor
-    opts = {"num_cpus": s["num_cpus"], "num_gpus": s["num_gpus"]}
-    prefill = serve.deployment(PrefillWorker, name="Prefill", num_replicas=s["prefill_replicas"],
-                               ray_actor_options=opts, max_ongoing_requests=8)
-    decode = serve.deployment(DecodeWorker, name="Decode", num_replicas=s["decode_replicas"],
-                              ray_actor_options=opts, max_ongoing_requests=8)
-    settings = {"limits": s["limits"], "api_token": s["api_token"], "tenant": s["tenant"]}
-    return Ingress.options(num_replicas=s["ingress_replicas"]).bind(prefill.bind(wcfg), decode.bind(wcfg), settings)
-
-
-# ``serve run ray_apps.serve:app`` and a RayService's ``import_path: ray_apps.serve:app``
-# (with ``args``) both call this builder; it imports nothing heavy until called
+# ``serve run ray_apps.serve:app [k=v ...]`` and a RayService's ``import_path: ray_apps.serve:app``
+# (with ``args``) call this builder; nothing heavy is imported until it is called
 app = build_app
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``kvtier serve``: start (or join) Ray, start Serve on host:port, run the app until interrupted."""
-    p = argparse.ArgumentParser(prog="kvtier serve", description="OpenAI-compatible HTTP API over kvtier (Ray Serve)")
+    """``kvtier serve``: start (or join) Ray, run the app on host:port until interrupted."""
+    p = argparse.ArgumentParser(prog="kvtier serve", description="Ray Serve LLM (vLLM engines) with kvtier's KV tier")
+    p.add_argument("--shape", choices=SHAPES, default="shared")
+    p.add_argument("--model", help="local Hugging Face model folder (default SmolLM2-135M-Instruct)")
+    p.add_argument("--replicas", type=int, help="engines in the shared shape")
+    p.add_argument("--prefill-replicas", type=int)
+    p.add_argument("--decode-replicas", type=int)
+    p.add_argument("--accelerator", choices=("cpu", "gpu"), default="cpu")
     p.add_argument("--tier", help="tier config: a JSON file (default $KVTIER_CONFIG or the defaults)")
-    p.add_argument("--model", help="local model folder or .gguf (default SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--transport", default="auto", choices=["auto", "nixl", "object_store"])
-    p.add_argument("--transfer-host", help="address other workers reach this node's NIXL agents at (default: the Ray node IP)")
-    p.add_argument("--prefill-replicas", type=int, default=1)
-    p.add_argument("--decode-replicas", type=int, default=1)
-    p.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per worker replica")
-    p.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per worker replica")
+    p.add_argument("--no-kvtier", action="store_true", help="the same app without kvtier's connector")
     p.add_argument("--host", default="127.0.0.1", help="address the HTTP API binds (default loopback only)")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--limits", help='JSON object of limits, e.g. \'{"max_prompt_tokens": 2048}\'')
     p.add_argument("--address", default=None, help="Ray cluster address (default: start a local Ray)")
+    p.add_argument("--num-cpus", type=int, default=8,
+                   help="logical CPUs of a local Ray (engines + ingress + router; 4 left the ingress unscheduled)")
+    p.add_argument("--arg", action="append", default=[], metavar="K=V", help="any other app arg (AppConfig)")
     a = p.parse_args(argv)
-    args = {"tier": a.tier, "model": a.model, "dtype": a.dtype, "device": a.device, "transport": a.transport,
-            "transfer_host": a.transfer_host,
-            "prefill_replicas": a.prefill_replicas, "decode_replicas": a.decode_replicas, "num_cpus": a.num_cpus,
-            "num_gpus": a.num_gpus, "host": a.host, "port": a.port, "limits": a.limits}
+    args: dict[str, Any] = {"shape": a.shape, "model": a.model, "replicas": a.replicas, "tier": a.tier,
+                            "prefill_replicas": a.prefill_replicas, "decode_replicas": a.decode_replicas,
+                            "accelerator": a.accelerator, "host": a.host, "port": a.port,
+                            "kvtier": not a.no_kvtier}
+    for kv in a.arg:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            print(f"kvtier serve: --arg {kv!r} must be K=V", file=sys.stderr)
+            return 2
+        args[k] = v
+    import ray
+    from ray import serve
+
+    ray.init(address=a.address, num_cpus=None if a.address else a.num_cpus, include_dashboard=False)
     try:
         application = build_app({k: v for k, v in args.items() if v is not None})
     except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"kvtier serve: {e}", file=sys.stderr)
+        ray.shutdown()
         return 2
-    import ray
-
-    ray.init(address=a.address, namespace="kvtier", include_dashboard=False)
     serve.start(http_options={"host": a.host, "port": a.port})
     serve.run(application, name="kvtier", route_prefix="/")
     print(f"kvtier serve: OpenAI-compatible API on http://{a.host}:{a.port}/v1 (Ctrl-C stops)", flush=True)

@@ -131,6 +131,8 @@ def test_worker_groups_carry_replicas_scheduling_and_images(chart):
     ({"cacheShards": {"replicas": 0}}, "/cacheShards/replicas': minimum: got 0"),
     ({"cacheShards": {"memoryOverhead": "-1Gi"}}, "/cacheShards/memoryOverhead"),
     ({"serve": {"port": 70000}}, "/serve/port': maximum: got 70,000"),
+    ({"serve": {"shape": "ring"}}, "/serve/shape"),
+    ({"serve": {"engine": {"extraArgs": {"kv_transfer_config": {}}}}}, "/serve/engine/extraArgs"),
     ({"replicas": 3}, "additional properties 'replicas' not allowed"),                 # a typo at the top
     ({"cold": {"s3": {"secretAccessKey": "wJalr..."}}}, "additional properties 'secretAccessKey' not allowed"),
     ({"cold": {"s3": {"credentialsSecret": {"name": "Bad_Name"}}}}, "/cold/s3/credentialsSecret/name"),
@@ -144,7 +146,11 @@ def test_invalid_values_fail_the_schema_with_a_message(chart, values, message):
 
 @pytest.mark.parametrize("values, message", [
     ({"tier": {"warmBytes": "1KiB"}}, "tier.warmBytes=1KiB over 2 shards"),
-    ({"prefill": {"replicas": 0}}, "prefill.replicas=0: the Serve app"),
+    ({"prefill": {"replicas": 0}}, "prefill.replicas=0: the Serve app in shape pd"),
+    ({"serve": {"shape": "shared"}, "prefill": {"replicas": 0}, "decode": {"replicas": 0}}, "shape shared needs"),
+    ({"prefill": {"gpus": 0}}, "all on GPUs or all on CPUs"),
+    ({"serve": {"engine": {"tensorParallelSize": 3}}, "prefill": {"gpus": 4}, "decode": {"gpus": 4}},
+     "prefill.gpus=4 is not a multiple of serve.engine.tensorParallelSize=3"),
     ({"cold": {"uri": "/etc/kvtier/cold"}}, "cold.uri=\"/etc/kvtier/cold\" lies under a path the chart mounts"),
 ])
 def test_invalid_combinations_fail_the_render_with_a_message(chart, values, message):

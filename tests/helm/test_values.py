@@ -98,6 +98,9 @@ def test_s3_credentials_come_from_the_secret_never_inline(chart):
     assert by_kind(docs, "PersistentVolumeClaim") == []
     assert "AWS" not in one(docs, "ConfigMap", "-config")["data"]["config.json"]
     # Key names are values too: other names flow through.
+    # tokens bound to tenants: a JSON object token -> tenant from its own Secret
+    env = env_of(groups(render(chart, {"serve": {"apiTokensSecret": {"name": "kvtier-tenants"}}}))["decode"])
+    assert env["KVTIER_API_TOKENS"]["valueFrom"] == {"secretKeyRef": {"name": "kvtier-tenants", "key": "tokens.json"}}
     env = env_of(groups(render(chart, {"cold": {"uri": "s3://kv-bucket/p", "s3": {"credentialsSecret": {
         "name": "creds", "accessKeyIdKey": "id", "secretAccessKeyKey": "secret"}}}}))["head"])
     assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "creds", "key": "secret"}
@@ -106,7 +109,7 @@ def test_s3_credentials_come_from_the_secret_never_inline(chart):
 def test_no_secret_env_without_a_secret(chart):
     for name in ("default", "raycluster"):   # PVC; S3 through pod identity (IRSA)
         for g in groups(render(chart, VALUE_SETS[name])).values():
-            assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "KVTIER_API_TOKEN"} & set(env_of(g))
+            assert not {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "KVTIER_API_TOKEN", "KVTIER_API_TOKENS"} & set(env_of(g))
     docs = render(chart, VALUE_SETS["raycluster"])
     sa = one(docs, "ServiceAccount")
     assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].endswith(":role/kvtier-cache")
@@ -145,8 +148,9 @@ def test_cpu_only_requests_no_gpu(chart):
         assert _gpu_keys(container(g)["resources"]) == set(), gname
         assert "num-gpus" not in g["rayStartParams"]
         assert "tolerations" not in g["template"]["spec"]
-    serve = yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])
-    assert {d["ray_actor_options"]["num_gpus"] for d in serve["applications"][0]["deployments"]} == {0}
+    args = yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert args["accelerator"] == "cpu" and args["dtype"] == "float32"   # the app's accelerator_config {"kind": "cpu"}
+    assert args["prefill_replicas"] == args["decode_replicas"] == 1
 
 
 def test_gpus_are_requested_on_prefill_and_decode_only(chart):
@@ -154,12 +158,18 @@ def test_gpus_are_requested_on_prefill_and_decode_only(chart):
     for n in ("prefill", "decode"):
         assert container(gs[n])["resources"]["limits"]["nvidia.com/gpu"] == 4
         assert gs[n]["rayStartParams"]["num-gpus"] == "4"
-        assert json.loads(json.loads(gs[n]["rayStartParams"]["resources"])) == {f"kvtier_{n}": 4}
+        assert json.loads(json.loads(gs[n]["rayStartParams"]["resources"])) == {f"kvtier_{n}": 4, "kvtier_engine": 4}
     for n in ("head", "cache-shards"):
         assert _gpu_keys(container(gs[n])["resources"]) == set()
     assert gs["head"]["rayStartParams"]["num-cpus"] == "0"   # no work on the head
     amd = groups(render(chart, {"gpuResourceName": "amd.com/gpu"}))
     assert container(amd["prefill"])["resources"]["limits"]["amd.com/gpu"] == 1
+
+
+def app_args(docs) -> dict:
+    serve = yaml.safe_load(one(docs, "RayService")["spec"]["serveConfigV2"])
+    (app,) = serve["applications"]
+    return app["args"]
 
 
 def test_serve_config_runs_the_app_with_the_config_path(chart):
@@ -168,13 +178,40 @@ def test_serve_config_runs_the_app_with_the_config_path(chart):
     assert serve["http_options"] == {"host": "0.0.0.0", "port": 8000}
     (app,) = serve["applications"]
     assert app["import_path"] == "ray_apps.serve:app" and app["route_prefix"] == "/"
-    assert app["args"] == {"model": "/models/Meta-Llama-3.1-8B-Instruct", "tier_config": "/etc/kvtier/config.json",
-                           "prefill_replicas": 4, "decode_replicas": 4}   # one replica per GPU
-    deps = {d["name"]: d for d in app["deployments"]}
-    assert deps["Prefill"] == {"name": "Prefill", "num_replicas": 4,
-                               "ray_actor_options": {"num_gpus": 1, "resources": {"kvtier_prefill": 1}}}
-    assert deps["Decode"]["ray_actor_options"]["resources"] == {"kvtier_decode": 1}
-    assert "model" not in yaml.safe_load(one(render(chart), "RayService")["spec"]["serveConfigV2"])["applications"][0]["args"]
+    assert app["args"] == {"shape": "pd", "model": "/models/Meta-Llama-3.1-8B-Instruct",
+                           "tier_config": "/etc/kvtier/config.json", "accelerator": "gpu", "dtype": "bfloat16",
+                           "max_model_len": 8192, "prefix_caching": True,
+                           "prefill_replicas": 4, "decode_replicas": 4,   # one engine per GPU
+                           "engine_resources": {"prefill": {"kvtier_prefill": 1}, "decode": {"kvtier_decode": 1}}}
+    assert "deployments" not in app, "Ray Serve LLM names and places its own deployments"
+    assert "model" not in app_args(render(chart))
+
+
+def test_engine_args_tensor_parallel_and_the_shared_shape(chart):
+    args = app_args(render(chart, {**VALUE_SETS["pvc"], "serve": {
+        "shape": "shared", "engine": {"tensorParallelSize": 2, "acceleratorType": "H100", "dtype": "float16",
+                                      "extraArgs": {"gpu_memory_utilization": 0.85}}}}))
+    # 2 pods x 4 GPUs / 2 per engine: 4 engines, on the pods of both groups (kvtier_engine)
+    assert args["shape"] == "shared" and args["replicas"] == 4 and "prefill_replicas" not in args
+    assert args["tensor_parallel_size"] == 2 and args["accelerator_type"] == "H100" and args["dtype"] == "float16"
+    assert args["engine_resources"] == {"engine": {"kvtier_engine": 1}}
+    assert args["engine_kwargs"] == {"gpu_memory_utilization": 0.85}
+
+
+def test_the_app_accepts_the_rendered_args(chart, monkeypatch, tmp_path):
+    pytest.importorskip("ray.serve.llm")
+    from ray_apps.serve import AppConfig, llm_config
+
+    cfg = tmp_path / "config.json"
+    cfg.write_text(json.dumps({"codec": "kivi4", "cold_uri": str(tmp_path / "cold")}))
+    for name in ("pvc", "cpu-only", "default"):
+        args = app_args(render(chart, VALUE_SETS[name]))
+        args["tier_config"] = str(cfg)   # the mounted ConfigMap's path, here
+        args.pop("model", None)          # a folder on the cluster's volume
+        app = AppConfig.from_args(args)
+        role = "prefill" if app.shape == "pd" else "engine"
+        bundle = llm_config(app, "/models/m", 1, role)["placement_group_config"]["bundle_per_worker"]
+        assert bundle[f"kvtier_{role}"] == 1 and ("GPU" in bundle) == (app.accelerator == "gpu"), name
 
 
 def test_service_monitor_scrapes_port_8080_of_every_ray_pod(chart):

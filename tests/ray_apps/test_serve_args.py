@@ -1,74 +1,155 @@
-"""The Serve app's arguments and ``kvtier serve``'s argument errors, without Ray:
-building an application only binds deployments, it starts nothing."""
+"""The app's args and its HTTP guard without Ray or an engine: ``AppConfig``, the
+LLMConfig it builds, tokens bound to tenants, the per-tenant ``cache_salt``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 
 import pytest
 
-pytest.importorskip("ray.serve")
+pytest.importorskip("ray.serve.llm")
 
-import ray_apps.serve as serve_mod  # noqa: E402
-from ray_apps.serve import main, settings_from_args, worker_config  # noqa: E402
+from ray_apps.ingress import TenantAuth, cache_salt, check_tokens  # noqa: E402
+from ray_apps.serve import AppConfig, kv_transfer_config, llm_config  # noqa: E402
 
 
-def test_defaults_bind_loopback_and_strings_from_serve_run_are_converted(tmp_path, monkeypatch):
+@pytest.fixture(autouse=True)
+def no_env_tokens(monkeypatch):
     monkeypatch.delenv("KVTIER_API_TOKEN", raising=False)
+    monkeypatch.delenv("KVTIER_API_TOKENS", raising=False)
     monkeypatch.delenv("KVTIER_CONFIG", raising=False)
-    s = settings_from_args({"prefill_replicas": "2", "num_cpus": "0.5", "limits": '{"max_prompt_tokens": 99}'})
-    assert (s["host"], s["port"], s["prefill_replicas"], s["num_cpus"]) == ("127.0.0.1", 8000, 2, 0.5)
-    assert s["limits"]["max_prompt_tokens"] == 99 and s["api_token"] is None
-    assert worker_config(s)["max_prompt_tokens"] == 99
 
 
-def test_tier_from_a_json_file_or_a_dict(tmp_path):
-    path = tmp_path / "tier.json"
-    path.write_text(json.dumps({"codec": "none", "chunk_tokens": 32, "warm_bytes": "1GiB"}))
-    s = settings_from_args({"tier": str(path)})
-    assert (s["tier"]["codec"], s["tier"]["chunk_tokens"], s["tier"]["warm_bytes"]) == ("none", 32, 1 << 30)
-    assert settings_from_args({"config": {"codec": "fp8"}})["tier"]["codec"] == "fp8"
+def test_serve_run_strings_are_converted():
+    cfg = AppConfig.from_args({"replicas": "2", "prefix_caching": "false", "kvtier": "true",
+                               "kv_cache_bytes": "256MiB", "tier": '{"codec": "none", "chunk_tokens": 128}',
+                               "engine_kwargs": '{"seed": 3}'})
+    assert cfg.replicas == 2 and cfg.prefix_caching is False and cfg.kvtier is True
+    assert cfg.kv_cache_bytes == 256 << 20 and cfg.tier["codec"] == "none" and cfg.engine_kwargs == {"seed": 3}
 
 
-@pytest.mark.parametrize("args, match", [
-    ({"replicas": 2}, "unknown app arg"),
-    ({"decode_replicas": 0}, "decode_replicas=0"),
-    ({"port": "http"}, "port='http'"),
-    ({"tier": {"codec": "zip"}}, "zip"),
-    ({"tier": "/nonexistent/tier.json"}, "does not exist"),
-    ({"limits": {"max_tokens_cap": 0}}, "max_tokens_cap=0"),
-    ({"tenant": "a/b"}, "tenant='a/b'"),
-    ({"api_token": "short"}, "at least 8"),
+@pytest.mark.parametrize("args, needle", [
+    ({"shape": "ring"}, "shape='ring'"),
+    ({"replicas": "0"}, "replicas=0"),
+    ({"replicas": "two"}, "replicas='two'"),
+    ({"accelerator": "tpu"}, "accelerator='tpu'"),
+    ({"accelerator_type": "H100"}, "need accelerator='gpu'"),
+    ({"dtype": "int8"}, "dtype='int8'"),
+    ({"block_size": 20}, "block_size=20"),
+    ({"model": "/no/such/folder"}, "model='/no/such/folder'"),
+    ({"prefix_caching": "maybe"}, "prefix_caching='maybe'"),
+    ({"engine_kwargs": {"kv_transfer_config": {}}}, "without kv_transfer_config"),
+    ({"tier": {"codec": "nope"}}, "nope"),
+    ({"kv_cache_bytes": "lots"}, "kv_cache_bytes='lots'"),
+    ({"num_gpus": 1}, "unknown app arg(s) ['num_gpus']"),
+    ({"api_tokens": {"short": "a"}}, "at least 8 characters"),
+    ({"api_tokens": {"long-enough-token": "bad tenant!"}}, "tenant 'bad tenant!'"),
+    ({"api_token": "long-enough-token", "tenant": "no spaces"}, "tenant='no spaces'"),
 ])
-def test_bad_args_are_named(args, match):
-    with pytest.raises((ValueError, TypeError), match=match):
-        settings_from_args(args)
+def test_bad_args_name_the_bad_value(args, needle):
+    with pytest.raises(ValueError) as e:
+        AppConfig.from_args(args)
+    assert needle in str(e.value)
 
 
-def test_token_from_the_environment(monkeypatch):
-    monkeypatch.setenv("KVTIER_API_TOKEN", "from-env-123")
-    assert settings_from_args({})["api_token"] == "from-env-123"
+def test_tokens_come_from_args_or_the_environment(monkeypatch):
+    assert AppConfig.from_args({"api_token": "tok-12345678", "tenant": "team-a"}).api_tokens == {"tok-12345678": "team-a"}
+    assert AppConfig.from_args({}).api_tokens == {}
+    monkeypatch.setenv("KVTIER_API_TOKENS", json.dumps({"tok-aaaaaaaa": "a", "tok-bbbbbbbb": "b"}))
+    assert AppConfig.from_args({}).api_tokens == {"tok-aaaaaaaa": "a", "tok-bbbbbbbb": "b"}
+    monkeypatch.setenv("KVTIER_API_TOKENS", "{nope")
+    with pytest.raises(ValueError, match="KVTIER_API_TOKENS"):
+        AppConfig.from_args({})
 
 
-def test_app_is_a_builder_that_serve_calls_with_the_helm_charts_args(monkeypatch, tmp_path):
-    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary as call
+def test_the_engine_config_carries_kvtiers_connector_and_the_tier(tmp_path):
+    cfg = AppConfig.from_args({"replicas": 3, "namespace": "ns1", "tier": {"codec": "none", "chunk_tokens": 64,
+                                                                           "cold_uri": str(tmp_path)}})
+    c = llm_config(cfg, "/models/x", cfg.replicas)
+    kv = c["engine_kwargs"]["kv_transfer_config"]
+    assert kv["kv_connector"] == "KVTierConnector" and kv["kv_connector_module_path"] == "kvtier.vllm"
+    assert kv["kv_role"] == "kv_both" and kv["kv_load_failure_policy"] == "recompute"
+    extra = kv["kv_connector_extra_config"]
+    assert extra["namespace"] == "ns1" and extra["codec"] == "none" and extra["chunk_tokens"] == 64
+    assert "address" not in extra, "the replica fills in its cluster's address (tier_backend)"
+    assert c["deployment_config"]["num_replicas"] == 3 and c["accelerator_config"] == {"kind": "cpu"}
+    assert c["engine_kwargs"]["enable_prompt_tokens_details"] is True
+    assert c["model_loading_config"] == {"model_id": "SmolLM2-135M-Instruct", "model_source": "/models/x"}
+    off = llm_config(AppConfig.from_args({"kvtier": False}), "/models/x", 1)
+    assert "kv_transfer_config" not in off["engine_kwargs"]
+    gpu = llm_config(AppConfig.from_args({"accelerator": "gpu", "accelerator_type": "H100"}), "/m", 1)
+    assert gpu["accelerator_config"] == {"kind": "gpu"} and gpu["accelerator_type"] == "H100"
+    assert "enforce_eager" not in gpu["engine_kwargs"] and "kv_cache_memory_bytes" not in gpu["engine_kwargs"]
+    assert kv_transfer_config(AppConfig.from_args({"address": "10.0.0.1:6379"}))["kv_connector_extra_config"][
+        "address"] == "10.0.0.1:6379"
 
-    path = tmp_path / "config.json"
-    path.write_text(json.dumps({"codec": "none"}))
-    built = call(serve_mod.app, {"tier_config": str(path), "prefill_replicas": 4, "decode_replicas": 4})
-    assert type(built).__name__ == "Application"
-    monkeypatch.setenv("KVTIER_CONFIG", str(tmp_path / "missing.json"))
-    with pytest.raises(ValueError, match="does not exist"):  # no args: the tier config comes from $KVTIER_CONFIG
-        call(serve_mod.app, {})
-    monkeypatch.delenv("KVTIER_CONFIG")
-    with pytest.raises(ValueError, match="dtype='int3'"):
-        serve_mod.build_app({"dtype": "int3"})
-    with pytest.raises(ValueError, match="both given"):
-        settings_from_args({"tier": {}, "tier_config": str(path)})
+
+def test_the_connector_accepts_the_apps_extra_config():
+    ident = pytest.importorskip("kvtier.vllm.identity")
+    extra = kv_transfer_config(AppConfig.from_args({"tier": {"codec": "none"}}))["kv_connector_extra_config"]
+    s = ident.ConnectorSettings.parse({**extra, "address": "127.0.0.1:6379"})
+    assert s.namespace == "kvtier" and s.tier_config(128).codec == "none"
 
 
-def test_kvtier_serve_rejects_bad_args_before_starting_ray(capsys):
-    assert main(["--tier", "/nonexistent/tier.json"]) == 2
-    assert "does not exist" in capsys.readouterr().err
-    with pytest.raises(SystemExit):
-        main(["--transport", "carrier-pigeon"])
+def test_cache_salt_is_per_tenant_and_keeps_vllms_limits():
+    assert cache_salt("a", None) != cache_salt("b", None) != cache_salt("", None)
+    assert cache_salt("a", "x") != cache_salt("a", "y") != cache_salt("a", None)
+    long = cache_salt("t" * 64, "s" * 500)
+    assert len(long) <= 128 and not set("/@\\\0") & set(long)
+
+
+def _call(auth: TenantAuth, headers: dict[str, str], path: str = "/v1/completions"):
+    """Run the middleware on one request; returns (status, body, tenant seen by the app)."""
+    seen, sent = {}, []
+
+    async def app(scope, receive, send):
+        seen["tenant"] = scope.get("state", {}).get("kvtier_tenant")
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b"{}"})
+
+    async def send(msg):
+        sent.append(msg)
+
+    async def receive():
+        return {"type": "http.request", "body": b""}
+
+    auth.app = app
+    scope = {"type": "http", "path": path, "method": "POST",
+             "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
+    asyncio.run(auth(scope, receive, send))
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return sent[0]["status"], json.loads(body), seen.get("tenant")
+
+
+def test_tenant_auth_binds_the_tenant_to_the_token():
+    auth = TenantAuth(None, check_tokens({"tok-aaaaaaaa": "a", "tok-bbbbbbbb": "b"}))
+    assert _call(auth, {"Authorization": "Bearer tok-aaaaaaaa"})[2] == "a"
+    assert _call(auth, {"Authorization": "bearer tok-bbbbbbbb"})[2] == "b"
+    status, body, tenant = _call(auth, {})
+    assert status == 401 and body["error"]["code"] == "invalid_api_key" and tenant is None
+    assert _call(auth, {"Authorization": "Bearer tok-aaaaaaa"})[0] == 401  # a prefix of a token is not it
+    status, body, _ = _call(auth, {"Authorization": "Bearer tok-aaaaaaaa", "X-KVTier-Tenant": "b"})
+    assert status == 403 and body["error"]["code"] == "tenant_mismatch"
+    assert _call(auth, {"Authorization": "Bearer tok-aaaaaaaa", "X-KVTier-Tenant": "a"})[2] == "a"
+    assert _call(auth, {}, path="/health")[0] == 200, "the health route never needs the token"
+
+
+def test_an_open_app_has_only_the_default_tenant():
+    auth = TenantAuth(None, {})
+    assert _call(auth, {})[2] == ""
+    status, body, _ = _call(auth, {"X-KVTier-Tenant": "team-a"})
+    assert status == 403 and body["error"]["code"] == "tenant_not_allowed"
+
+
+def test_engine_resources_place_each_role_on_its_pods():
+    cfg = AppConfig.from_args({"shape": "pd", "accelerator": "gpu",
+                               "engine_resources": '{"prefill": {"kvtier_prefill": 1}, "decode": {"kvtier_decode": 1}}'})
+    assert llm_config(cfg, "/m", 1, "prefill")["placement_group_config"] == {
+        "bundle_per_worker": {"CPU": 1, "GPU": 1, "kvtier_prefill": 1}}
+    assert llm_config(cfg, "/m", 1, "decode")["placement_group_config"]["bundle_per_worker"]["kvtier_decode"] == 1
+    assert "placement_group_config" not in llm_config(AppConfig(), "/m", 1)
+    with pytest.raises(ValueError, match="engine_resources"):
+        AppConfig.from_args({"engine_resources": {"gpu": {"x": 1}}})
+    with pytest.raises(ValueError, match=r"engine_resources\['engine'\]"):
+        AppConfig.from_args({"engine_resources": {"engine": {"x": 0}}})

@@ -179,6 +179,8 @@ def test_kvtier_serve_binds_the_configured_host(monkeypatch):
     monkeypatch.setattr(serve, "run", lambda app, **kw: seen.setdefault("run", kw))
     monkeypatch.setattr(serve, "shutdown", lambda: None)
     monkeypatch.setattr(ray, "shutdown", lambda: None)
+    # Ray Serve LLM's builder reads the connected Ray's runtime env: with ray.init faked, build nothing
+    monkeypatch.setattr(serve_mod, "build_app", lambda args: ("app", args))
 
     def interrupt(_):
         raise KeyboardInterrupt

@@ -168,6 +168,13 @@ imagePullPolicy: {{ $img.pullPolicy }}
       name: {{ .Values.serve.apiTokenSecret.name | quote }}
       key: {{ .Values.serve.apiTokenSecret.key | quote }}
 {{- end }}
+{{- if .Values.serve.apiTokensSecret.name }}
+- name: KVTIER_API_TOKENS
+  valueFrom:
+    secretKeyRef:
+      name: {{ .Values.serve.apiTokensSecret.name | quote }}
+      key: {{ .Values.serve.apiTokensSecret.key | quote }}
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -224,10 +231,28 @@ imagePullPolicy: {{ $img.pullPolicy }}
 {{- fail (printf "tier.warmBytes=%v over %d shards (cacheShards.replicas x shardsPerPod) gives %d bytes per shard; each shard needs at least 1 MiB" .Values.tier.warmBytes (include "kvtier.numShards" . | int64) $shard) -}}
 {{- end -}}
 {{- if .Values.serve.enabled -}}
+{{- $v := .Values -}}
+{{- $tp := int64 $v.serve.engine.tensorParallelSize -}}
+{{- if eq $v.serve.shape "pd" -}}
 {{- range $g := list "prefill" "decode" -}}
-{{- if lt (int64 (index $.Values $g).replicas) 1 -}}
-{{- fail (printf "%s.replicas=%v: the Serve app (serve.enabled=true) needs at least one %s pod" $g (index $.Values $g).replicas $g) -}}
+{{- if lt (int64 (index $v $g).replicas) 1 -}}
+{{- fail (printf "%s.replicas=%v: the Serve app in shape pd (serve.enabled=true) needs at least one %s pod" $g (index $v $g).replicas $g) -}}
 {{- end -}}
+{{- end -}}
+{{- else if lt (add (int64 $v.prefill.replicas) (int64 $v.decode.replicas)) 1 -}}
+{{- fail "prefill.replicas + decode.replicas = 0: the Serve app in shape shared needs at least one engine pod" -}}
+{{- end -}}
+{{- if ne (gt (int64 $v.prefill.gpus) 0) (gt (int64 $v.decode.gpus) 0) -}}
+{{- fail (printf "prefill.gpus=%v, decode.gpus=%v: the engines run either all on GPUs or all on CPUs" $v.prefill.gpus $v.decode.gpus) -}}
+{{- end -}}
+{{- range $g := list "prefill" "decode" -}}
+{{- $n := int64 (index $v $g).gpus -}}
+{{- if and (gt $n 0) (ne (mod $n $tp) 0) -}}
+{{- fail (printf "%s.gpus=%d is not a multiple of serve.engine.tensorParallelSize=%d" $g $n $tp) -}}
+{{- end -}}
+{{- end -}}
+{{- if and (gt $tp 1) (eq (int64 $v.decode.gpus) 0) -}}
+{{- fail (printf "serve.engine.tensorParallelSize=%d needs GPUs (prefill.gpus/decode.gpus are 0)" $tp) -}}
 {{- end -}}
 {{- end -}}
 {{- if and (eq $kind "local") (or (hasPrefix "/etc/kvtier" (include "kvtier.coldPath" .)) (hasPrefix "/dev/shm" (include "kvtier.coldPath" .))) -}}

@@ -120,7 +120,9 @@ spec:
 {{- define "kvtier.gpuWorkerGroup" -}}
 {{- $root := .root -}}
 {{- $g := .group -}}
-{{- $params := dict "metrics-export-port" "8080" "resources" (include "kvtier.rayResources" (dict (printf "kvtier_%s" .name) (max 1 (int64 $g.gpus)))) -}}
+{{- $slots := max 1 (int64 $g.gpus) -}}
+{{- /* kvtier_<group> places pd engines, kvtier_engine shared-shape engines: one unit per GPU (per engine rank) */ -}}
+{{- $params := dict "metrics-export-port" "8080" "resources" (include "kvtier.rayResources" (dict (printf "kvtier_%s" .name) $slots "kvtier_engine" $slots)) -}}
 {{- if gt (int64 $g.gpus) 0 -}}{{- $_ := set $params "num-gpus" (toString (int64 $g.gpus)) -}}{{- end -}}
 - groupName: {{ .name }}
   replicas: {{ int64 $g.replicas }}
