@@ -30,7 +30,7 @@ log = logging.getLogger("kvtier.vllm")
 # A lookup runs on vLLM's scheduling loop: one that fails, or takes longer than SLOW_LOOKUP_S (the client
 # waits up to rpc_timeout_s, 10 s by default, for a controller that is down), makes every lookup a miss for
 # BACKOFF_S. Without this a tier that was down stalled a benchmark request for 217 s (one 10 s wait per call).
-SLOW_LOOKUP_S = 2.0
+SLOW_LOOKUP_S = 5.0  # lookups take 2-30 ms; 5 s is a controller that is not answering, not a busy box
 BACKOFF_S = 30.0
 
 
