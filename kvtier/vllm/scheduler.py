@@ -19,12 +19,19 @@ scheduler.
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
 from kvtier.vllm.identity import request_keys
 
 log = logging.getLogger("kvtier.vllm")
+
+# A lookup runs on vLLM's scheduling loop: one that fails, or takes longer than SLOW_LOOKUP_S (the client
+# waits up to rpc_timeout_s, 10 s by default, for a controller that is down), makes every lookup a miss for
+# BACKOFF_S. Without this a tier that was down stalled a benchmark request for 217 s (one 10 s wait per call).
+SLOW_LOOKUP_S = 5.0  # lookups take 2-30 ms; 5 s is a controller that is not answering, not a busy box
+BACKOFF_S = 30.0
 
 
 @dataclass
@@ -62,7 +69,9 @@ class SchedulerSide:
     block_ids_of: Callable[[str], Sequence[int]]
     reqs: dict[str, _Req] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: {"lookups": 0, "hit_tokens": 0, "saved_chunks": 0,
-                                                             "lookup_errors": 0})
+                                                             "lookup_errors": 0, "skipped_lookups": 0})
+    clock: Callable[[], float] = time.monotonic
+    _down_until: float = 0.0
 
     def _state(self, request: Any) -> _Req:
         st = self.reqs.get(request.request_id)
@@ -79,13 +88,22 @@ class SchedulerSide:
         st.offer = (num_computed_tokens, 0)
         if not st.keys or getattr(request, "prompt_embeds", None) is not None:
             return 0, False
+        if self.clock() < self._down_until:
+            self.counters["skipped_lookups"] += 1
+            return 0, False
         self.counters["lookups"] += 1
+        t0 = self.clock()
         try:
             found = int(self.lookup(st.keys))
         except Exception as e:  # noqa: BLE001 - a tier that is down is a miss, never an engine error
             self.counters["lookup_errors"] += 1
-            log.warning("kvtier: lookup failed (%s: %s); treating as a miss", type(e).__name__, e)
+            log.warning("kvtier: lookup failed (%s: %s); every lookup is a miss for %.0f s",
+                        type(e).__name__, e, BACKOFF_S)
+            self._down_until = self.clock() + BACKOFF_S
             found = 0
+        if self.clock() - t0 > SLOW_LOOKUP_S:
+            log.warning("kvtier: a lookup took %.1f s; every lookup is a miss for %.0f s", self.clock() - t0, BACKOFF_S)
+            self._down_until = self.clock() + BACKOFF_S
         st.stored = max(st.stored, found)
         # vLLM computes at least the last prompt token itself: cap at prompt_len - 1, whole chunks
         usable = min(found * self.chunk_tokens, (st.prompt_len - 1) // self.chunk_tokens * self.chunk_tokens)

@@ -144,7 +144,7 @@ def test_cache_salt_isolates(engines, prompts, want):
     assert wait_for(lambda: kvtier.lookup(keys_for(prompts["full"], salt="tenant-b-salt")) == 3, 60, "salted save")
 
 
-def test_tenant_isolates(prompts):
+def test_tenant_isolates(engines, prompts):
     keys = keys_for(prompts["full"])
     other = keys_for(prompts["full"], tenant="other")
     assert set(other).isdisjoint(keys)

@@ -148,6 +148,27 @@ def test_partial_hit_and_a_tier_that_fails_is_a_miss(fake, monkeypatch):
     assert sched.connector.get_num_new_matched_tokens(make_request("d", ids), 0) == (0, False)
 
 
+def test_a_slow_or_failing_tier_is_not_asked_again_for_a_while(fake):
+    from kvtier.vllm import scheduler as sm
+
+    now = [100.0]
+    side = sm.SchedulerSide("m|x", CHUNK, BLOCK, "", lookup=fake.lookup, block_ids_of=lambda r: [], clock=lambda: now[0])
+    ids = list(range(300))
+    fake.keys.update(request_keys(ids, "m|x", CHUNK, "", None))
+
+    def slow(keys):
+        now[0] += sm.SLOW_LOOKUP_S + 1  # the client waited for a controller that did not answer
+        return 0
+
+    side.lookup = slow
+    assert side.matched(make_request("s1", ids), 0) == (0, False)
+    side.lookup = fake.lookup
+    assert side.matched(make_request("s2", ids), 0) == (0, False)  # backing off: not even asked
+    assert side.counters["skipped_lookups"] == 1 and fake.lookups == 0
+    now[0] += sm.BACKOFF_S
+    assert side.matched(make_request("s3", ids), 0) == (4 * CHUNK, False)  # 300 tokens: 4 chunks, capped below 300
+
+
 def test_load_failure_makes_vllm_recompute_from_the_failed_block(fake):
     from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 
