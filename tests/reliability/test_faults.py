@@ -192,7 +192,8 @@ class PrefillLike:
         blocks = [kt.compress(x, "none", key=k) for k, x in zip(keys, kvs)]
         desc = self.transport.publish([(b.key, b.to_arrow()) for b in blocks])
         # a get in flight: the controller pins the cold-only blocks under a lease that this process never releases
-        _, lease = r.get(kapi._get_client().controller.locate.remote(keys), timeout=30)
+        client = kapi._get_client()
+        _, lease = r.get(client.controller.locate.remote(client._keys(keys)), timeout=30)  # the tenant-bound keys
         return {"desc": desc, "lease": lease}
 
     def ping(self) -> bool:
