@@ -49,7 +49,10 @@ BOUND_S = 3 * RPC + 10.0
 
 def check_load(load: Load, hung: list[str]) -> None:
     assert hung == [], f"client threads still inside a call {BOUND_S:.0f} s after stop: {hung}"
-    assert load.errors() == [], load.errors()[:5]
+    # a put may raise KvtierError while a shard or the controller restarts (issue 9: a put stores or raises,
+    # it never answers OK without storing); any other exception, or one from a get or lookup, is a failure
+    bad = [o.error for o in load.ops if o.error and not (o.kind == "put" and "KvtierError" in o.error)]
+    assert bad == [], bad[:5]
     assert load.count("wrong") == 0, "a get returned bytes that are not what was put under its key"
     assert load.slowest() < BOUND_S, f"a call took {load.slowest():.1f} s (bound {BOUND_S:.0f} s)"
 
@@ -84,7 +87,10 @@ def test_warm_shard_killed_during_mixed_load(cluster, tmp_path):
         probe = [p for p in probe if client._pick_shard(tenant_key(p, ""))["id"] == "kvtier-shard-0"]
 
         def round_trip():
-            kvtier.put(probe[0], kv_of("shard-kill-probe", 0))
+            try:  # while Ray restarts the shard a put raises (it never answers OK without storing)
+                kvtier.put(probe[0], kv_of("shard-kill-probe", 0))
+            except kvtier.KvtierError:
+                return False
             return same(kvtier.get(probe[0]), kv_of("shard-kill-probe", 0))
 
         serving = wait_for(lambda: round_trip() and time.monotonic(), timeout=60, what="shard-0 serving again") - t_kill
@@ -257,7 +263,7 @@ def test_s3_endpoint_away_and_back_through_the_tier(cluster, caplog):
         kvs = [kv_of("s3-outage", i) for i in range(14)]
         kvtier.put(k[:8], kvs[:8])  # 6 fit in warm: the 2 oldest are demoted to S3
         wait_for(lambda: kvtier.stats()["cold"]["blocks"] == 2, what="2 blocks demoted to S3")
-        where = ray.get(api._get_client().controller.where.remote(k[:8]), timeout=30)
+        where = ray.get(api._get_client().controller.where.remote(api._get_client()._keys(k[:8])), timeout=30)
         cold_keys = [key for key, w in zip(k[:8], where) if w == "cold"]
         warm_keys = [key for key, w in zip(k[:8], where) if w == "warm"]
         assert len(cold_keys) == 2 and len(warm_keys) == 6, where
