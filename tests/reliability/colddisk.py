@@ -20,6 +20,7 @@ sys.path[:0] = [os.path.dirname(os.path.abspath(__file__))]
 
 import kvtier  # noqa: E402
 import ray  # noqa: E402
+from kvtier.keys import tenant_key  # noqa: E402
 from kvtier.runtime import api  # noqa: E402
 from tierkit import keys_of, kv_of, one_block_bytes, same, wait_for  # noqa: E402
 
@@ -56,14 +57,15 @@ out["full"] = dict(cold_blocks=st1["cold"]["blocks"], write_failures=st1["cold"]
                    client_errors=st["client"]["errors"], logged=shard_logs("No space left on device"),
                    last_error=st1["shards"][0]["last_error"],
                    cold_served=[same(kvtier.get(key), kv_of("disk", k.index(key))) for key in k[:4]
-                                if api._get_client().cold.contains(key)])
+                                if api._get_client().cold.contains(tenant_key(key, ""))])
 # read-only: remount, then more demotions fail with EROFS; what is on the disk is still read
 subprocess.run(["mount", "-o", "remount,ro", d], check=True)
 fails0 = kvtier.stats()["cold"]["write_failures"]
 kvtier.put(k[8:12], [kv_of("disk", i) for i in range(8, 12)])
 st = wait_for(lambda: (s := kvtier.stats())["cold"]["write_failures"] > fails0 and s, 60)
 warm_ok = all(same(x, kv_of("disk", i)) for i, x in zip(range(9, 12), kvtier.get(k[9:12])))
-on_disk = sorted(f[:-4] for _, _, fs in os.walk(d) for f in fs if f.endswith(".kvb"))
+caller_key = {tenant_key(x, ""): x for x in k}  # objects are named <tenant-bound key>~<version>.kvb
+on_disk = sorted(caller_key[f[:-4].split("~")[0]] for _, _, fs in os.walk(d) for f in fs if f.endswith(".kvb"))
 out["ro"] = dict(write_failures=st["cold"]["write_failures"] - fails0, warm_ok=warm_ok,
                  cold_served=all(same(kvtier.get(key), kv_of("disk", k.index(key))) for key in on_disk),
                  on_disk=len(on_disk), logged=shard_logs("Read-only file system"), last_error=st["shards"][0]["last_error"])
