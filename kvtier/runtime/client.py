@@ -136,7 +136,7 @@ class Client:
                 on_cpu = self.hot.device.type == "cpu" and not block.codec.endswith("+zstd")
                 # CPU: the tier adopts views of the fresh wire bytes (nobody else writes them), no copy
                 self.hot.put(block, wire_buffers(wire) if on_cpu else None)
-            items.append(Pending(block.key, wire, wire.size))
+            items.append(Pending(block.key, wire, wire.size, write_through=self.cfg.write_through))
         self.store.submit(items)  # waits only while the queue is full
         self.counters["puts"] += len(keys)
         self.counters["put_bytes"] += sum(p.nbytes for p in items)
@@ -213,8 +213,10 @@ class Client:
                     self.hot.delete(p.key)
             with self._lock:
                 self._failed += [p.key for p in lost]
-        if self.cfg.write_through and self.cold is not None:
-            self._write_through([p for p, v in zip(puts, versions) if v], [v for v in versions if v])
+        if self.cold is not None:
+            wt = [(p, v) for p, v in zip(puts, versions) if v and p.write_through]
+            if wt:
+                self._write_through([p for p, _ in wt], [v for _, v in wt])
 
     def _store(self, keys: list[str], wires: list, versions: list[int] | None) -> dict[str, tuple]:
         """One ``store`` call per shard: {shard id: (ObjectRef of the answer, indices into keys)}."""

@@ -44,6 +44,7 @@ class Pending:
     wire: Any  # pyarrow.Buffer
     nbytes: int
     version: int = 0  # 0: a put; else a promotion of that version of a cold hit
+    write_through: bool = False  # the put's own setting, fixed when it was queued (not when it is sent)
 
 
 class StoreQueue:

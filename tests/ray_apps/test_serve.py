@@ -144,15 +144,27 @@ def test_a_repeated_long_prompt_is_reported_cached_with_the_same_text(app_url):
     assert second.choices[0].text == first.choices[0].text
 
 
+def warm_blocks(app_url) -> int:
+    r = requests.get(app_url + "/kvtier/stats", headers={"Authorization": f"Bearer {TOKEN_A}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["warm"]["blocks"]
+
+
 def test_two_replicas_share_a_prefix_through_the_tier(app_url):
     prompt = "Shared across replicas. " + DOC * 12
+    before = warm_blocks(app_url)
     first = complete(app_url, prompt, n=1)  # computed on one replica, saved to the tier
     assert cached(first) == 0
+    want = (first.usage.prompt_tokens - 1) // CHUNK * CHUNK
+    # the save is asynchronous (the engine's save thread, then the client's store queue): another replica's
+    # lookup sees the chunks once a shard holds them, so wait for that, bounded
+    deadline = time.monotonic() + 60
+    while warm_blocks(app_url) < before + want // CHUNK and time.monotonic() < deadline:
+        time.sleep(0.2)
     # two in flight at once: one per replica (each takes one request at a time), so one of them runs
     # on the replica that never saw this prompt, and both must find it in the tier
     with ThreadPoolExecutor(2) as ex:
         both = list(ex.map(lambda _: complete(app_url, prompt, n=24), range(2)))
-    want = (first.usage.prompt_tokens - 1) // CHUNK * CHUNK
     assert [cached(r) for r in both] == [want, want]
     assert both[0].choices[0].text == both[1].choices[0].text
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 import shutil
 import socket
 import tempfile
+import time
 
 import pytest
 
@@ -59,12 +60,28 @@ def client(url: str) -> "openai.OpenAI":
     return openai.OpenAI(base_url=url + "/v1", api_key=TOKEN, max_retries=0, timeout=180)
 
 
+def warm_blocks(url: str) -> int:
+    r = requests.get(url + "/kvtier/stats", headers={"Authorization": f"Bearer {TOKEN}"}, timeout=60)
+    assert r.status_code == 200, r.text
+    return r.json()["warm"]["blocks"]
+
+
+def wait_stored(url: str, at_least: int, timeout_s: float = 60.0) -> None:
+    """Saves are asynchronous (the engine's save thread, then the client's store queue): the next request's
+    lookup sees a prompt's chunks once a shard holds them. Wait for that, bounded."""
+    deadline = time.monotonic() + timeout_s
+    while warm_blocks(url) < at_least and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def test_decode_loads_the_prompts_kv_from_the_tier(app_url):
     c = client(app_url)
     model = c.models.list().data[0].id
     prompt = "Prefill then decode. " + DOC * 10  # ~320 tokens: 4 full chunks
+    before = warm_blocks(app_url)
     first = c.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
     n = first.usage.prompt_tokens
+    wait_stored(app_url, before + (n - 1) // CHUNK)
     assert n > 4 * CHUNK and first.choices[0].text
     again = c.completions.create(model=model, prompt=prompt, max_tokens=12, temperature=0)
     # decode computed only the tail: every full chunk but the last prompt token's came from the tier
@@ -90,7 +107,9 @@ def test_pd_streaming_chat_gives_the_same_text_under_fresh_keys(app_url):
     c = client(app_url)
     model = c.models.list().data[0].id
     msgs = [{"role": "user", "content": "Summarize: " + DOC * 8}]
-    c.chat.completions.create(model=model, messages=msgs, max_tokens=2, temperature=0)  # stores the prompt's KV
+    before = warm_blocks(app_url)
+    r = c.chat.completions.create(model=model, messages=msgs, max_tokens=2, temperature=0)  # stores the prompt's KV
+    wait_stored(app_url, before + (r.usage.prompt_tokens - 1) // CHUNK)
     pieces, usage = [], None
     for ev in c.chat.completions.create(model=model, messages=msgs, max_tokens=10, temperature=0, stream=True,
                                         stream_options={"include_usage": True}):

@@ -188,11 +188,13 @@ class PrefillLike:
         kt.init(address=gcs, namespace=namespace)
         kvs = [t.from_numpy(x.copy()) for x in kvs]
         kt.put(keys, kvs)
+        assert kt.flush(60), "the puts are stored (in the background) before the reads below"
         self.transport = ObjectStoreTransport(lease_s=300)  # far beyond the test: only its death frees it
         blocks = [kt.compress(x, "none", key=k) for k, x in zip(keys, kvs)]
         desc = self.transport.publish([(b.key, b.to_arrow()) for b in blocks])
         # a get in flight: the controller pins the cold-only blocks under a lease that this process never releases
-        _, lease = r.get(kapi._get_client().controller.locate.remote(keys), timeout=30)
+        bound = kapi._get_client()._keys(keys)  # the tenant-bound keys the tiers store
+        _, lease = r.get(kapi._get_client().controller.locate.remote(bound), timeout=30)
         return {"desc": desc, "lease": lease}
 
     def ping(self) -> bool:

@@ -174,7 +174,10 @@ def test_fresh_engine_hits_the_cold_tier_after_the_warm_copies_are_dropped(engin
 
 
 def _cold_file(tier, key):
-    (path,) = glob.glob(os.path.join(tier["cold"], "**", key + "*"), recursive=True)
+    from kvtier.keys import tenant_key
+
+    stored = tenant_key(key, "")  # the tiers store every key tenant-bound, the default tenant's too
+    (path,) = glob.glob(os.path.join(tier["cold"], "**", stored + "*"), recursive=True)
     return path
 
 
