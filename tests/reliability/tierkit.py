@@ -122,7 +122,9 @@ class Load:
 
     def __post_init__(self) -> None:
         self._expected = dict(zip(self.read_keys, self.read_kvs))
-        self._fresh = iter(enumerate(keys_of(self.tag, 4000)))
+        # fresh keys without end: puts are queued now (they return in ~1 ms), so a fixed pool of 4000 keys ran
+        # out mid-test and the load's puts raised StopIteration (test_controller_killed_and_restarted_under_load)
+        self._fresh = self._fresh_keys()
         self._stop = threading.Event()
         self._lock = threading.Lock()
         self._workers = [threading.Thread(target=self._run, args=(w,), daemon=True, name=f"load-{w}")
@@ -157,6 +159,11 @@ class Load:
         done = [o.t0 + o.dt for o in self.ops if o.kind == kind and o.t0 >= t and not o.error
                 and (kind != "get" or (o.ok and not o.miss))]
         return min(done) - t if done else None
+
+    def _fresh_keys(self):
+        for block in itertools.count():
+            for j, key in enumerate(keys_of(f"{self.tag}" if block == 0 else f"{self.tag}-{block}", 4000)):
+                yield block * 4000 + j, key
 
     # ---- the loop -------------------------------------------------------------
     def _run(self, w: int) -> None:
