@@ -8,6 +8,7 @@ before the next (one engine's KV cache and threads at a time).
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 import time
@@ -107,6 +108,16 @@ def wait_for(cond, timeout: float, what: str, period: float = 0.2):
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
-def env_for_engines(gcs_address: str) -> None:
-    """Engine processes inherit the environment: they join the test's Ray (address "auto")."""
+@contextlib.contextmanager
+def env_for_engines(gcs_address: str):
+    """Engine processes inherit the environment: they join the test's Ray (address "auto"). The old
+    value comes back afterwards, so later test modules' ``ray.init(num_cpus=...)`` start their own Ray."""
+    old = os.environ.get("RAY_ADDRESS")
     os.environ["RAY_ADDRESS"] = gcs_address
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop("RAY_ADDRESS", None)
+        else:
+            os.environ["RAY_ADDRESS"] = old

@@ -46,8 +46,8 @@ def tier(ray_session):
     ns = f"vllm-{uuid.uuid4().hex[:8]}"
     kvtier.init(namespace=ns, config=dict(codec="none", cold_uri=cold, hot_bytes=0, warm_bytes="2GiB",
                                           num_shards=2, write_through=True, rpc_timeout_s=5.0))
-    env_for_engines(ray_session)
-    yield {"namespace": ns, "cold": cold}
+    with env_for_engines(ray_session):
+        yield {"namespace": ns, "cold": cold}
     kvtier.shutdown(stop=True)
 
 
