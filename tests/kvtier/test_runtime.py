@@ -16,6 +16,7 @@ import torch
 
 import kvtier
 from kvtier.runtime import api
+from waiting import wait_for
 
 pytestmark = pytest.mark.ray
 
@@ -49,16 +50,6 @@ def where(key: str) -> str | None:
     bound = api._get_client()._keys([key])  # the tenant-bound key the tiers store
     loc = ray.get(api._get_client().controller.locate.remote(bound, pin=False), timeout=10)[0][0]
     return loc and loc.tier
-
-
-def wait_for(cond, timeout=30.0, what="condition"):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 @pytest.fixture(scope="module")

@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 
 import kvtier
+from waiting import wait_for  # noqa: F401  (re-exported: the reliability tests import it from here)
 
 SHAPE = (2, 2, 2, 256, 64)  # layers, K/V, kv heads, tokens, head_dim: 256 KiB raw in fp32
 _ns = itertools.count()
@@ -73,16 +74,6 @@ def tier(**cfg):
         yield info
     finally:
         kvtier.shutdown(stop=True)
-
-
-def wait_for(cond, timeout: float = 60.0, what: str = "condition", period: float = 0.1):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(period)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def controller(namespace: str):

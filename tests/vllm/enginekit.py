@@ -98,16 +98,6 @@ def keys_for(ids: list[int], salt: str | None = None, tenant: str = "", chunk: i
     return request_keys(ids, ident, chunk, tenant, salt)
 
 
-def wait_for(cond, timeout: float, what: str, period: float = 0.2):
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        v = cond()
-        if v:
-            return v
-        time.sleep(period)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 @contextlib.contextmanager
 def env_for_engines(gcs_address: str):
     """Engine processes inherit the environment: they join the test's Ray (address "auto"). The old

