@@ -74,6 +74,7 @@ def test_2_a_late_promotion_never_replaces_a_newer_put(ray_session, tmp_path):
         version = loc.version
         wire = kvtier.compress(A, "none", key=tenant_key(k[0], "")).to_arrow()
         kvtier.put(k[0], B)
+        assert kvtier.flush(30), "the newer put is stored (a put only queues it)"
         # the reader's promotion of version A arrives only now, after the newer put
         shard = ray.get_actor("kvtier-shard-0", namespace=ns)
         assert ray.get(shard.store.remote([tenant_key(k[0], "")], np.frombuffer(wire, np.uint8),
