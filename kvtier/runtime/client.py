@@ -481,7 +481,9 @@ class Client:
                               f"({type(e).__name__}); lower tiers may still hold them") from None
 
     def stats(self) -> dict[str, Any]:
-        self.store.flush()  # this process's puts are in the figures (bounded by the queue's timeout)
+        # this process's earlier puts are in the figures; bounded by the rpc timeout, not the queue's (60 s): with
+        # the controller away a stats() call waited the whole 60 s (tests/reliability/test_faults.py's restart)
+        self.store.flush(self.timeout)
         self._report(force=True)
         try:
             out = self._call("stats", timeout=3 * self.timeout)

@@ -67,7 +67,10 @@ class StoreQueue:
         self._bytes = 0
         self._cv = threading.Condition()
         self._closed = False
-        self._busy = False
+        # blocks queued and blocks done (sent or failed) so far: the queue is FIFO, so a flush waits for the count
+        # done to reach the count queued when it was called, not for an empty queue (other threads keep putting)
+        self._queued_n = 0
+        self._done_n = 0
         self.counters = {"submitted": 0, "sent": 0, "waits": 0, "wait_s": 0.0, "send_errors": 0}
         self._thread = threading.Thread(target=self._run, name="kvtier-store", daemon=True)
         self._thread.start()
@@ -104,6 +107,7 @@ class StoreQueue:
         for p in items:
             self._pending[p.key] = p
         self._bytes += size
+        self._queued_n += len(items)
         self._queue.append(items)
         self.counters["submitted"] += len(items)
         self._cv.notify_all()
@@ -127,10 +131,12 @@ class StoreQueue:
         return self._bytes
 
     def flush(self, timeout_s: float | None = None) -> bool:
-        """Wait until every submitted block has been sent (True), or ``timeout_s`` passed (False)."""
+        """Wait until every block submitted before this call has been sent or has failed (True), or
+        ``timeout_s`` passed (False). Blocks other threads submit meanwhile are not waited for."""
         deadline = time.monotonic() + (self.timeout_s if timeout_s is None else timeout_s)
         with self._cv:
-            while self._queue or self._busy:
+            target = self._queued_n
+            while self._done_n < target:
                 left = deadline - time.monotonic()
                 if left <= 0:
                     return False
@@ -177,7 +183,6 @@ class StoreQueue:
                 if not self._queue:
                     return
                 batch = self._next_batch()
-                self._busy = True
             try:
                 self._send(batch)
                 self.counters["sent"] += len(batch)
@@ -191,5 +196,5 @@ class StoreQueue:
                         if self._pending.get(p.key) is p:
                             del self._pending[p.key]
                     self._bytes -= sum(p.nbytes for p in batch)
-                    self._busy = False
+                    self._done_n += len(batch)
                     self._cv.notify_all()

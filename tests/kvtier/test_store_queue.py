@@ -121,3 +121,38 @@ def test_sends_stay_within_max_batch_bytes_and_split_a_large_put():
     assert all(len(b) == 1 or 40 * len(b) <= 100 for b in batches), batches
     assert ["g"] in batches
     q.close()
+
+
+def test_flush_waits_for_what_was_queued_before_it_not_for_later_puts():
+    later = threading.Event()
+
+    def send(batch):
+        if any(p.key.startswith("later") for p in batch):
+            later.wait(10)  # a later put whose store hangs (its shard or the controller is away)
+
+    q = StoreQueue(send, max_bytes=10_000, timeout_s=5, max_batch=1)
+    q.submit(items("early"))
+    assert q.flush(5)
+    q.submit(items("later-1"))
+    time.sleep(0.2)  # later-1 is in flight now
+    assert not q.flush(0.5), "later-1 was queued before this flush and is not sent yet"
+    q.submit(items("later-2"))
+    later.set()
+    assert q.flush(5) and q.pending("later-2") is None
+    # puts that keep coming from other threads do not hold a flush up: it returns once its own blocks are out
+    stop = threading.Event()
+
+    def keep_putting():
+        i = 0
+        while not stop.is_set():
+            q.submit(items(f"bg-{i}"))
+            i += 1
+            time.sleep(0.01)
+
+    t = threading.Thread(target=keep_putting, daemon=True)
+    t.start()
+    t0 = time.monotonic()
+    assert q.flush(5) and time.monotonic() - t0 < 2.0
+    stop.set()
+    t.join(5)
+    q.close()
