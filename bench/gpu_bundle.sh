@@ -37,9 +37,11 @@ trap 'rm -rf "$tmp"' EXIT
 FLAGS="--only-binary=:all: --no-deps --python-version 3.12 --implementation cp --abi cp312 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux_2_28_x86_64"
 $PIP download --quiet $FLAGS -d "$tmp/ray" ray==2.60.0
 # Ray core's own requirements that the GPU machine lacks (it has packaging, pyyaml, requests, filelock
-# through torch/transformers), zstandard for the +zstd codecs, and pytest for the CUDA tests
+# through torch/transformers), zstandard for the +zstd codecs, pytest for the CUDA tests, and xxhash 4.1 (it
+# releases the GIL while hashing > 64 KiB, so the get's checksums run in parallel threads; the machine's own
+# xxhash is of unknown version)
 $PIP download --quiet $FLAGS -d "$OUT" jsonschema jsonschema-specifications referencing rpds-py attrs \
-    msgpack protobuf click zstandard pytest pluggy iniconfig pygments
+    msgpack protobuf click zstandard pytest pluggy iniconfig pygments xxhash==4.1.0
 rm -f "$OUT"/ray-*.whl
 (cd "$tmp/ray" && unzip -q ray-2.60.0-*.whl -d unpacked)
 tar -C "$tmp/ray/unpacked" --exclude='ray/jars' --exclude='ray/rllib' --exclude='ray/tune' --exclude='ray/train' \
