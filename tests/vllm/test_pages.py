@@ -104,3 +104,44 @@ def test_bad_shapes_are_errors_naming_them():
         pages.gather(ts, lay, torch.tensor([[0, 1, 2]]), 8)
     with pytest.raises(ValueError, match="do not fit"):
         pages.scatter(ts, lay, torch.tensor([[0, 1]]), torch.zeros(1, 3, 2, 3, 8, 8))
+
+
+# ---------------------------------------------------------------- the Triton copy (kernels/pages.py)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_gather_and_scatter_are_bit_identical_to_torch(shape, dtype):
+    # CPU interpreter (tests/conftest.py); layers are separate allocations, so some lie below layer 0 in
+    # memory and the kernel's per-layer offsets from layer 0 are negative
+    layers, h, d, bs, per = shape
+    lay, ts = _paged("flash", layers, h, d, bs, 4 * per + 1, dtype)
+    ids = torch.tensor([[2 * per + j for j in range(per)], [j + 1 for j in range(per)]])
+    want = pages.gather(ts, lay, ids, per * bs, impl="torch")
+    got = pages.gather(ts, lay, ids, per * bs, impl="triton")
+    assert got.dtype == dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    chunks = torch.randn(want.shape).to(dtype)
+    ids2 = ids.clone()
+    ids2[1, 0] = -1  # a block vLLM already holds: skipped by both
+    copies = [[t.clone() for t in ts] for _ in range(2)]
+    pages.scatter(copies[0], lay, ids2, chunks, impl="torch")
+    pages.scatter(copies[1], lay, ids2, chunks, impl="triton")
+    for a, b in zip(*copies):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    assert not torch.equal(copies[1][0], ts[0])  # it wrote something
+
+
+def test_triton_path_refuses_what_it_cannot_address():
+    lay, ts = _paged("flash", 2, 3, 8, 4, 5, torch.float32)
+    with pytest.raises(ValueError, match="block id 5 is outside"):
+        pages.gather(ts, lay, torch.tensor([[0, 5]]), 8, impl="triton")
+    with pytest.raises(ValueError, match="block id -2 is outside"):
+        pages.scatter(ts, lay, torch.tensor([[-2, 1]]), torch.zeros(1, 2, 2, 3, 8, 8), impl="triton")
+    with pytest.raises(ValueError, match="contiguous flash pages"):
+        pages.gather([ts[0], ts[1].transpose(2, 3).contiguous().transpose(2, 3)], lay, torch.tensor([[0, 1]]), 8,
+                     impl="triton")
+    vec, vts = _paged("cpu-vec", 1, 3, 8, 4, 5, torch.float32)
+    with pytest.raises(ValueError, match="format 'cpu-vec'"):
+        pages.gather(vts, vec, torch.tensor([[0, 1]]), 8, impl="triton")
+    with pytest.raises(ValueError, match="impl 'cuda'"):
+        pages.gather(ts, lay, torch.tensor([[0, 1]]), 8, impl="cuda")
+    # auto on CPU is the torch path (the CPU engine's), whatever the format
+    assert torch.equal(pages.gather(ts, lay, torch.tensor([[0, 1]]), 8), pages.gather(ts, lay, torch.tensor([[0, 1]]), 8, impl="torch"))
