@@ -15,6 +15,9 @@ import pytest
 import torch
 
 from kernels import kivi, rot
+from kernels.pack import unpack_torch
+from tritondev import DEV
+from tritondev import tri as tri_
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -39,15 +42,23 @@ KIVI_CASES = [  # bits, k_group, v_group, shape
 def test_kivi_triton_bit_identical_to_torch(bits, k_group, v_group, shape, dtype):
     kv = _kv(shape, dtype, seed=bits + shape[3])
     ref = kivi.encode_torch(kv, bits, k_group, v_group)
-    tri = kivi.encode_triton(kv, bits, k_group, v_group)
+    tri = tri_(kivi.encode_triton, kv, bits, k_group, v_group)
     assert sorted(ref) == sorted(tri)
     L, _, H, T, D = shape
     assert ref["k_scale"].shape == (L, H, math.ceil(T / k_group), D)
     assert ref["v_scale"].shape == (L, H, T, D // v_group)
+    codes = [n for n in ("q", "q1") if n in ref]
+    if DEV.type == "cuda":
+        # compiled, the kernel fuses (x - z) * inv + 1/2 into one FMA where torch rounds twice: a code
+        # moves by one step on <= 1e-4 of values (0.5-2e-5 measured on the H100 and H200)
+        diff = (unpack_torch([ref[n] for n in codes], bits, D) - unpack_torch([tri[n] for n in codes], bits, D)).abs()
+        assert diff.max() <= 1 and diff.float().mean() <= 1e-4
     for name in ref:
+        if DEV.type == "cuda" and name in codes:
+            continue
         assert torch.equal(ref[name], tri[name]), name
     out_ref = kivi.decode_torch(ref, shape, dtype, bits, k_group, v_group)
-    out_tri = kivi.decode_triton(ref, shape, dtype, bits, k_group, v_group)
+    out_tri = tri_(kivi.decode_triton, ref, shape, dtype, bits, k_group, v_group)
     assert out_tri.dtype == dtype and torch.equal(out_ref, out_tri)
 
 
@@ -86,7 +97,7 @@ def test_rot_triton_matches_torch(shape, bits, dtype):
     kv = _kv(shape, dtype, seed=bits * 7 + shape[-1])
     seed = 12345
     ref = rot.encode_torch(kv, bits, seed)
-    tri = rot.encode_triton(kv, bits, seed)
+    tri = tri_(rot.encode_triton, kv, bits, seed)
     assert sorted(ref) == sorted(tri)
     q_ref = rot.unpack_torch([ref[k] for k in ("q", "q1") if k in ref], bits, shape[-1])
     q_tri = rot.unpack_torch([tri[k] for k in ("q", "q1") if k in tri], bits, shape[-1])
@@ -98,7 +109,7 @@ def test_rot_triton_matches_torch(shape, bits, dtype):
         # min/max of the rotated row differ by fp32 rounding at most; after fp16 rounding: equal or one ulp
         assert torch.allclose(ref[k].float(), tri[k].float(), rtol=2**-10, atol=2**-24)
     out_ref = rot.decode_torch(tri, shape, dtype, bits, seed)
-    out_tri = rot.decode_triton(tri, shape, dtype, bits, seed)
+    out_tri = tri_(rot.decode_triton, tri, shape, dtype, bits, seed)
     assert out_tri.dtype == dtype and torch.equal(out_ref, out_tri)
 
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from kvtier.vllm import pages
+
+# the Triton copy runs on the CPU interpreter here (tests/conftest.py), compiled on a GPU run (TRITON_INTERPRET=0)
+DEV = torch.device("cuda" if os.environ.get("TRITON_INTERPRET", "1") == "0" and torch.cuda.is_available() else "cpu")
 
 SHAPES = [  # (layers, kv_heads, head_dim, block_size, blocks_per_chunk): odd sizes on purpose
     (3, 5, 24, 4, 3),
@@ -116,17 +121,18 @@ def test_triton_gather_and_scatter_are_bit_identical_to_torch(shape, dtype):
     lay, ts = _paged("flash", layers, h, d, bs, 4 * per + 1, dtype)
     ids = torch.tensor([[2 * per + j for j in range(per)], [j + 1 for j in range(per)]])
     want = pages.gather(ts, lay, ids, per * bs, impl="torch")
-    got = pages.gather(ts, lay, ids, per * bs, impl="triton")
+    got = pages.gather([t.to(DEV) for t in ts], lay, ids, per * bs, impl="triton").cpu()
     assert got.dtype == dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
     chunks = torch.randn(want.shape).to(dtype)
     ids2 = ids.clone()
     ids2[1, 0] = -1  # a block vLLM already holds: skipped by both
-    copies = [[t.clone() for t in ts] for _ in range(2)]
-    pages.scatter(copies[0], lay, ids2, chunks, impl="torch")
-    pages.scatter(copies[1], lay, ids2, chunks, impl="triton")
-    for a, b in zip(*copies):
-        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-    assert not torch.equal(copies[1][0], ts[0])  # it wrote something
+    ref = [t.clone() for t in ts]
+    pages.scatter(ref, lay, ids2, chunks, impl="torch")
+    dev = [t.clone().to(DEV) for t in ts]  # a copy also on the CPU: ts stays as it was
+    pages.scatter(dev, lay, ids2, chunks, impl="triton")
+    for a, b in zip(ref, dev):
+        assert torch.equal(a.view(torch.uint8), b.cpu().view(torch.uint8))
+    assert not torch.equal(ref[0], ts[0])  # it wrote something
 
 
 def test_triton_path_refuses_what_it_cannot_address():
