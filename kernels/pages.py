@@ -44,7 +44,7 @@ _OFFSETS: dict = {}
 @triton.jit
 def _flash_pages_kernel(base, off_ptr, ids_ptr, chunk, NB, PER,
                         L: tl.constexpr, H: tl.constexpr, D: tl.constexpr, BS: tl.constexpr,
-                        RB: tl.constexpr, BD: tl.constexpr, TO_CHUNKS: tl.constexpr):
+                        RB: tl.constexpr, BD: tl.constexpr, ALIGN: tl.constexpr, TO_CHUNKS: tl.constexpr):
     b = tl.program_id(0)              # index into the flattened [C, PER] block table
     lk = tl.program_id(1)             # layer * 2 + kv
     li = lk // 2
@@ -54,7 +54,10 @@ def _flash_pages_kernel(base, off_ptr, ids_ptr, chunk, NB, PER,
         c = b // PER
         j = b % PER
         T = PER * BS
-        page = tl.load(off_ptr + li) + (kv * NB + blk) * (BS * H * D)
+        # offsets come in units of ALIGN elements (16 bytes where every layer allows it): the compiler then
+        # knows each page row is 16-byte aligned and moves it in 16-byte vectors (an offset of unknown
+        # alignment would make every access a 2-byte one)
+        page = tl.load(off_ptr + li) * ALIGN + (kv * NB + blk) * (BS * H * D)
         cbase = ((c.to(tl.int64) * L + li) * 2 + kv) * H * T * D + j.to(tl.int64) * BS * D
         d = tl.arange(0, BD)
         dmask = d < D
@@ -71,8 +74,9 @@ def _flash_pages_kernel(base, off_ptr, ids_ptr, chunk, NB, PER,
                 tl.store(base + p_off, tl.load(chunk + c_off, mask=rmask), mask=rmask)
 
 
-def layer_offsets(layers, device: torch.device) -> torch.Tensor:
-    """int64 [layers] element offsets of each layer from layer 0 (cached: vLLM's layers never move)."""
+def layer_offsets(layers, device: torch.device) -> tuple[torch.Tensor, int]:
+    """(int64 [layers] offsets of each layer from layer 0 in units of ``align`` elements, ``align``): 16 bytes'
+    worth of elements where every offset is a multiple of that, else 1. Cached: vLLM's layers never move."""
     key = tuple(t.data_ptr() for t in layers) + (layers[0].element_size(), str(device))
     if key not in _OFFSETS:
         es = layers[0].element_size()
@@ -81,9 +85,10 @@ def layer_offsets(layers, device: torch.device) -> torch.Tensor:
         if bad:
             raise ValueError(f"layer {bad[0]} starts {delta[bad[0]]} bytes from layer 0, not a whole number of "
                              f"{es}-byte elements; the one-launch page kernel cannot address it")
+        align = 16 // es if all(x % 16 == 0 for x in delta) and key[0] % 16 == 0 else 1
         if len(_OFFSETS) > 64:  # bounded: a process that re-allocates caches keeps no stale entries forever
             _OFFSETS.clear()
-        _OFFSETS[key] = torch.tensor([x // es for x in delta], dtype=torch.int64, device=device)
+        _OFFSETS[key] = (torch.tensor([x // (es * align) for x in delta], dtype=torch.int64, device=device), align)
     return _OFFSETS[key]
 
 
@@ -102,8 +107,9 @@ def _launch(layers, ids: torch.Tensor, chunks: torch.Tensor, num_blocks: int, bl
     bd = triton.next_power_of_2(d)
     rb = max(1, min(triton.next_power_of_2(block_size * h), TILE // bd))
     grid = (ids.numel(), 2 * nl)
-    _flash_pages_kernel[grid](base, layer_offsets(layers, base.device), ids, chunks.view(it), num_blocks, per,
-                              L=nl, H=h, D=d, BS=block_size, RB=rb, BD=bd, TO_CHUNKS=to_chunks,
+    offsets, align = layer_offsets(layers, base.device)
+    _flash_pages_kernel[grid](base, offsets, ids, chunks.view(it), num_blocks, per,
+                              L=nl, H=h, D=d, BS=block_size, RB=rb, BD=bd, ALIGN=align, TO_CHUNKS=to_chunks,
                               num_warps=NUM_WARPS)
 
 

@@ -151,3 +151,21 @@ def test_triton_path_refuses_what_it_cannot_address():
         pages.gather(ts, lay, torch.tensor([[0, 1]]), 8, impl="cuda")
     # auto on CPU is the torch path (the CPU engine's), whatever the format
     assert torch.equal(pages.gather(ts, lay, torch.tensor([[0, 1]]), 8), pages.gather(ts, lay, torch.tensor([[0, 1]]), 8, impl="torch"))
+
+
+def test_triton_copy_of_layers_at_unaligned_offsets_in_one_buffer():
+    # layers 3 fp16 elements (6 bytes) apart in one allocation: the kernel drops its 16-byte alignment hint
+    lay = pages.PageLayout("flash", 5, 4, 3, 8, torch.float16)
+    n = 2 * 5 * 4 * 3 * 8
+    flat = torch.randn(3 * n + 9).to(torch.float16).to(DEV)
+    ts = [flat[3 + i * (n + 3): 3 + i * (n + 3) + n].view(lay.shape()) for i in range(2)]
+    from kernels import pages as KP
+
+    assert KP.layer_offsets(ts, ts[0].device)[1] == 1
+    ids = torch.tensor([[4, 1], [0, 2]])
+    want = pages.gather(ts, lay, ids, 8, impl="torch")
+    assert torch.equal(pages.gather(ts, lay, ids, 8, impl="triton"), want)
+    before = flat.clone()
+    pages.scatter(ts, lay, ids, want.flip(0).contiguous(), impl="triton")
+    assert torch.equal(pages.gather(ts, lay, ids, 8, impl="torch"), want.flip(0))
+    assert torch.equal(flat[:3], before[:3]) and torch.equal(flat[3 + n: 6 + n], before[3 + n: 6 + n])
