@@ -227,7 +227,7 @@ def sweep(kv, lines: list[str], codecs: list[str]) -> None:
         mod = F if name == "fp8" else K if name.startswith("kivi") else M if name.startswith("q") else R
         for tile in (4096, 8192, 16384):
             for warps in (4, 8):
-                for pps in ((2, 4, 8) if mod in (R, M) else (0,)):
+                for pps in ((2, 4, 8) if mod is R else (4, 8) if mod is M else (0,)):
                     mod.TILE, mod.NUM_WARPS = tile, warps
                     if pps:
                         mod.PROGRAMS_PER_SM = pps
