@@ -106,7 +106,7 @@ def decode_torch(bufs: dict[str, torch.Tensor], shape, dtype: torch.dtype, bits:
     e, _ = RT.rotation(D, seed, torch.float32, out.device)
     for b, slabs in width_slabs(bits).items():
         idx = torch.tensor(slabs, device=out.device)
-        planes = [bufs[n] for n in plane_names(b)]
+        planes = [bufs[n].reshape(len(slabs) * H * T, -1) for n in plane_names(b)]  # stored flat
         q = unpack_torch(planes, b, D).float().reshape(len(slabs), H * T, D) - ((1 << b) - 1) * 0.5
         s = scale[idx].float().unsqueeze(-1)
         out[idx] = ((s * (q @ e.T)) * RT.inv_sqrt(D)).to(dtype)
