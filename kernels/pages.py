@@ -101,6 +101,8 @@ def supported(layers) -> bool:
 
 def _launch(layers, ids: torch.Tensor, chunks: torch.Tensor, num_blocks: int, block_size: int, to_chunks: bool):
     c, nl, _, h, tokens, d = chunks.shape
+    if ids.numel() == 0:  # nothing to move (an empty grid is a launch error)
+        return
     per = tokens // block_size
     it = _INT[layers[0].element_size()]
     base = layers[0].view(it)
@@ -114,10 +116,9 @@ def _launch(layers, ids: torch.Tensor, chunks: torch.Tensor, num_blocks: int, bl
 
 
 def gather_flash(layers, ids: torch.Tensor, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
-                 num_chunks: int) -> torch.Tensor:
+                 num_chunks: int, per: int) -> torch.Tensor:
     """Chunks ``[C, layers, 2, kv_heads, chunk_tokens, head_dim]`` from the pages ``ids`` (int64, flattened
     ``[C, per]`` block table on the layers' device, ids >= 0)."""
-    per = ids.numel() // num_chunks
     out = torch.empty((num_chunks, len(layers), 2, kv_heads, per * block_size, head_dim),
                       dtype=layers[0].dtype, device=layers[0].device)
     _launch(layers, ids, out, num_blocks, block_size, True)

@@ -162,11 +162,11 @@ def gather(layers: Sequence[torch.Tensor], lay: PageLayout, block_ids: torch.Ten
     if _use_triton(layers, lay, impl):
         from kernels import pages as KP
 
-        _check(layers, lay, block_ids, chunk_tokens)
+        per = _check(layers, lay, block_ids, chunk_tokens)
         _check_ids(block_ids, lay, 0)
         ids = block_ids.to(layers[0].device, torch.long).reshape(-1)
         return KP.gather_flash(layers, ids, lay.num_blocks, lay.block_size, lay.kv_heads, lay.head_dim,
-                               block_ids.shape[0])
+                               block_ids.shape[0], per)
     return pages_to_chunks(copy_pages(layers, lay, block_ids, chunk_tokens), lay, block_ids.shape[0])
 
 
