@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from kernels import rot as RT
-from kernels.kivi import quantize
+from kernels.kivi import quantize, scale_params
 from kernels.pack import PLANES, load_codes, out_value, out_view, pack_torch, store_codes, unpack_torch
 
 # 1 bit with a per-row range was useless in screening; 5..7 would need new pack planes; 8 is the near-lossless step
@@ -146,10 +146,8 @@ def _mix_encode_kernel(x_ptr, e_ptr, slab_ptr, pa, pb, s_ptr, n_ptr, n_blocks, B
         src, v, vmask = _slab_block(slab_ptr, blk, BPS, RPS, R)
         x = tl.load(x_ptr + src[:, None] * D + i[None, :], mask=vmask[:, None], other=0.0)
         y = RT.rotate_rows(x, E, UPCAST, SPLIT) * rs
-        sh = (tl.max(tl.abs(y), axis=1) / (QMAX * 0.5)).to(tl.float16)
-        s = sh.to(tl.float32)
+        sh, s, inv = scale_params(tl.max(tl.abs(y), axis=1), QMAX * 0.5)
         z = -(QMAX * 0.5) * s
-        inv = tl.where(s > 0, 1.0 / tl.where(s > 0, s, 1.0), 0.0)
         q = tl.minimum(tl.maximum((y - z[:, None]) * inv[:, None] + 0.5, 0.0), QMAX).to(tl.int32)
         tl.store(s_ptr + src, sh, mask=vmask)
         tl.store(n_ptr + src, tl.sum(y * y, axis=1), mask=vmask)

@@ -41,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kivi import quant_params, quantize
+from kernels.kivi import quant_params, quantize, scale_params
 from kernels.pack import PLANES, load_codes, out_value, out_view, pack_torch, store_codes, unpack_torch
 
 # 64 rows of D=128 per block, 4 warps, 8 programs per SM: the fastest of 18 configurations tried on
@@ -168,10 +168,8 @@ def _rot_encode_kernel(x_ptr, e_ptr, pa, pb, s_ptr, z_ptr, n_rows, rs,
         y = acc * rs
         mn = tl.min(y, axis=1)
         mx = tl.max(y, axis=1)
-        sh = ((mx - mn) / QMAX).to(tl.float16)
+        sh, s, inv = scale_params(mx - mn, QMAX)
         zh = mn.to(tl.float16)
-        s = sh.to(tl.float32)
-        inv = tl.where(s > 0, 1.0 / tl.where(s > 0, s, 1.0), 0.0)
         v = (y - zh.to(tl.float32)[:, None]) * inv[:, None]
         q = tl.minimum(tl.maximum(v + 0.5, 0.0), QMAX).to(tl.int32)
         tl.store(s_ptr + rows, sh, mask=rmask)

@@ -15,8 +15,6 @@ import pytest
 import torch
 
 from kernels import kivi, rot
-from kernels.pack import unpack_torch
-from tritondev import DEV
 from tritondev import tri as tri_
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
@@ -47,15 +45,10 @@ def test_kivi_triton_bit_identical_to_torch(bits, k_group, v_group, shape, dtype
     L, _, H, T, D = shape
     assert ref["k_scale"].shape == (L, H, math.ceil(T / k_group), D)
     assert ref["v_scale"].shape == (L, H, T, D // v_group)
-    codes = [n for n in ("q", "q1") if n in ref]
-    if DEV.type == "cuda":
-        # compiled, the kernel fuses (x - z) * inv + 1/2 into one FMA where torch rounds twice: a code
-        # moves by one step on <= 1e-4 of values (0.5-2e-5 measured on the H100 and H200)
-        diff = (unpack_torch([ref[n] for n in codes], bits, D) - unpack_torch([tri[n] for n in codes], bits, D)).abs()
-        assert diff.max() <= 1 and diff.float().mean() <= 1e-4
+    # also compiled on a GPU: the kernel divides with div_rn and its launch turns FMA contraction off, so
+    # every fp32 operation rounds as torch's (the H200 run before that: fp16 scales one ulp off at ties,
+    # codes one step off on <= 2e-5 of values)
     for name in ref:
-        if DEV.type == "cuda" and name in codes:
-            continue
         assert torch.equal(ref[name], tri[name]), name
     out_ref = kivi.decode_torch(ref, shape, dtype, bits, k_group, v_group)
     out_tri = tri_(kivi.decode_triton, ref, shape, dtype, bits, k_group, v_group)
