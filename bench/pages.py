@@ -58,6 +58,9 @@ def timeit(fn, reps: int, dev: torch.device) -> float:
     return statistics.median(out)
 
 
+sweep_rows: list[str] = []  # --sweep: Triton tile / warp configurations (flash)
+
+
 def run(args) -> list[dict]:
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = getattr(torch, args.dtype)
@@ -99,6 +102,18 @@ def run(args) -> list[dict]:
             assert torch.equal(pages.gather(layers, lay, ids, args.chunk_tokens, impl="torch"), shuffled), \
                 f"{impl} scatter then gather did not round-trip"
             pages.scatter(layers, lay, ids, chunks, impl="torch")
+        if args.sweep and "triton" in impls:
+            from kernels import pages as KP
+
+            saved = KP.TILE, KP.NUM_WARPS
+            for tile in (2048, 4096, 8192, 16384):
+                for warps in (2, 4, 8):
+                    KP.TILE, KP.NUM_WARPS = tile, warps
+                    for op, fn in (("gather", lambda: pages.gather(layers, lay, ids, args.chunk_tokens, impl="triton")),
+                                   ("scatter", lambda: pages.scatter(layers, lay, ids, chunks, impl="triton"))):
+                        t = timeit(fn, args.reps, dev)
+                        sweep_rows.append(f"| {op} | {tile} | {warps} | {t * 1e3:.3f} | {nbytes / t / 1e12:.3f} |")
+            KP.TILE, KP.NUM_WARPS = saved
         for op, t in timed:
             rows.append({"format": fmt, "op": op, "tokens": args.chunks * args.chunk_tokens, "MiB": nbytes / 2**20,
                          "ms": t * 1e3, "TB/s": nbytes / t / 1e12, "vs copy": t_copy / t})
@@ -127,6 +142,7 @@ def main() -> None:
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--formats", nargs="+", default=["flash", "cpu-vec"], choices=list(pages.FORMATS))
     p.add_argument("--reps", type=int, default=10)
+    p.add_argument("--sweep", action="store_true", help="also time the Triton copy at other tile sizes / warp counts")
     p.add_argument("--triton-cpu", action="store_true", help="also time the Triton path on CPU (interpreter: slow)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "vllm-pages.md"))
     args = p.parse_args()
@@ -159,7 +175,10 @@ def main() -> None:
             f"Load average (1/5/15 min) at start {load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, at end "
             f"{load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f}; run time {time.time() - t0:.0f} s.\n\n" + table + "\n\n"
             "Aims (issue 11: save and load >= 1 TB/s of bf16 KV on the H200), best path of each:\n\n"
-            + "\n".join(aims) + "\n")
+            + "\n".join(aims) + "\n"
+            + ("" if not sweep_rows else "\nTriton copy configurations (flash; the rows above use kernels/pages.py's "
+               "TILE / NUM_WARPS):\n\n| op | TILE | num_warps | ms | TB/s |\n|---|---:|---:|---:|---:|\n"
+               + "\n".join(sweep_rows) + "\n"))
     print("\n".join(aims))
     os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     with open(args.out, "w") as f:
