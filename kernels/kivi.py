@@ -48,6 +48,18 @@ def quant_params(mn: torch.Tensor, mx: torch.Tensor, qmax: int) -> tuple[torch.T
     return scale_h, zero_h, inv
 
 
+@triton.jit
+def scale_params(span, QDIV: tl.constexpr):
+    """The kernels' twin of ``quant_params``: (fp16 scale = span / QDIV, that scale in fp32, its fp32
+    reciprocal, 0 for a zero scale). Both divisions are ``div_rn`` (IEEE, as torch divides): Triton's ``/``
+    on fp32 is the approximate div.full.f32 on NVIDIA GPUs (2 ulp), which moved fp16 scales by one ulp from
+    torch's where the quotient is an fp16 tie (common with bf16/fp16 inputs: the H200 test run, kivi3)."""
+    sh = tl.div_rn(span, tl.full(span.shape, QDIV, tl.float32)).to(tl.float16)
+    s = sh.to(tl.float32)
+    inv = tl.where(s > 0, tl.div_rn(tl.full(s.shape, 1.0, tl.float32), tl.where(s > 0, s, 1.0)), 0.0)
+    return sh, s, inv
+
+
 def quantize(x: torch.Tensor, zero_h: torch.Tensor, inv: torch.Tensor, qmax: int) -> torch.Tensor:
     return ((x - zero_h.float()) * inv + 0.5).clamp(0.0, float(qmax)).to(torch.int32)
 
@@ -112,10 +124,8 @@ def _kivi_encode_kernel(x_ptr, pa, pb, s_ptr, z_ptr, H, T, NG, D: tl.constexpr,
         ok = mn <= mx  # False only for groups past T (never stored); keeps inf out of the arithmetic
         mn = tl.where(ok, mn, 0.0)
         mx = tl.where(ok, mx, 0.0)
-        sh = ((mx - mn) / QMAX).to(tl.float16)
+        sh, s, inv = scale_params(mx - mn, QMAX)
         zh = mn.to(tl.float16)
-        s = sh.to(tl.float32)
-        inv = tl.where(s > 0, 1.0 / tl.where(s > 0, s, 1.0), 0.0)
         v = (x3 - zh.to(tl.float32)[:, None, :]) * inv[:, None, :]
         q = tl.reshape(tl.minimum(tl.maximum(v + 0.5, 0.0), QMAX).to(tl.int32), (R, BD))
         g = pid_t * KB + tl.arange(0, KB)
@@ -127,10 +137,8 @@ def _kivi_encode_kernel(x_ptr, pa, pb, s_ptr, z_ptr, H, T, NG, D: tl.constexpr,
         x3 = tl.reshape(x, (R, NGV, G))
         mn = tl.min(x3, axis=2)  # masked lanes are 0 and their groups are never stored
         mx = tl.max(x3, axis=2)
-        sh = ((mx - mn) / QMAX).to(tl.float16)
+        sh, s, inv = scale_params(mx - mn, QMAX)
         zh = mn.to(tl.float16)
-        s = sh.to(tl.float32)
-        inv = tl.where(s > 0, 1.0 / tl.where(s > 0, s, 1.0), 0.0)
         v = (x3 - zh.to(tl.float32)[:, :, None]) * inv[:, :, None]
         q = tl.reshape(tl.minimum(tl.maximum(v + 0.5, 0.0), QMAX).to(tl.int32), (R, BD))
         gv = tl.arange(0, NGV)
@@ -195,9 +203,11 @@ def encode_triton(kv: torch.Tensor, bits: int, k_group: int, v_group: int) -> di
     bd, rk, rv = _tiles(T, D, k_group)
     pa, pb = planes[0], planes[-1]
     _kivi_encode_kernel[(L * H, triton.cdiv(T, rk))](x, pa, pb, out["k_scale"], out["k_zero"], H, T, ng, D,
-                                                     KV=0, R=rk, BD=bd, G=k_group, BITS=bits, num_warps=NUM_WARPS)
+                                                     KV=0, R=rk, BD=bd, G=k_group, BITS=bits, num_warps=NUM_WARPS,
+                                                     enable_fp_fusion=False)
     _kivi_encode_kernel[(L * H, triton.cdiv(T, rv))](x, pa, pb, out["v_scale"], out["v_zero"], H, T, ng, D,
-                                                     KV=1, R=rv, BD=bd, G=v_group, BITS=bits, num_warps=NUM_WARPS)
+                                                     KV=1, R=rv, BD=bd, G=v_group, BITS=bits, num_warps=NUM_WARPS,
+                                                     enable_fp_fusion=False)
     return out
 
 

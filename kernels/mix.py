@@ -21,16 +21,22 @@ Layout for slab bit widths ``bits[s]`` (s = layer * 2 + kv):
 - for each width ``b`` present, the codes of the slabs of that width, in slab
   order, as one packed ``[n_b * H * T, D*b/8]`` plane (two, low 2 bits and high
   bit, for b = 3: ``kernels.pack`` layout).
-One launch per width present (<= 3): each program maps its block of "virtual"
-rows (rows of the width's slabs, in order) to chunk rows through the slab table,
-so nothing is gathered or copied (a gather would move the input twice and halve
-the kernel's TB/s).
+One launch per width present (<= 4): each block of rows lies in one slab of
+the width, found through the slab table (one scalar load per block), so nothing
+is gathered or copied (a gather would move the input twice and halve the
+kernel's TB/s) and each block's rows are contiguous on both sides.
 
 Both paths compute per row what ``kernels.rot`` computes; codes agree up to one
 step where y lies within fp32 rounding of a rounding boundary (the reference
 rotates in float64, the kernel sums in fp32 on the tensor cores), scales by one
 fp16 ulp likewise (tests/kernels/test_mix.py counts them). Decoders agree bit
-for bit on the same buffers (integer codes times +-1 are exact).
+for bit on the same buffers, on the GPU too: both compute
+``(s * ((q - qmax/2) @ E.T)) * (1/sqrt(D))``, where the centred product is exact
+and the two products round once each. (Decoding rot's way, ``(s * (q @ E.T) +
+z * c) / sqrt(D)``, did not: with 8-bit codes ``s * t`` needs 11 + 16 bits, so
+it rounds, and whether the GPU fuses it with ``+ z * c`` into an FMA changes the
+result, and the large cancellation at index 0 amplifies it: 4.8e-4 of fp32
+values > 1 ulp from torch on the H200.)
 """
 
 from __future__ import annotations
@@ -42,8 +48,8 @@ import triton
 import triton.language as tl
 
 from kernels import rot as RT
-from kernels.kivi import quantize
-from kernels.pack import PLANES, load_codes, out_value, out_view, pack_torch, store_codes
+from kernels.kivi import quantize, scale_params
+from kernels.pack import PLANES, load_codes, out_value, out_view, pack_torch, store_codes, unpack_torch
 
 # 1 bit with a per-row range was useless in screening; 5..7 would need new pack planes; 8 is the near-lossless step
 WIDTHS = (2, 3, 4, 8)
@@ -92,56 +98,56 @@ def implicit_zero(s32: torch.Tensor, qmax: int) -> torch.Tensor:
 
 
 def decode_torch(bufs: dict[str, torch.Tensor], shape, dtype: torch.dtype, bits: list[int], seed: int) -> torch.Tensor:
+    """``x^ = (s * ((q - qmax/2) @ E.T)) / sqrt(D)``: the product of centred codes is exact (half-integers,
+    sums <= 127.5 * 256 < 2**15), then two fp32 roundings, the kernel's exactly (see the module docstring)."""
     L, _, H, T, D = shape
     out = torch.empty(L * 2, H * T, D, dtype=dtype, device=bufs["scale"].device)
     scale = bufs["scale"].reshape(L * 2, H * T)
+    e, _ = RT.rotation(D, seed, torch.float32, out.device)
     for b, slabs in width_slabs(bits).items():
         idx = torch.tensor(slabs, device=out.device)
-        sub = {"q": bufs[plane_names(b)[0]], "scale": scale[idx],
-               "zero": implicit_zero(scale[idx].float(), (1 << b) - 1)}  # rot's decoder with the implicit zero
-        if b == 3:
-            sub["q1"] = bufs[plane_names(b)[1]]
-        out[idx] = RT.decode_torch(sub, (len(slabs), H * T, D), dtype, b, seed)
+        planes = [bufs[n].reshape(len(slabs) * H * T, -1) for n in plane_names(b)]  # stored flat
+        q = unpack_torch(planes, b, D).float().reshape(len(slabs), H * T, D) - ((1 << b) - 1) * 0.5
+        s = scale[idx].float().unsqueeze(-1)
+        out[idx] = ((s * (q @ e.T)) * RT.inv_sqrt(D)).to(dtype)
     return out.reshape(shape)
 
 
 # ---------------------------------------------------------------- Triton kernels
-@triton.jit
-def _src_rows(slab_ptr, v, vmask, RPS):
-    slab = tl.load(slab_ptr + v // RPS, mask=vmask, other=0)
-    return slab.to(tl.int64) * RPS + v % RPS
+# Rows per block, warps, persistent programs per SM: kernels/rot.py's (the fastest of its H100 sweep);
+# module globals so that bench/kernels.py --sweep can try others.
+TILE = RT.TILE
+NUM_WARPS = RT.NUM_WARPS
+PROGRAMS_PER_SM = RT.PROGRAMS_PER_SM
+_TABLES: dict = {}
 
 
 @triton.jit
-def _mix_encode_kernel(x_ptr, e_ptr, slab_ptr, pa, pb, s_ptr, n_ptr, n_rows, RPS, rs,
+def _slab_block(slab_ptr, blk, BPS, RPS, R: tl.constexpr):
+    """Block ``blk`` of this width's rows: (chunk rows, rows in the width's planes, mask). A block never
+    straddles two slabs, so both row ranges are contiguous (one scalar table load per block): loads and
+    stores vectorize as in kernels/rot.py. (A per-row table lookup and a division by the runtime row count
+    per slab lost that: q-mix encode/decode 0.80 / 0.91 TB/s on an H200 against rot4's 2.38 / 1.85.)"""
+    si = blk // BPS
+    r = (blk % BPS) * R + tl.arange(0, R)
+    slab = tl.load(slab_ptr + si).to(tl.int64)
+    return slab * RPS + r, si.to(tl.int64) * RPS + r, r < RPS
+
+
+@triton.jit
+def _mix_encode_kernel(x_ptr, e_ptr, slab_ptr, pa, pb, s_ptr, n_ptr, n_blocks, BPS, RPS, rs,
                        D: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr, SPLIT: tl.constexpr,
                        UPCAST: tl.constexpr):
-    # kernels/rot.py's encode loop; rows are virtual (this width's slabs) and map to chunk rows
+    # kernels/rot.py's encode loop, over this width's slabs only
     i = tl.arange(0, D)
-    E = tl.load(e_ptr + i[:, None] * D + i[None, :])
+    E = RT.load_rotation(e_ptr, D, False)
     QMAX: tl.constexpr = (1 << BITS) - 1
-    for blk in range(tl.program_id(0), tl.cdiv(n_rows, R), tl.num_programs(0)):
-        v = blk * R + tl.arange(0, R)
-        vmask = v < n_rows
-        src = _src_rows(slab_ptr, v, vmask, RPS)
+    for blk in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+        src, v, vmask = _slab_block(slab_ptr, blk, BPS, RPS, R)
         x = tl.load(x_ptr + src[:, None] * D + i[None, :], mask=vmask[:, None], other=0.0)
-        if UPCAST:  # the CPU interpreter multiplies bf16 as raw uint16 (see kernels/rot.py)
-            acc = tl.dot(x.to(tl.float32), E.to(tl.float32), input_precision="ieee")
-        elif SPLIT:  # fp32 input as three exact bf16 parts (see kernels/rot.py)
-            hi = x.to(tl.bfloat16)
-            r = x - hi.to(tl.float32)
-            mid = r.to(tl.bfloat16)
-            lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
-            acc = tl.dot(hi, E)
-            acc = tl.dot(mid, E, acc)
-            acc = tl.dot(lo, E, acc)
-        else:
-            acc = tl.dot(x, E)
-        y = acc * rs
-        sh = (tl.max(tl.abs(y), axis=1) / (QMAX * 0.5)).to(tl.float16)
-        s = sh.to(tl.float32)
+        y = RT.rotate_rows(x, E, UPCAST, SPLIT) * rs
+        sh, s, inv = scale_params(tl.max(tl.abs(y), axis=1), QMAX * 0.5)
         z = -(QMAX * 0.5) * s
-        inv = tl.where(s > 0, 1.0 / tl.where(s > 0, s, 1.0), 0.0)
         q = tl.minimum(tl.maximum((y - z[:, None]) * inv[:, None] + 0.5, 0.0), QMAX).to(tl.int32)
         tl.store(s_ptr + src, sh, mask=vmask)
         tl.store(n_ptr + src, tl.sum(y * y, axis=1), mask=vmask)
@@ -149,23 +155,38 @@ def _mix_encode_kernel(x_ptr, e_ptr, slab_ptr, pa, pb, s_ptr, n_ptr, n_rows, RPS
 
 
 @triton.jit
-def _mix_decode_kernel(pa, pb, s_ptr, e_ptr, c_ptr, slab_ptr, o_ptr, n_rows, RPS, rs,
+def _mix_decode_kernel(pa, pb, s_ptr, e_ptr, slab_ptr, o_ptr, n_blocks, BPS, RPS, rs,
                        D: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr, BF16: tl.constexpr):
     i = tl.arange(0, D)
-    Et = tl.load(e_ptr + i[None, :] * D + i[:, None])
-    c = tl.load(c_ptr + i)
-    for blk in range(tl.program_id(0), tl.cdiv(n_rows, R), tl.num_programs(0)):
-        v = blk * R + tl.arange(0, R)
-        vmask = v < n_rows
-        src = _src_rows(slab_ptr, v, vmask, RPS)
+    Et = RT.load_rotation(e_ptr, D, True)
+    QMAX: tl.constexpr = (1 << BITS) - 1
+    for blk in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
+        src, v, vmask = _slab_block(slab_ptr, blk, BPS, RPS, R)
         q = load_codes(pa, pb, v, vmask, D, R, D, BITS)
-        t = tl.dot(q.to(tl.float16), Et)  # small integers: exact (kernels/rot.py)
+        # centred codes q - qmax/2: half-integers, exact in fp16; their sums <= 127.5 * 256 exact in fp32
+        t = tl.dot((q.to(tl.float32) - QMAX * 0.5).to(tl.float16), Et)
         s = tl.load(s_ptr + src, mask=vmask, other=0.0).to(tl.float32)
-        QMAX: tl.constexpr = (1 << BITS) - 1
-        z = -(QMAX * 0.5) * s
-        x = (s[:, None] * t + z[:, None] * c[None, :]) * rs
+        x = (s[:, None] * t) * rs  # two roundings, as decode_torch: no FMA can fuse a product of products
         tl.store(o_ptr + src[:, None] * D + i[None, :], out_value(x, BF16, o_ptr.dtype.element_ty),
                  mask=vmask[:, None])
+
+
+def _launch_shape(slabs: list[int], rps: int, d: int, dev: torch.device):
+    """(slab table on ``dev`` (cached: a host-to-device copy per call would stall the stream), rows per
+    block, blocks per slab, blocks, grid)."""
+    key = (tuple(slabs), str(dev))
+    if key not in _TABLES:
+        if len(_TABLES) > 256:  # bounded: bit tables come from a handful of profiles
+            _TABLES.clear()
+        _TABLES[key] = torch.tensor(slabs, dtype=torch.int32, device=dev)
+    r = max(16, TILE // d)
+    bps = triton.cdiv(rps, r)
+    n_blocks = len(slabs) * bps
+    if dev.type == "cuda":
+        grid = min(n_blocks, PROGRAMS_PER_SM * torch.cuda.get_device_properties(dev).multi_processor_count)
+    else:
+        grid = min(n_blocks, 16)  # the CPU interpreter: see kernels/rot.py
+    return _TABLES[key], r, bps, n_blocks, grid
 
 
 def encode_triton(kv: torch.Tensor, bits: list[int], seed: int) -> dict[str, torch.Tensor]:
@@ -176,17 +197,14 @@ def encode_triton(kv: torch.Tensor, bits: list[int], seed: int) -> dict[str, tor
     e, _ = RT.rotation(D, seed, torch.float16 if x.dtype == torch.float16 else torch.bfloat16, dev)
     out = {"scale": torch.empty(L, 2, H, T, dtype=torch.float16, device=dev)}
     out["nrm"] = torch.empty(L, 2, H, T, dtype=torch.float32, device=dev)
-    r = max(16, RT.TILE // D)
     for b, slabs in width_slabs(bits).items():
         n = len(slabs) * rps
         planes = [torch.empty(n, D * pb // 8, dtype=torch.uint8, device=dev) for pb in PLANES[b]]
         out.update(zip(plane_names(b), planes))
-        table = torch.tensor(slabs, dtype=torch.int32, device=dev)
-        _mix_encode_kernel[(RT._grid(n, r, dev),)](x, e, table, planes[0], planes[-1], out["scale"],
-                                                  out["nrm"], n, rps, RT.inv_sqrt(D), D=D, R=r, BITS=b,
-                                                  SPLIT=x.dtype == torch.float32,
-                                                  UPCAST=RT._interpreting() and x.dtype != torch.float16,
-                                                  num_warps=RT.NUM_WARPS)
+        table, r, bps, n_blocks, grid = _launch_shape(slabs, rps, D, dev)
+        _mix_encode_kernel[(grid,)](x, e, table, planes[0], planes[-1], out["scale"], out["nrm"], n_blocks, bps,
+                                    rps, RT.inv_sqrt(D), D=D, R=r, BITS=b, SPLIT=x.dtype == torch.float32,
+                                    UPCAST=RT._interpreting() and x.dtype != torch.float16, num_warps=NUM_WARPS)
     return out
 
 
@@ -195,17 +213,15 @@ def decode_triton(bufs: dict[str, torch.Tensor], shape, dtype: torch.dtype, bits
     dev = bufs["scale"].device
     rps = H * T
     out = torch.empty(shape, dtype=dtype, device=dev)
-    e, c = RT.rotation(D, seed, torch.float16, dev)
-    r = max(16, RT.TILE // D)
+    e, _ = RT.rotation(D, seed, torch.float16, dev)
     for b, slabs in width_slabs(bits).items():
-        n = len(slabs) * rps
         names = plane_names(b)
         pa = bufs[names[0]].contiguous()
         pb = bufs[names[-1]].contiguous()
-        table = torch.tensor(slabs, dtype=torch.int32, device=dev)
-        _mix_decode_kernel[(RT._grid(n, r, dev),)](pa, pb, bufs["scale"], e, c, table, out_view(out),
-                                                  n, rps, RT.inv_sqrt(D), D=D, R=r, BITS=b,
-                                                  BF16=dtype == torch.bfloat16, num_warps=RT.NUM_WARPS)
+        table, r, bps, n_blocks, grid = _launch_shape(slabs, rps, D, dev)
+        _mix_decode_kernel[(grid,)](pa, pb, bufs["scale"], e, table, out_view(out), n_blocks, bps, rps,
+                                    RT.inv_sqrt(D), D=D, R=r, BITS=b, BF16=dtype == torch.bfloat16,
+                                    num_warps=NUM_WARPS)
     return out
 
 

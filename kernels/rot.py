@@ -13,8 +13,12 @@ token of one head of K or V; D a power of two, 16..256):
   packed along D by ``kernels.pack`` (planes ``q``/``q1``);
 - decode: ``x^ = (scale * (q @ E.T) + zero * c) / sqrt(D)`` with ``c = 1 @ E.T``
   (``D * s[0]`` at index 0, else 0). ``q @ E.T`` is a product of small
-  integers, exact in fp32 in any summation order, so the tensor-core decode
-  and the torch decode agree bit for bit (up to FMA fusion on a GPU).
+  integers, exact in fp32 in any summation order; ``scale * t`` is exact too
+  (11 bits of fp16 scale times |t| <= 15 * 256 < 2**12: 23 <= 24 bits) and
+  ``zero * c`` is (c is 0 or +-D, a power of two), so the sum rounds once
+  whether or not the GPU fuses it into an FMA: the tensor-core decode and the
+  torch decode agree bit for bit. (kernels/mix.py's 8-bit codes break this
+  bound, which is why it decodes centred codes instead.)
 Bits per element: bits + 32/D (4.5 / 3.5 / 2.5 at D=64; 4.25 / 3.25 / 2.25 at D=128).
 
 Error bound: in the rotated frame |y - y^| <= scale/2 + fp16 rounding of zero
@@ -37,7 +41,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.kivi import quant_params, quantize
+from kernels.kivi import quant_params, quantize, scale_params
 from kernels.pack import PLANES, load_codes, out_value, out_view, pack_torch, store_codes, unpack_torch
 
 # 64 rows of D=128 per block, 4 warps, 8 programs per SM: the fastest of 18 configurations tried on
@@ -117,39 +121,55 @@ def decode_torch(bufs: dict[str, torch.Tensor], shape, dtype: torch.dtype, bits:
 
 # ---------------------------------------------------------------- Triton kernels
 @triton.jit
+def load_rotation(e_ptr, D: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """E [D, D] (or E.T), +-1 in the launcher's dtype: loaded once per persistent program."""
+    i = tl.arange(0, D)
+    if TRANSPOSE:
+        return tl.load(e_ptr + i[None, :] * D + i[:, None])
+    else:
+        return tl.load(e_ptr + i[:, None] * D + i[None, :])
+
+
+@triton.jit
+def rotate_rows(x, E, UPCAST: tl.constexpr, SPLIT: tl.constexpr):
+    """x [R, D] (the input dtype) @ E [D, D] (+-1), summed in fp32: the encoders' Hadamard prologue
+    (kernels/rot.py and kernels/mix.py). The caller scales by 1/sqrt(D)."""
+    if UPCAST:  # the CPU interpreter multiplies bf16 as raw uint16 (triton 3.9 create_dot): same math in fp32
+        acc = tl.dot(x.to(tl.float32), E.to(tl.float32), input_precision="ieee")
+    elif SPLIT:
+        # fp32 input: x = hi + mid + lo exactly, each a bf16 (8 significant bits each); three bf16
+        # tensor-core products with E (+-1, exact) accumulate in fp32. An fp32 E would need 256 KiB of
+        # shared memory at D=256 (measured: OutOfResources on the H100), tf32 would keep 11 bits of x.
+        hi = x.to(tl.bfloat16)
+        r = x - hi.to(tl.float32)
+        mid = r.to(tl.bfloat16)
+        lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
+        acc = tl.dot(hi, E)
+        acc = tl.dot(mid, E, acc)
+        acc = tl.dot(lo, E, acc)
+    else:  # bf16/fp16: +-1 * x is exact, products accumulate in fp32
+        acc = tl.dot(x, E)
+    return acc
+
+
+@triton.jit
 def _rot_encode_kernel(x_ptr, e_ptr, pa, pb, s_ptr, z_ptr, n_rows, rs,
                        D: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr, SPLIT: tl.constexpr,
                        UPCAST: tl.constexpr):
     # persistent: each program loads E once and walks row blocks pid, pid + nprog, ...
     i = tl.arange(0, D)
-    E = tl.load(e_ptr + i[:, None] * D + i[None, :])
+    E = load_rotation(e_ptr, D, False)
     QMAX: tl.constexpr = (1 << BITS) - 1
     for blk in range(tl.program_id(0), tl.cdiv(n_rows, R), tl.num_programs(0)):
         rows = blk * R + tl.arange(0, R)
         rmask = rows < n_rows
         x = tl.load(x_ptr + rows[:, None].to(tl.int64) * D + i[None, :], mask=rmask[:, None], other=0.0)
-        if UPCAST:  # the CPU interpreter multiplies bf16 as raw uint16 (triton 3.9 create_dot): same math in fp32
-            acc = tl.dot(x.to(tl.float32), E.to(tl.float32), input_precision="ieee")
-        elif SPLIT:
-            # fp32 input: x = hi + mid + lo exactly, each a bf16 (8 significant bits each); three bf16
-            # tensor-core products with E (+-1, exact) accumulate in fp32. An fp32 E would need 256 KiB of
-            # shared memory at D=256 (measured: OutOfResources on the H100), tf32 would keep 11 bits of x.
-            hi = x.to(tl.bfloat16)
-            r = x - hi.to(tl.float32)
-            mid = r.to(tl.bfloat16)
-            lo = (r - mid.to(tl.float32)).to(tl.bfloat16)
-            acc = tl.dot(hi, E)
-            acc = tl.dot(mid, E, acc)
-            acc = tl.dot(lo, E, acc)
-        else:  # bf16/fp16: +-1 * x is exact, products accumulate in fp32
-            acc = tl.dot(x, E)
+        acc = rotate_rows(x, E, UPCAST, SPLIT)
         y = acc * rs
         mn = tl.min(y, axis=1)
         mx = tl.max(y, axis=1)
-        sh = ((mx - mn) / QMAX).to(tl.float16)
+        sh, s, inv = scale_params(mx - mn, QMAX)
         zh = mn.to(tl.float16)
-        s = sh.to(tl.float32)
-        inv = tl.where(s > 0, 1.0 / tl.where(s > 0, s, 1.0), 0.0)
         v = (y - zh.to(tl.float32)[:, None]) * inv[:, None]
         q = tl.minimum(tl.maximum(v + 0.5, 0.0), QMAX).to(tl.int32)
         tl.store(s_ptr + rows, sh, mask=rmask)
@@ -161,7 +181,7 @@ def _rot_encode_kernel(x_ptr, e_ptr, pa, pb, s_ptr, z_ptr, n_rows, rs,
 def _rot_decode_kernel(pa, pb, s_ptr, z_ptr, e_ptr, c_ptr, o_ptr, n_rows, rs,
                        D: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr, BF16: tl.constexpr):
     i = tl.arange(0, D)
-    Et = tl.load(e_ptr + i[None, :] * D + i[:, None])  # E.T, fp16 +-1
+    Et = load_rotation(e_ptr, D, True)  # E.T, fp16 +-1
     c = tl.load(c_ptr + i)
     for blk in range(tl.program_id(0), tl.cdiv(n_rows, R), tl.num_programs(0)):
         rows = blk * R + tl.arange(0, R)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from kernels import fp8, pack
+from tritondev import tri
 
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
@@ -19,12 +20,12 @@ def test_pack_triton_matches_torch_and_round_trips(bits, d):
     g = torch.Generator().manual_seed(bits * 100 + d)
     q = torch.randint(0, 1 << bits, (7, 5, d), generator=g, dtype=torch.int32)
     ref = pack.pack_torch(q, bits)
-    got = pack.pack_triton(q, bits)
+    got = tri(pack.pack_triton, q, bits)
     assert [p.shape[-1] for p in ref] == [d * b // 8 for b in pack.PLANES[bits]]
     for r, t in zip(ref, got):
         assert torch.equal(r, t)
     assert torch.equal(pack.unpack_torch(ref, bits, d), q)
-    assert torch.equal(pack.unpack_triton(ref, bits, d), q)
+    assert torch.equal(tri(pack.unpack_triton, ref, bits, d), q)
 
 
 def test_pack_layout_is_little_end_first():
@@ -58,11 +59,11 @@ def _fp8_input(shape, dtype, seed):
 def test_fp8_triton_bit_identical_to_torch(shape, dtype):
     x = _fp8_input(shape, dtype, seed=shape[3])
     c_ref, e_ref = fp8.encode_torch(x)
-    c_tri, e_tri = fp8.encode_triton(x)
+    c_tri, e_tri = tri(fp8.encode_triton, x)
     assert torch.equal(e_ref, e_tri)
     assert torch.equal(c_ref, c_tri)  # integer e4m3 rounding == torch's float8_e4m3fn cast, bit for bit
     d_ref = fp8.decode_torch(c_ref, e_ref, dtype)
-    d_tri = fp8.decode_triton(c_ref, e_ref, dtype)
+    d_tri = tri(fp8.decode_triton, c_ref, e_ref, dtype)
     assert d_tri.dtype == dtype and torch.equal(d_ref, d_tri)
 
 
@@ -76,7 +77,7 @@ def test_fp8_rounding_ties_and_carries_match_torch():
     x = torch.zeros(1, 1, 1, 1, 2048)
     x[..., : y.numel()] = y
     x[..., -1] = 255.0  # pins the row's exponent to 0, so x is quantized as is
-    codes, e = fp8.encode_triton(x)
+    codes, e = tri(fp8.encode_triton, x)
     assert e.item() == 0
     assert torch.equal(codes[..., : y.numel()].flatten(), y.to(torch.float8_e4m3fn).view(torch.uint8))
 

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
 from kvtier.vllm import pages
+
+# the Triton copy runs on the CPU interpreter here (tests/conftest.py), compiled on a GPU run (TRITON_INTERPRET=0)
+DEV = torch.device("cuda" if os.environ.get("TRITON_INTERPRET", "1") == "0" and torch.cuda.is_available() else "cpu")
 
 SHAPES = [  # (layers, kv_heads, head_dim, block_size, blocks_per_chunk): odd sizes on purpose
     (3, 5, 24, 4, 3),
@@ -104,3 +109,63 @@ def test_bad_shapes_are_errors_naming_them():
         pages.gather(ts, lay, torch.tensor([[0, 1, 2]]), 8)
     with pytest.raises(ValueError, match="do not fit"):
         pages.scatter(ts, lay, torch.tensor([[0, 1]]), torch.zeros(1, 3, 2, 3, 8, 8))
+
+
+# ---------------------------------------------------------------- the Triton copy (kernels/pages.py)
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_gather_and_scatter_are_bit_identical_to_torch(shape, dtype):
+    # CPU interpreter (tests/conftest.py); layers are separate allocations, so some lie below layer 0 in
+    # memory and the kernel's per-layer offsets from layer 0 are negative
+    layers, h, d, bs, per = shape
+    lay, ts = _paged("flash", layers, h, d, bs, 4 * per + 1, dtype)
+    ids = torch.tensor([[2 * per + j for j in range(per)], [j + 1 for j in range(per)]])
+    want = pages.gather(ts, lay, ids, per * bs, impl="torch")
+    got = pages.gather([t.to(DEV) for t in ts], lay, ids, per * bs, impl="triton").cpu()
+    assert got.dtype == dtype and torch.equal(got.view(torch.uint8), want.view(torch.uint8))
+    chunks = torch.randn(want.shape).to(dtype)
+    ids2 = ids.clone()
+    ids2[1, 0] = -1  # a block vLLM already holds: skipped by both
+    ref = [t.clone() for t in ts]
+    pages.scatter(ref, lay, ids2, chunks, impl="torch")
+    dev = [t.clone().to(DEV) for t in ts]  # a copy also on the CPU: ts stays as it was
+    pages.scatter(dev, lay, ids2, chunks, impl="triton")
+    for a, b in zip(ref, dev):
+        assert torch.equal(a.view(torch.uint8), b.cpu().view(torch.uint8))
+    assert not torch.equal(ref[0], ts[0])  # it wrote something
+
+
+def test_triton_path_refuses_what_it_cannot_address():
+    lay, ts = _paged("flash", 2, 3, 8, 4, 5, torch.float32)
+    with pytest.raises(ValueError, match="block id 5 is outside"):
+        pages.gather(ts, lay, torch.tensor([[0, 5]]), 8, impl="triton")
+    with pytest.raises(ValueError, match="block id -2 is outside"):
+        pages.scatter(ts, lay, torch.tensor([[-2, 1]]), torch.zeros(1, 2, 2, 3, 8, 8), impl="triton")
+    with pytest.raises(ValueError, match="contiguous flash pages"):
+        pages.gather([ts[0], ts[1].transpose(2, 3).contiguous().transpose(2, 3)], lay, torch.tensor([[0, 1]]), 8,
+                     impl="triton")
+    vec, vts = _paged("cpu-vec", 1, 3, 8, 4, 5, torch.float32)
+    with pytest.raises(ValueError, match="format 'cpu-vec'"):
+        pages.gather(vts, vec, torch.tensor([[0, 1]]), 8, impl="triton")
+    with pytest.raises(ValueError, match="impl 'cuda'"):
+        pages.gather(ts, lay, torch.tensor([[0, 1]]), 8, impl="cuda")
+    # auto on CPU is the torch path (the CPU engine's), whatever the format
+    assert torch.equal(pages.gather(ts, lay, torch.tensor([[0, 1]]), 8), pages.gather(ts, lay, torch.tensor([[0, 1]]), 8, impl="torch"))
+
+
+def test_triton_copy_of_layers_at_unaligned_offsets_in_one_buffer():
+    # layers 3 fp16 elements (6 bytes) apart in one allocation: the kernel drops its 16-byte alignment hint
+    lay = pages.PageLayout("flash", 5, 4, 3, 8, torch.float16)
+    n = 2 * 5 * 4 * 3 * 8
+    flat = torch.randn(3 * n + 9).to(torch.float16).to(DEV)
+    ts = [flat[3 + i * (n + 3): 3 + i * (n + 3) + n].view(lay.shape()) for i in range(2)]
+    from kernels import pages as KP
+
+    assert KP.layer_offsets(ts, ts[0].device)[1] == 1
+    ids = torch.tensor([[4, 1], [0, 2]])
+    want = pages.gather(ts, lay, ids, 8, impl="torch")
+    assert torch.equal(pages.gather(ts, lay, ids, 8, impl="triton"), want)
+    before = flat.clone()
+    pages.scatter(ts, lay, ids, want.flip(0).contiguous(), impl="triton")
+    assert torch.equal(pages.gather(ts, lay, ids, 8, impl="torch"), want.flip(0))
+    assert torch.equal(flat[:3], before[:3]) and torch.equal(flat[3 + n: 6 + n], before[3 + n: 6 + n])
