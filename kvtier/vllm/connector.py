@@ -107,7 +107,7 @@ class KVTierConnector(KVConnectorBase_V1):
             self.identity = ident
             self._sched = SchedulerSide(ident, self.tier_cfg.chunk_tokens, self.block_size, self.tier_cfg.tenant,
                                         lookup=self._lookup, block_ids_of=self._block_ids_of,
-                                        handoff_wait_s=self.settings.handoff_wait_s)
+                                        handoff_wait_s=self.settings.handoff_wait_s, ready=tier.ready)
             log.info("kvtier connector (scheduler): %s, %d-token chunks, codec %s", ident,
                      self.tier_cfg.chunk_tokens, self.tier_cfg.codec)
 

@@ -107,6 +107,7 @@ class SchedulerSide:
     lookup: Callable[[list[str]], int]     # leading keys present; raises or returns 0 when the tier is down
     block_ids_of: Callable[[str], Sequence[int]]
     handoff_wait_s: float = 5.0
+    ready: Callable[[], bool] = lambda: True  # this process reaches the tier (until then lookups are misses)
     reqs: dict[str, _Req] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: {"lookups": 0, "hit_tokens": 0, "saved_chunks": 0,
                                                              "lookup_errors": 0, "skipped_lookups": 0,
@@ -136,6 +137,8 @@ class SchedulerSide:
             self.counters["skipped_lookups"] += 1
             st.expect = 0  # the tier is down: waiting for it would only delay the recompute
             return 0, False
+        if st.expect and not self.ready():
+            st.expect = 0  # not connected yet: every lookup would be a miss, waiting gains nothing
         if st.expect and self.clock() < st.next_poll:
             return None, False
         self.counters["lookups"] += 1

@@ -249,6 +249,9 @@ def test_decode_does_not_wait_for_params_that_name_other_chunks_or_a_tier_that_f
     def down(keys):
         raise TimeoutError("tier down")
 
+    side.ready = lambda: False  # not connected yet: lookups are misses, waiting would gain nothing
+    assert side.matched(make_request("o-unready", ids, params=sm.handoff_params(keys, 4)), 0) == (0, False)
+    side.ready = lambda: True
     side.lookup = down
     assert side.matched(make_request("o-down", ids, params=sm.handoff_params(keys, 4)), 0) == (0, False)
 
