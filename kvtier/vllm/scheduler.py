@@ -233,6 +233,6 @@ class SchedulerSide:
         saved (``handoff_params``), so decode can wait for those chunks instead of racing their puts."""
         st = self.reqs.pop(request.request_id, None)
         params = getattr(request, "kv_transfer_params", None)
-        if st is None or not (isinstance(params, dict) and params.get("do_remote_decode")):
-            return None
+        if st is None or not (isinstance(params, dict) and params.get("do_remote_decode")) or not self.ready():
+            return None  # not connected: the worker dropped this prefill's saves, decode must not wait for them
         return handoff_params(st.keys, st.stored)

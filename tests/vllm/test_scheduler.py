@@ -195,6 +195,19 @@ def test_prefill_for_a_remote_decode_returns_what_it_saved(fake):
     assert by_id == {"p": {"kvtier": {"chunks": 4, "key": keys_of(sched, ids)[3]}}, "plain": None}
 
 
+def test_a_prefill_that_could_not_reach_the_tier_promises_nothing(fake):
+    now = [0.0]
+    side = fake_side(fake, now)
+    ids = list(range(300))
+    keys = request_keys(ids, "m|x", CHUNK, "", None)
+    for rid, ready, want in (("p1", False, None), ("p2", True, {"kvtier": {"chunks": 2, "key": keys[1]}})):
+        req = make_request(rid, ids, params={"do_remote_decode": True})
+        side.matched(req, 0)
+        side.reqs[rid].stored = 2  # two chunks planned for saving
+        side.ready = lambda: ready
+        assert side.finished(req) == want and rid not in side.reqs
+
+
 def test_decode_asks_again_later_until_prefills_chunks_are_in_the_tier(fake):
     from kvtier.vllm import scheduler as sm
 
