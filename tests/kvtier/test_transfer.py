@@ -18,9 +18,9 @@ import pytest
 
 from kvtier.block import Block
 from kvtier.errors import TierUnavailableError
-from ray_apps.transport import nixl as nixl_transport
-from ray_apps.transport.nixl import NixlTransport
-from ray_apps.transport import ObjectStoreTransport, make_transport, pull
+from kvtier.transport import nixl as nixl_transport
+from kvtier.transport.nixl import NixlTransport
+from kvtier.transport import ObjectStoreTransport, make_transport, pull
 
 ray = pytest.importorskip("ray")
 import ray.cloudpickle  # noqa: E402

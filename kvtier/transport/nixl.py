@@ -1,4 +1,4 @@
-"""The NIXL transport of ``ray_apps.transport``: blocks pulled with a NIXL READ
+"""The NIXL transport of ``kvtier.transport``: blocks pulled with a NIXL READ
 from the prefill worker's own memory (UCX backend, DRAM; works between CPU
 processes, so it is tested here without a GPU).
 
@@ -16,7 +16,7 @@ agent that loads our metadata may READ registered memory: run workers on a
 network only the cluster reaches, as with Ray's own ports. Registrations are
 just the published blocks and live only for their lease.
 
-Verification (checksums, keys) is ``ray_apps.transport.pull``'s job, not this
+Verification (checksums, keys) is ``kvtier.transport.pull``'s job, not this
 module's. Importing it imports ``nixl_cu13``'s Python API lazily (in the
 constructor), never at module import.
 """
@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from kvtier.errors import TierUnavailableError
-from ray_apps.transport.base import _ALIGN, DEFAULT_LEASE_S, Transport, _check_desc, _check_items
+from kvtier.transport.base import _ALIGN, DEFAULT_LEASE_S, Transport, _check_desc, _check_items
 
 log = logging.getLogger(__name__)
 
