@@ -14,7 +14,8 @@ with ``kvtier.transport.NixlTransport``. The driver plays decode, timing:
                (what the vLLM connector's decode does today)
     nixl       kvtier.transport.pull (metadata fetch from the source's listener, one READ of all blocks,
                verify) + kvtier.decompress of each block: the direct path issue 12 asks for; the
-               connector does not use it yet, so this measures its parts, not a connector run
+               connector does not use it yet, so this measures its parts, not a connector run;
+               the metadata wait (the transport's ``metadata_wait_us`` counter) is shown apart
 
 Fresh keys every repetition, so the driver's own hot tier never serves a get.
 Both paths must give identical tensors (asserted). The baseline is the tier
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
         sink = NixlTransport(lease_s=60)
         for codec in codecs:
             for n in chunk_counts:
-                tier_s, nixl_s, wire = [], [], 0
+                tier_s, nixl_s, meta_s, wire = [], [], [], 0
                 for rep in range(args.reps + 1):  # rep 0 warms both paths (first contact, imports) and is dropped
                     keys, desc = ray.get(prefill.save.remote(f"{codec}-{n}-{rep}", n, codec), timeout=300)
                     wire = sum(b["len"] for b in desc["blocks"])
@@ -121,7 +122,10 @@ def main(argv: list[str] | None = None) -> int:
                         if path == "tier":
                             got = kvtier.get(keys)
                         else:
+                            meta0 = sink.counters["metadata_wait_us"]
                             blocks = pull(sink, desc, timeout_s=30)
+                            if rep:
+                                meta_s.append((sink.counters["metadata_wait_us"] - meta0) / 1e6)
                             got = [kvtier.decompress(b) if b is not None else None for b in blocks]
                         dt = time.perf_counter() - t0
                         assert all(g is not None for g in got), f"{path}: a miss in rep {rep}"
@@ -133,10 +137,12 @@ def main(argv: list[str] | None = None) -> int:
                 t_med, n_med = statistics.median(tier_s), statistics.median(nixl_s)
                 rows.append({"codec": codec, "chunks": n, "tokens": n * SHAPE[3], "raw_mib": raw / 2**20,
                              "wire_mib": wire / 2**20, "tier_ms": t_med * 1e3, "tier_max": max(tier_s) * 1e3,
-                             "nixl_ms": n_med * 1e3, "nixl_max": max(nixl_s) * 1e3, "ratio": t_med / n_med})
+                             "nixl_ms": n_med * 1e3, "nixl_max": max(nixl_s) * 1e3, "ratio": t_med / n_med,
+                             "meta_ms": statistics.median(meta_s) * 1e3})
                 r = rows[-1]
                 print(f"{codec:5s} {n:3d} chunks ({r['tokens']:5d} tok, {r['wire_mib']:6.1f} MiB wire): "
-                      f"tier {r['tier_ms']:7.1f} ms  nixl {r['nixl_ms']:7.1f} ms  tier/nixl {r['ratio']:.2f}x",
+                      f"tier {r['tier_ms']:7.1f} ms  nixl {r['nixl_ms']:7.1f} ms (metadata {r['meta_ms']:.1f})  "
+                      f"tier/nixl {r['ratio']:.2f}x",
                       flush=True)
         leases = ray.get(prefill.leases.remote(), timeout=60)
     finally:
@@ -163,13 +169,14 @@ def write(rows, args, load_start, load_end, wall, leases, argv) -> None:
         "- tier = `kvtier.get` (controller locate + warm shard + verify + decode); nixl = `kvtier.transport.pull` "
         "(metadata fetch + one READ + verify) + `kvtier.decompress`. The vLLM connector uses the tier path; the "
         "NIXL path is not wired into it yet (issue 12), so its row measures the parts it would use.", "",
-        "| codec | chunks | tokens | raw MiB | wire MiB | tier ms (max) | nixl ms (max) | tier / nixl |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| codec | chunks | tokens | raw MiB | wire MiB | tier ms (max) | nixl ms (max) | of it nixl metadata ms "
+        "| tier / nixl |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for r in rows:
         lines.append(f"| {r['codec']} | {r['chunks']} | {r['tokens']} | {r['raw_mib']:.1f} | {r['wire_mib']:.1f} | "
                      f"{r['tier_ms']:.1f} ({r['tier_max']:.1f}) | {r['nixl_ms']:.1f} ({r['nixl_max']:.1f}) | "
-                     f"{r['ratio']:.2f}x |")
+                     f"{r['meta_ms']:.1f} | {r['ratio']:.2f}x |")
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text("\n".join(lines) + "\n")
     print(f"wrote {args.out}")

@@ -84,6 +84,7 @@ class NixlTransport(Transport):
             raise TierUnavailableError(f"NIXL agent failed to start on {host}:{self.port}: {e}") from None
         if "UCX" not in self.agent.backends:
             raise TierUnavailableError(f"NIXL UCX backend did not load (plugins: {self.agent.get_plugin_list()})")
+        self.counters["metadata_wait_us"] = 0  # time the sink waited for sources' metadata (first contact, new regions)
         self._remote_lock = threading.Lock()
         self._remotes: set[str] = set()
 
@@ -174,7 +175,12 @@ class NixlTransport(Transport):
         misses: list[pa.Buffer | None] = [None] * len(blocks)
         deadline = time.monotonic() + timeout_s
         far_descs = self.agent.get_xfer_descs([(b["addr"], b["len"], 0) for b in blocks], "DRAM")
-        if not self._load_remote(remote, host, port, far_descs, deadline):
+        t_meta = time.monotonic()
+        known = self._load_remote(remote, host, port, far_descs, deadline)
+        # fetching a source's metadata for new registrations took ~102 ms of a 118-129 ms 5-chunk pull on the
+        # 2-core box (bench/results/handoff-cpu.md): the part of a handoff a long-lived registration would save
+        self.counters["metadata_wait_us"] += int((time.monotonic() - t_meta) * 1e6)
+        if not known:
             # the source died, or it released the lease (its registration is gone)
             log.warning("NIXL: agent %s at %s:%d has not got the handoff's regions (waited %.1f s)",
                         remote, host, port, timeout_s)
