@@ -106,7 +106,8 @@ class KVTierConnector(KVConnectorBase_V1):
                                    weights_digest(mc.model, mc.revision or ""), self.page_format)
             self.identity = ident
             self._sched = SchedulerSide(ident, self.tier_cfg.chunk_tokens, self.block_size, self.tier_cfg.tenant,
-                                        lookup=self._lookup, block_ids_of=self._block_ids_of)
+                                        lookup=self._lookup, block_ids_of=self._block_ids_of,
+                                        handoff_wait_s=self.settings.handoff_wait_s, ready=tier.ready)
             log.info("kvtier connector (scheduler): %s, %d-token chunks, codec %s", ident,
                      self.tier_cfg.chunk_tokens, self.tier_cfg.codec)
 
@@ -137,8 +138,9 @@ class KVTierConnector(KVConnectorBase_V1):
         return KVTierMetadata(loads=loads, saves=saves)
 
     def request_finished(self, request, block_ids: list[int]) -> tuple[bool, dict[str, Any] | None]:
-        self._sched.finished(request.request_id)
-        return False, None  # saves copied their blocks out in the step that completed them
+        # saves copied their blocks out in the step that completed them: nothing to hold; a prefill's params
+        # tell decode which chunks to wait for
+        return False, self._sched.finished(request)
 
     # ---- worker side --------------------------------------------------------
     def register_kv_caches(self, kv_caches: dict[str, torch.Tensor]) -> None:

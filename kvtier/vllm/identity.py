@@ -23,7 +23,7 @@ from kvtier.config import TierConfig
 from kvtier.keys import chunk_keys, model_fingerprint
 
 # the connector's own settings; everything else in extra_config is a TierConfig field
-_OWN = {"address", "namespace", "save_queue", "load_timeout_s", "connect_timeout_s"}
+_OWN = {"address", "namespace", "save_queue", "load_timeout_s", "connect_timeout_s", "handoff_wait_s"}
 _FULL_HASH_BYTES = 2 << 30  # weight files up to 2 GiB in all are hashed whole (~1-2 s); larger ones sampled
 _SAMPLE = 4 << 20
 
@@ -35,6 +35,9 @@ class ConnectorSettings:
     save_queue: int = 8            # chunks batches waiting to be compressed+put; a full queue drops the save
     load_timeout_s: float = 30.0   # a load that takes longer is a failure (recompute)
     connect_timeout_s: float = 600.0  # Ray + the tier took over 120 s to start on this 2-core box at load 40
+    # how long decode asks vLLM to hold a request whose prefill's saves are not in the tier yet; they land
+    # ~0.1-1 s after prefill's response here (codec none, 5 chunks of 64 tokens, 2 loaded cores)
+    handoff_wait_s: float = 5.0
     tier: dict = field(default_factory=dict)   # TierConfig fields given explicitly
 
     @classmethod
@@ -54,7 +57,7 @@ class ConnectorSettings:
             raise ValueError(f"namespace={s.namespace!r} must be a non-empty string")
         if not isinstance(s.save_queue, int) or isinstance(s.save_queue, bool) or s.save_queue < 1:
             raise ValueError(f"save_queue={s.save_queue!r} must be an int >= 1")
-        for name in ("load_timeout_s", "connect_timeout_s"):
+        for name in ("load_timeout_s", "connect_timeout_s", "handoff_wait_s"):
             v = getattr(s, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 86400:
                 raise ValueError(f"{name}={v!r} must be a positive number of seconds")

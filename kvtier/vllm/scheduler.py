@@ -7,6 +7,17 @@ capped below the prompt length (vLLM must compute at least one token). A chunk
 is found only once its put has completed: the tier indexes a key when its shard
 has the block, so a chunk still being saved is never advertised.
 
+Prefill/decode handoff: a request that finishes with vLLM's ``do_remote_decode``
+(Ray Serve LLM's prefill leg) returns ``{"kvtier": {"chunks": n, "key": ...}}`` as
+its ``kv_transfer_params`` (``handoff_params``): how many leading chunks it saved
+or found, and the last one's key. Decode gets those params; its saves may still
+be in flight (the worker compresses and puts them in the background after the
+one-token response), so until the tier holds ``n`` chunks, or ``handoff_wait_s``
+passes, ``matched`` returns ``None`` ("ask again later": vLLM skips the request
+this step and asks on the next). It never waits inside the call; re-lookups are
+spaced ``HANDOFF_POLL_S`` apart. When the bound passes it offers what is there
+and vLLM recomputes the rest.
+
 After vLLM allocates blocks for an offered hit it plans one synchronous load
 (done by the worker before the step's forward). Each step it plans saves of the
 prompt chunks whose tokens the step completes (the worker copies them out after
@@ -32,6 +43,10 @@ log = logging.getLogger("kvtier.vllm")
 # BACKOFF_S. Without this a tier that was down stalled a benchmark request for 217 s (one 10 s wait per call).
 SLOW_LOOKUP_S = 5.0  # lookups take 2-30 ms; 5 s is a controller that is not answering, not a busy box
 BACKOFF_S = 30.0
+# While decode waits for prefill's saves vLLM's loop calls ``matched`` every step (a spin: ~0.1 ms a step when
+# idle); a re-lookup every 20 ms keeps it to <= 50 controller calls a second per waiting request.
+HANDOFF_POLL_S = 0.02
+HANDOFF_KEY = "kvtier"
 
 
 @dataclass
@@ -57,6 +72,30 @@ class _Req:
     stored: int = 0               # leading chunks known to be in the tier (found or saved)
     offer: tuple[int, int] = (0, 0)  # (local computed tokens, external tokens) of the last offer
     load: LoadSpec | None = None
+    expect: int = 0               # chunks a remote prefill saved that decode waits for (0: not waiting)
+    wait_until: float = 0.0       # when the wait for them ends
+    next_poll: float = 0.0
+
+
+def handoff_params(keys: Sequence[str], stored: int) -> dict[str, Any] | None:
+    """The ``kv_transfer_params`` a prefill returns: the count and last key of the chunks it saved or found."""
+    if stored <= 0 or stored > len(keys):
+        return None
+    return {HANDOFF_KEY: {"chunks": int(stored), "key": keys[stored - 1]}}
+
+
+def expected_chunks(params: Any, keys: Sequence[str]) -> int:
+    """How many of ``keys`` a prefill's ``kv_transfer_params`` say it saved; 0 if the params are absent,
+    malformed, or name other keys (another tenant, salt or model: chained keys make the last key decide)."""
+    h = params.get(HANDOFF_KEY) if isinstance(params, dict) else None
+    if not isinstance(h, dict):
+        return 0
+    n, key = h.get("chunks"), h.get("key")
+    if not isinstance(n, int) or isinstance(n, bool) or not 0 < n <= len(keys) or keys[n - 1] != key:
+        if h:
+            log.warning("kvtier: handoff params %r do not name this request's chunks; not waiting", h)
+        return 0
+    return n
 
 
 @dataclass
@@ -67,9 +106,12 @@ class SchedulerSide:
     tenant: str
     lookup: Callable[[list[str]], int]     # leading keys present; raises or returns 0 when the tier is down
     block_ids_of: Callable[[str], Sequence[int]]
+    handoff_wait_s: float = 5.0
+    ready: Callable[[], bool] = lambda: True  # this process reaches the tier (until then lookups are misses)
     reqs: dict[str, _Req] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: {"lookups": 0, "hit_tokens": 0, "saved_chunks": 0,
-                                                             "lookup_errors": 0, "skipped_lookups": 0})
+                                                             "lookup_errors": 0, "skipped_lookups": 0,
+                                                             "handoff_waits": 0, "handoff_timeouts": 0})
     clock: Callable[[], float] = time.monotonic
     _down_until: float = 0.0
 
@@ -80,17 +122,25 @@ class SchedulerSide:
             keys = request_keys(prompt, self.identity, self.chunk_tokens, self.tenant,
                                 getattr(request, "cache_salt", None))
             st = self.reqs[request.request_id] = _Req(keys, len(prompt))
+            st.expect = expected_chunks(getattr(request, "kv_transfer_params", None), keys)
+            st.wait_until = self.clock() + self.handoff_wait_s
         return st
 
-    def matched(self, request: Any, num_computed_tokens: int) -> tuple[int, bool]:
-        """vLLM's ``get_num_new_matched_tokens``: tokens beyond ``num_computed_tokens`` the tier can load."""
+    def matched(self, request: Any, num_computed_tokens: int) -> tuple[int | None, bool]:
+        """vLLM's ``get_num_new_matched_tokens``: tokens beyond ``num_computed_tokens`` the tier can load,
+        or None while a remote prefill's chunks are not all in the tier yet (bounded by ``handoff_wait_s``)."""
         st = self._state(request)
         st.offer = (num_computed_tokens, 0)
         if not st.keys or getattr(request, "prompt_embeds", None) is not None:
             return 0, False
         if self.clock() < self._down_until:
             self.counters["skipped_lookups"] += 1
+            st.expect = 0  # the tier is down: waiting for it would only delay the recompute
             return 0, False
+        if st.expect and not self.ready():
+            st.expect = 0  # not connected yet: every lookup would be a miss, waiting gains nothing
+        if st.expect and self.clock() < st.next_poll:
+            return None, False
         self.counters["lookups"] += 1
         t0 = self.clock()
         try:
@@ -104,6 +154,19 @@ class SchedulerSide:
         if self.clock() - t0 > SLOW_LOOKUP_S:
             log.warning("kvtier: a lookup took %.1f s; every lookup is a miss for %.0f s", self.clock() - t0, BACKOFF_S)
             self._down_until = self.clock() + BACKOFF_S
+        if st.expect and found < st.expect:
+            now = self.clock()
+            # a lookup that failed or was slow is a sick tier: recompute now rather than wait on it
+            if now < st.wait_until and now >= self._down_until:
+                st.next_poll = now + HANDOFF_POLL_S
+                self.counters["handoff_waits"] += 1
+                return None, False
+            if now >= st.wait_until:
+                log.warning("kvtier: request %s: prefill saved %d chunks, %d in the tier after %.1f s; "
+                            "loading those, recomputing the rest", request.request_id, st.expect, found,
+                            self.handoff_wait_s)
+                self.counters["handoff_timeouts"] += 1
+        st.expect = 0  # settled: later calls (vLLM may ask again) look up once and answer
         st.stored = max(st.stored, found)
         # vLLM computes at least the last prompt token itself: cap at prompt_len - 1, whole chunks
         usable = min(found * self.chunk_tokens, (st.prompt_len - 1) // self.chunk_tokens * self.chunk_tokens)
@@ -165,5 +228,11 @@ class SchedulerSide:
             st.stored = done
         return loads, saves
 
-    def finished(self, req_id: str) -> None:
-        self.reqs.pop(req_id, None)
+    def finished(self, request: Any) -> dict[str, Any] | None:
+        """vLLM's ``request_finished``: forget the request; a prefill for a remote decode returns what it
+        saved (``handoff_params``), so decode can wait for those chunks instead of racing their puts."""
+        st = self.reqs.pop(request.request_id, None)
+        params = getattr(request, "kv_transfer_params", None)
+        if st is None or not (isinstance(params, dict) and params.get("do_remote_decode")) or not self.ready():
+            return None  # not connected: the worker dropped this prefill's saves, decode must not wait for them
+        return handoff_params(st.keys, st.stored)

@@ -93,6 +93,15 @@ def _local(namespace: str, cfg: TierConfig, timeout_s: float) -> None:
                     info = _read_addr(addr_file)
         finally:
             fcntl.flock(lock, fcntl.LOCK_UN)
+    if info.get("auth_mode") == "token":
+        # Ray 2.60 turns token auth on for a new local cluster when RAY_AUTH_MODE is unset, but a client
+        # given an explicit address connects without a token unless told: joining the helper's Ray failed
+        # with InvalidAuthToken (the token itself is in ~/.ray/auth_token, where the helper's Ray put it)
+        if os.environ.get("RAY_AUTH_MODE") is None:
+            from ray._raylet import Config
+
+            os.environ["RAY_AUTH_MODE"] = "token"
+            Config.initialize("")  # Ray caches its config: re-read it, as Ray's own _enable_token_auth does
     kvtier.init(address=info["address"], namespace=namespace, config=cfg)
 
 
@@ -152,7 +161,8 @@ def _serve(namespace: str, cfg_json: str, watch_pid: int, addr_file: str) -> Non
         kvtier.init(namespace=namespace, config=json.loads(cfg_json))
         out = Path(addr_file)
         part = out.with_suffix(".tmp")
-        part.write_text(json.dumps({"address": ray.get_runtime_context().gcs_address, "pid": os.getpid()}))
+        part.write_text(json.dumps({"address": ray.get_runtime_context().gcs_address, "pid": os.getpid(),
+                                    "auth_mode": os.environ.get("RAY_AUTH_MODE") or "disabled"}))
         os.replace(part, out)
         while _pid_alive(watch_pid):
             time.sleep(1.0)

@@ -198,7 +198,7 @@ def test_block_size_limit_is_named_before_any_work(stored):
 
 
 def test_handoff_size_limit_is_named():
-    from ray_apps.transport import MAX_HANDOFF_BLOCKS, ObjectStoreTransport
+    from kvtier.transport import MAX_HANDOFF_BLOCKS, ObjectStoreTransport
 
     with pytest.raises(ValueError, match=f"{MAX_HANDOFF_BLOCKS + 1} blocks exceeds the maximum of {MAX_HANDOFF_BLOCKS}"):
         ObjectStoreTransport().publish([("k", b"x")] * (MAX_HANDOFF_BLOCKS + 1))

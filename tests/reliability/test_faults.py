@@ -183,7 +183,7 @@ class PrefillLike:
 
         import kvtier as kt
         from kvtier.runtime import api as kapi
-        from ray_apps.transport import ObjectStoreTransport
+        from kvtier.transport import ObjectStoreTransport
 
         kt.init(address=gcs, namespace=namespace)
         kvs = [t.from_numpy(x.copy()) for x in kvs]
@@ -202,7 +202,7 @@ class PrefillLike:
 
 
 def test_prefill_worker_dies_mid_transfer_leaks_no_block_or_pin(cluster, tmp_path):
-    from ray_apps.transport import ObjectStoreTransport, pull
+    from kvtier.transport import ObjectStoreTransport, pull
 
     one = one_block_bytes()
     with tier(num_shards=1, warm_bytes=3 * one, rpc_timeout_s=1.0, cold_uri=str(tmp_path)) as info:

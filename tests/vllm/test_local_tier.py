@@ -52,6 +52,10 @@ def test_two_processes_share_one_local_tier(tmp_path):
     env = subprocess_env()
     env["KVTIER_HOME"] = str(tmp_path)
     env.pop("RAY_ADDRESS", None)
+    # a user's default: Ray 2.60 starts a new local cluster with token auth, and the processes joining it by
+    # address must send the token (they did not: every lookup missed); HOME keeps the token (~/.ray) private
+    env.pop("RAY_AUTH_MODE", None)
+    env["HOME"] = str(tmp_path)
     done = tmp_path / "done"
     procs = [subprocess.Popen([sys.executable, "-c", SCRIPT, role, str(done)], env=env, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, text=True) for role in ("a", "b")]
@@ -81,6 +85,7 @@ def test_two_processes_share_one_local_tier(tmp_path):
     assert results[0]["gcs"] == results[1]["gcs"]  # one Ray, one tier
     assert all(r["found"] for r in results)
     assert addr["address"] == results[0]["gcs"] and addr["pid"] not in {r["pid"] for r in results}
+    assert addr["auth_mode"] == "token"
     end = time.time() + 90  # the helper notices its starter is gone (1 s polls) and stops the tier
     while time.time() < end and _alive(addr["pid"]):
         time.sleep(0.5)

@@ -69,24 +69,27 @@ def make_scheduler(extra=None, num_blocks=200):
                      structured_output_manager=StructuredOutputManager(vc), block_size=BLOCK)
 
 
-def make_request(rid: str, ids: list[int], salt: str | None = None):
+def make_request(rid: str, ids: list[int], salt: str | None = None, params: dict | None = None, max_tokens=4):
     from vllm import SamplingParams
     from vllm.v1.request import Request
 
-    sp = SamplingParams(max_tokens=4)
+    sp = SamplingParams(max_tokens=max_tokens, extra_args={"kv_transfer_params": params} if params else None)
     sp.update_from_generation_config({}, 0)
     return Request(request_id=rid, prompt_token_ids=list(ids), sampling_params=sp, pooling_params=None,
                    mm_features=None, cache_salt=salt)
 
 
 def run_output(sched, out):
+    return sched.update_from_output(out, _mro(sched, out))
+
+
+def _mro(sched, out):
     from vllm.v1.outputs import ModelRunnerOutput
 
     ids = [r.req_id for r in out.scheduled_new_reqs] + list(out.scheduled_cached_reqs.req_ids)
-    mro = ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
-                            sampled_token_ids=[[7] if _done(sched, r, out) else [] for r in ids],
-                            logprobs=None, prompt_logprobs_dict={}, pooler_output=None)
-    sched.update_from_output(out, mro)
+    return ModelRunnerOutput(req_ids=ids, req_id_to_index={r: i for i, r in enumerate(ids)},
+                             sampled_token_ids=[[7] if _done(sched, r, out) else [] for r in ids],
+                             logprobs=None, prompt_logprobs_dict={}, pooler_output=None)
 
 
 def _done(sched, rid, out):
@@ -169,6 +172,124 @@ def test_a_slow_or_failing_tier_is_not_asked_again_for_a_while(fake):
     assert side.matched(make_request("s3", ids), 0) == (4 * CHUNK, False)  # 300 tokens: 4 chunks, capped below 300
 
 
+def fake_side(fake, now, wait_s=5.0):
+    from kvtier.vllm import scheduler as sm
+
+    return sm.SchedulerSide("m|x", CHUNK, BLOCK, "", lookup=fake.lookup, block_ids_of=lambda r: [],
+                            handoff_wait_s=wait_s, clock=lambda: now[0])
+
+
+def test_prefill_for_a_remote_decode_returns_what_it_saved(fake):
+    sched = make_scheduler()
+    ids = list(range(2000, 2300))  # 300 tokens: 4 whole chunks, saved over two steps
+    sched.add_request(make_request("p", ids, params={"do_remote_decode": True}, max_tokens=1))
+    sched.add_request(make_request("plain", list(range(300)), max_tokens=1))
+    outs = []
+    for _ in range(4):
+        out = sched.schedule()
+        if not out.num_scheduled_tokens:
+            break
+        result = run_output(sched, out)
+        outs += [o for eco in result.values() for o in eco.outputs if o.finished]
+    by_id = {o.request_id: o.kv_transfer_params for o in outs}
+    assert by_id == {"p": {"kvtier": {"chunks": 4, "key": keys_of(sched, ids)[3]}}, "plain": None}
+
+
+def test_a_prefill_that_could_not_reach_the_tier_promises_nothing(fake):
+    now = [0.0]
+    side = fake_side(fake, now)
+    ids = list(range(300))
+    keys = request_keys(ids, "m|x", CHUNK, "", None)
+    for rid, ready, want in (("p1", False, None), ("p2", True, {"kvtier": {"chunks": 2, "key": keys[1]}})):
+        req = make_request(rid, ids, params={"do_remote_decode": True})
+        side.matched(req, 0)
+        side.reqs[rid].stored = 2  # two chunks planned for saving
+        side.ready = lambda: ready
+        assert side.finished(req) == want and rid not in side.reqs
+
+
+def test_decode_asks_again_later_until_prefills_chunks_are_in_the_tier(fake):
+    from kvtier.vllm import scheduler as sm
+
+    now = [0.0]
+    side = fake_side(fake, now)
+    ids = list(range(300))
+    keys = request_keys(ids, "m|x", CHUNK, "", None)
+    req = make_request("d1", ids, params=sm.handoff_params(keys, 4))
+    fake.keys.update(keys[:2])  # two of prefill's four puts have landed
+    assert side.matched(req, 0) == (None, False)
+    assert side.matched(req, 0) == (None, False) and fake.lookups == 1  # within the poll interval: not asked
+    now[0] += sm.HANDOFF_POLL_S
+    assert side.matched(req, 0) == (None, False) and fake.lookups == 2
+    fake.keys.update(keys[2:4])
+    now[0] += sm.HANDOFF_POLL_S
+    assert side.matched(req, 0) == (4 * CHUNK, False)
+    assert side.matched(req, 0) == (4 * CHUNK, False)  # settled: vLLM may ask again, same answer
+    assert side.counters["handoff_waits"] == 2 and side.counters["handoff_timeouts"] == 0
+
+
+def test_decode_stops_waiting_at_the_bound_and_loads_what_is_there(fake):
+    from kvtier.vllm import scheduler as sm
+
+    now = [0.0]
+    side = fake_side(fake, now, wait_s=3.0)
+    ids = list(range(300))
+    keys = request_keys(ids, "m|x", CHUNK, "", None)
+    fake.keys.update(keys[:1])  # prefill's other saves were dropped (a full save queue) or failed
+    req = make_request("d2", ids, params=sm.handoff_params(keys, 4))
+    polls = 0
+    while side.matched(req, 0) == (None, False):
+        polls += 1
+        now[0] += 0.5
+        assert polls < 100, "the wait never ended"
+    assert now[0] == 3.0 and side.matched(req, 0) == (CHUNK, False)
+    assert side.counters["handoff_timeouts"] == 1
+
+
+def test_decode_does_not_wait_for_params_that_name_other_chunks_or_a_tier_that_fails(fake):
+    from kvtier.vllm import scheduler as sm
+
+    now = [0.0]
+    side = fake_side(fake, now)
+    ids = list(range(300))
+    keys = request_keys(ids, "m|x", CHUNK, "", None)
+    salted = request_keys(ids, "m|x", CHUNK, "", "other-salt")
+    for i, params in enumerate([sm.handoff_params(salted, 4), {"kvtier": {"chunks": 9, "key": keys[3]}},
+                                {"kvtier": {"chunks": "4", "key": keys[3]}}, {"kvtier": None}, {"other": 1}]):
+        assert side.matched(make_request(f"o{i}", ids, params=params), 0) == (0, False), params
+    assert sm.expected_chunks(sm.handoff_params(keys, 2), keys) == 2 and sm.handoff_params(keys, 0) is None
+
+    def down(keys):
+        raise TimeoutError("tier down")
+
+    side.ready = lambda: False  # not connected yet: lookups are misses, waiting would gain nothing
+    assert side.matched(make_request("o-unready", ids, params=sm.handoff_params(keys, 4)), 0) == (0, False)
+    side.ready = lambda: True
+    side.lookup = down
+    assert side.matched(make_request("o-down", ids, params=sm.handoff_params(keys, 4)), 0) == (0, False)
+
+
+def test_vllm_holds_a_waiting_decode_and_loads_it_once_the_chunks_land(fake):
+    import time
+
+    from kvtier.vllm import scheduler as sm
+
+    sched = make_scheduler()
+    ids = list(range(3000, 3200))  # 200 tokens: 3 whole chunks
+    keys = keys_of(sched, ids)
+    sched.add_request(make_request("w", ids, params=sm.handoff_params(keys, 3)))
+    sched.add_request(make_request("other", list(range(100))))
+    out = sched.schedule()
+    assert set(out.num_scheduled_tokens) == {"other"}  # the decode waits; the engine serves the rest
+    assert out.kv_connector_metadata.loads == []
+    run_output(sched, out)
+    fake.keys.update(keys)
+    time.sleep(sm.HANDOFF_POLL_S * 1.5)
+    out = sched.schedule()
+    (load,) = out.kv_connector_metadata.loads
+    assert load.req_id == "w" and load.keys == keys and out.num_scheduled_tokens["w"] == 200 - 3 * CHUNK
+
+
 def test_load_failure_makes_vllm_recompute_from_the_failed_block(fake):
     from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput
 
@@ -221,6 +342,8 @@ def test_settings_name_bad_values():
         ConnectorSettings.parse({"codek": "none"})
     with pytest.raises(ValueError, match="save_queue=0"):
         ConnectorSettings.parse({"save_queue": 0})
+    with pytest.raises(ValueError, match="handoff_wait_s=-1"):
+        ConnectorSettings.parse({"handoff_wait_s": -1})
     with pytest.raises(ValueError, match="multiple of vLLM's block_size=32"):
         ConnectorSettings.parse({"chunk_tokens": 48}).tier_config(32)
     assert ConnectorSettings.parse({}).tier_config(128).chunk_tokens == 256

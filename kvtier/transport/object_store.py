@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import pyarrow as pa
 
-from ray_apps.transport.base import Transport, _check_desc, _check_items
+from kvtier.transport.base import Transport, _check_desc, _check_items
 
 log = logging.getLogger(__name__)
 

@@ -4,14 +4,14 @@ A *handoff* moves serialized blocks (their Arrow IPC bytes, ``Block.to_arrow()``
 from a prefill process to a decode process. The source ``publish``es them and
 gets a small descriptor (JSON-able, plus ObjectRefs for the object store) that
 travels with the request; the sink ``fetch_raw``s the bytes it names.
-Verification is not here (``ray_apps.transport.pull``).
+Verification is not here (``kvtier.transport.pull``).
 
 A transport that must keep memory alive on the source for the sink (a NIXL
 registration) does so under a *lease*: freed when the sink says it pulled, or
 when ``lease_s`` passes, so a sink that dies never leaks memory on the source.
 
 This module imports nothing of the package: ``object_store`` and ``nixl``
-import it, and ``ray_apps.transport`` (``__init__``) imports those.
+import it, and ``kvtier.transport`` (``__init__``) imports those.
 """
 
 

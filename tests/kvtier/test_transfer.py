@@ -18,9 +18,9 @@ import pytest
 
 from kvtier.block import Block
 from kvtier.errors import TierUnavailableError
-from ray_apps.transport import nixl as nixl_transport
-from ray_apps.transport.nixl import NixlTransport
-from ray_apps.transport import ObjectStoreTransport, make_transport, pull
+from kvtier.transport import nixl as nixl_transport
+from kvtier.transport.nixl import NixlTransport
+from kvtier.transport import ObjectStoreTransport, make_transport, pull
 
 ray = pytest.importorskip("ray")
 import ray.cloudpickle  # noqa: E402
@@ -118,11 +118,13 @@ def test_pull_between_processes_is_byte_exact_and_frees_the_lease(kind, source, 
     ids = [r.hex() for r in desc.get("refs", [])]
     if kind == "object_store":
         assert ray.get(src.holds.remote(ids)) == 3, "alive while the descriptor is held"
+    meta0 = sinks[kind].counters.get("metadata_wait_us", 0)
     got = pull(sinks[kind], desc)
     for want, have in zip(blocks, got):
         assert have is not None and have.key == want.key and have.checksum == want.checksum
         assert have.to_arrow().equals(want.to_arrow())
     if kind == "nixl":  # the READ's notification releases the source's registration
+        assert sinks[kind].stats()["metadata_wait_us"] > meta0  # new regions: the sink fetched their metadata
         assert wait_for(lambda: ray.get(src.open_leases.remote(kind)), 0) == 0
     else:  # no lease: the descriptor's refs were the only ones, and pull dropped them
         assert ray.get(src.open_leases.remote(kind)) == 0 and desc["refs"] == []

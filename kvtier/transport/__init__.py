@@ -17,7 +17,10 @@ block goes through ``Block.from_arrow(buf, expect_key=key)``, so a truncated,
 corrupted or swapped block, a dead source or a timeout is a miss (``None``),
 never data. Imports go one way: this file -> ``object_store``, ``nixl`` -> ``base``.
 
-Nothing here knows of models, tiers or HTTP, and nothing pickles a block.
+Nothing here knows of models, tiers or HTTP, and nothing pickles a block. It
+lives in ``kvtier`` (it was ``ray_apps.transport``) because its user is to be the
+vLLM connector's prefill/decode handoff (``kvtier.vllm``, issue 12: not wired yet),
+and the library never imports the apps built on it.
 """
 
 from __future__ import annotations
@@ -27,8 +30,8 @@ from typing import Any
 
 from kvtier.block import Block
 from kvtier.errors import BlockFormatError, TierUnavailableError
-from ray_apps.transport.base import DEFAULT_LEASE_S, MAX_HANDOFF_BLOCKS, TRANSPORTS, Transport
-from ray_apps.transport.object_store import ObjectStoreTransport
+from kvtier.transport.base import DEFAULT_LEASE_S, MAX_HANDOFF_BLOCKS, TRANSPORTS, Transport
+from kvtier.transport.object_store import ObjectStoreTransport
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +46,7 @@ def make_transport(kind: str = "auto", *, host: str = "127.0.0.1", lease_s: floa
         raise ValueError(f"transport={kind!r} is not one of {list(TRANSPORTS)}")
     if kind == "object_store":
         return ObjectStoreTransport(lease_s)
-    from ray_apps.transport import nixl  # imports nixl_cu13 only when asked for
+    from kvtier.transport import nixl  # imports nixl_cu13 only when asked for
 
     try:
         return nixl.NixlTransport(host=host, lease_s=lease_s)

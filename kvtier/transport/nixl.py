@@ -1,4 +1,4 @@
-"""The NIXL transport of ``ray_apps.transport``: blocks pulled with a NIXL READ
+"""The NIXL transport of ``kvtier.transport``: blocks pulled with a NIXL READ
 from the prefill worker's own memory (UCX backend, DRAM; works between CPU
 processes, so it is tested here without a GPU).
 
@@ -16,7 +16,7 @@ agent that loads our metadata may READ registered memory: run workers on a
 network only the cluster reaches, as with Ray's own ports. Registrations are
 just the published blocks and live only for their lease.
 
-Verification (checksums, keys) is ``ray_apps.transport.pull``'s job, not this
+Verification (checksums, keys) is ``kvtier.transport.pull``'s job, not this
 module's. Importing it imports ``nixl_cu13``'s Python API lazily (in the
 constructor), never at module import.
 """
@@ -34,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from kvtier.errors import TierUnavailableError
-from ray_apps.transport.base import _ALIGN, DEFAULT_LEASE_S, Transport, _check_desc, _check_items
+from kvtier.transport.base import _ALIGN, DEFAULT_LEASE_S, Transport, _check_desc, _check_items
 
 log = logging.getLogger(__name__)
 
@@ -84,6 +84,7 @@ class NixlTransport(Transport):
             raise TierUnavailableError(f"NIXL agent failed to start on {host}:{self.port}: {e}") from None
         if "UCX" not in self.agent.backends:
             raise TierUnavailableError(f"NIXL UCX backend did not load (plugins: {self.agent.get_plugin_list()})")
+        self.counters["metadata_wait_us"] = 0  # time the sink waited for sources' metadata (first contact, new regions)
         self._remote_lock = threading.Lock()
         self._remotes: set[str] = set()
 
@@ -174,7 +175,12 @@ class NixlTransport(Transport):
         misses: list[pa.Buffer | None] = [None] * len(blocks)
         deadline = time.monotonic() + timeout_s
         far_descs = self.agent.get_xfer_descs([(b["addr"], b["len"], 0) for b in blocks], "DRAM")
-        if not self._load_remote(remote, host, port, far_descs, deadline):
+        t_meta = time.monotonic()
+        known = self._load_remote(remote, host, port, far_descs, deadline)
+        # fetching a source's metadata for new registrations took ~102 ms of a 118-129 ms 5-chunk pull on the
+        # 2-core box (bench/results/handoff-cpu.md): the part of a handoff a long-lived registration would save
+        self.counters["metadata_wait_us"] += int((time.monotonic() - t_meta) * 1e6)
+        if not known:
             # the source died, or it released the lease (its registration is gone)
             log.warning("NIXL: agent %s at %s:%d has not got the handoff's regions (waited %.1f s)",
                         remote, host, port, timeout_s)
