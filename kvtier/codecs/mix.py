@@ -1,7 +1,7 @@
-"""The quality-budget codecs ``q0.5``, ``q1``, ``q5``: calibrated bits per slab + exact sink tokens.
+"""The quality-budget codecs ``q0.5``, ``q1``, ``q2``, ``q5``: calibrated bits per slab + exact sink tokens.
 
 Ask for a quality budget, not a scheme: ``q1`` is "the smallest KV this
-model's calibration kept within +1 % Δppl", ``q5`` within +5 %, ``q0.5``
+model's calibration kept within +1 % Δppl", ``q2`` within +2 %, ``q5`` within +5 %, ``q0.5``
 within +0.5 % (and >= 97 % top-1 agreement on the calibration text).
 
 Per row (one token of one head of K or V): ``rot``'s randomized Hadamard
@@ -59,8 +59,9 @@ SINK_TAU = 0.8
 MAX_SINKS = 8  # 8 of 256 tokens would add 0.5 bit/elem; the sink is one token, the cap bounds a pathological chunk
 # fallback widths without a profile: the smallest uniform width that met each budget on both texts in
 # bench/results/quality.md (uniform 4 bits, rot4: +1.61 % on the held-out text, so q1 needs 8; uniform
-# 3 bits, rot3: +6.1 %, so q5 needs 4). Conservative on purpose: an uncalibrated model has no measurement.
-FALLBACK = {"q0.5": 8, "q1": 8, "q5": 4}
+# 3 bits, rot3: +6.1 %, so q5 needs 4, and q2 4 too). Conservative on purpose: an uncalibrated model has
+# no measurement.
+FALLBACK = {"q0.5": 8, "q1": 8, "q2": 4, "q5": 4}
 
 
 def detect_sinks(nrm: torch.Tensor) -> list[int]:

@@ -396,3 +396,14 @@ def test_bad_key_weights_are_refused(weighted_profile):
             P.Profile(**{**prof.__dict__, "key_weights": bad}).validate()
     v1 = prof.to_json().replace(b'"version":2', b'"version":1')
     assert P.Profile.from_json(v1).key_weights == prof.key_weights  # a version-1 document still reads
+
+
+def test_calibration_fits_a_monotone_curve_to_noisy_dppl():
+    from kvtier.codecs.calibrate import monotone
+
+    # the with-weights ladder's Δppl (2.5 .. 8 bits): 4.5 and 5 bits measured worse than 3.5
+    dppl = [2.37, 1.33, 1.57, 0.82, 1.18, 0.63, 0.56, 0.59, 0.72, 0.83, 0.29, -0.01]
+    fit = monotone(dppl, increasing=False)
+    assert all(a >= b for a, b in zip(fit, fit[1:])) and sum(fit) == pytest.approx(sum(dppl))
+    assert fit[5:10] == pytest.approx([0.666] * 5) and fit[-1] == -0.01  # one pool; the ends untouched
+    assert monotone([1.0, 3.0, 2.0], increasing=True) == pytest.approx([1.0, 2.5, 2.5])
