@@ -29,8 +29,9 @@ rotation, then a symmetric 2/3/4/8-bit quantizer with one fp16 scale per row
   weights travel in the block (``kw`` buffer, fp16 [L, H, D]: 11.5 KiB, 1.2 %
   of a 256-token q5 chunk, counted in every ratio), so decoding still reads
   nothing else. The weighting is a torch multiply around the Triton kernels
-  (encode in fp32, decode to fp32 then divide): an extra pass over the chunk
-  on the GPU until it is fused into a kernel.
+  (encode from an fp16 copy, decode to fp16 then divide): extra passes over
+  the chunk on the GPU until it is fused into the kernels
+  (bench/results/qcodec-h200.md).
 
 Without a profile for the chunk's model (or without a ``model_id``) a codec
 falls back to one width for every slab (``FALLBACK``), still with the sinks.
@@ -111,8 +112,11 @@ class MixCodec(Codec):
             if tuple(w.shape) != (L, H, D) or not bool(((w > 0) & torch.isfinite(w)).all()):
                 raise CodecError(f"codec {self.name!r}: key weights of shape {tuple(w.shape)} must be positive "
                                  f"and [{L}, {H}, {D}] for a chunk of shape {tuple(kv.shape)}")
-            x = kv.float()  # fp32: a bf16 product would add 2**-9 relative error before an 8-bit quantizer
-            x[:, 0] *= w.float()[:, :, None]
+            # fp16, not fp32: the kernels' fp32 input path skips the tensor cores (H200: encode 3.5 ms vs 0.76
+            # for 512 MiB); the product rounds to 2**-11 relative, 4x finer than the bf16 the KV came in.
+            # check() bounded |kv| by FP16_MAX/sqrt(D), so the cast is finite; the product is checked below.
+            x = kv.to(torch.float16) if kv.dtype != torch.float32 else kv.clone()
+            x[:, 0] *= w[:, :, None].to(x.dtype)
             check_fp16_range(x, self.name, FP16_MAX / math.sqrt(D))
         enc = M.encode_triton if kv.is_cuda else M.encode_torch
         with on_device(kv.device):
@@ -164,9 +168,10 @@ class MixCodec(Codec):
                 raise ValueError("key weights must be positive and finite")
         dec = M.decode_triton if device.type == "cuda" else M.decode_torch
         with on_device(device):
-            if weighted:
-                out = dec(bufs, shape, torch.float32, bits, seed)
-                out[:, 0] /= w.float()[:, :, None]
+            if weighted:  # fp16 (fp32 for fp32 KV) then one divide of the K half: 2**-11 relative, finer than bf16
+                mid = torch.float32 if dtype == torch.float32 else torch.float16
+                out = dec(bufs, shape, mid, bits, seed)
+                out[:, 0] /= w[:, :, None].to(mid)
                 out = out.to(dtype)
             else:
                 out = dec(bufs, shape, dtype, bits, seed)
