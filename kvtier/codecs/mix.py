@@ -25,7 +25,7 @@ rotation, then a symmetric 2/3/4/8-bit quantizer with one fp16 scale per row
   (calibrated on post-RoPE queries and keys; the minimizer of that error for a
   diagonal weighting under an isotropic quantizer) before the rotation and
   divided by it after decoding, so the error lands where the queries look
-  less. On SmolLM2 it cut KL by 16-34 % at equal bits (bench/results/quality.md, notes). The
+  less. On SmolLM2 it cut KL by 9-34 % at equal bits (bench/results/quality.md, notes). The
   weights travel in the block (``kw`` buffer, fp16 [L, H, D]: 11.5 KiB, 1.2 %
   of a 256-token q5 chunk, counted in every ratio), so decoding still reads
   nothing else. The weighting is a torch multiply around the Triton kernels
