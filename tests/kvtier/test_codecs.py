@@ -407,3 +407,16 @@ def test_calibration_fits_a_monotone_curve_to_noisy_dppl():
     assert all(a >= b for a, b in zip(fit, fit[1:])) and sum(fit) == pytest.approx(sum(dppl))
     assert fit[5:10] == pytest.approx([0.666] * 5) and fit[-1] == -0.01  # one pool; the ends untouched
     assert monotone([1.0, 3.0, 2.0], increasing=True) == pytest.approx([1.0, 2.5, 2.5])
+
+
+def test_key_weights_follow_the_query_to_key_energy_ratio():
+    from kvtier.codecs.calibrate import weights_from
+
+    q2 = torch.tensor([[[16.0, 1.0, 1.0, 1.0]]], dtype=torch.float64)  # one channel the queries look at 16x more
+    k2 = torch.tensor([[[1.0, 1.0, 1.0, 16.0]]], dtype=torch.float64)  # and one key channel 16x stronger
+    w = weights_from(q2, k2).float()
+    assert w.dtype == torch.float32 and w.shape == (1, 1, 4)
+    assert float(w.log().mean()) == pytest.approx(0.0, abs=1e-3)  # geometric mean 1 per head
+    assert float(w[0, 0, 0] / w[0, 0, 1]) == pytest.approx(2.0, rel=1e-3)  # (16 / 1) ** 0.25
+    assert float(w[0, 0, 1] / w[0, 0, 3]) == pytest.approx(2.0, rel=1e-3)  # (1 / 16) ** -0.25
+    assert float(weights_from(torch.tensor([[[1e12, 1e-12]]]), torch.ones(1, 1, 2)).max()) == P.KW_MAX
