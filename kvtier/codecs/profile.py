@@ -2,7 +2,9 @@
 
 A profile says, for one model fingerprint, how many bits each slab (the K or
 the V of one layer) gets under each quality budget of the ``q*`` codecs
-(``kvtier.codecs.mix``), as measured by ``kvtier.codecs.calibrate``. It is a
+(``kvtier.codecs.mix``), as measured by ``kvtier.codecs.calibrate``, and
+optionally the per-channel key weights (``key_weights``, [layers][kv_heads]
+[head_dim]) that make key quantization error small where the queries look. It is a
 canonical JSON document; its digest (XXH3-128 of those bytes) names it. A
 block encoded with a profile records the digest and the bit table it used, so
 the block decodes from its own header alone: no profile is consulted on decode
@@ -32,16 +34,18 @@ import xxhash
 from kvtier.errors import CodecError
 
 FORMAT = "kvtier-codec-profile"
-VERSION = 1
+VERSION = 2  # 2 added the optional key_weights; a version-1 document reads as one without them
 KEY_PREFIX = "kvtier-profile|"
 MAX_PROFILE_BYTES = 1 << 20  # 1 MiB: a 128-layer model's tables are ~10 KiB
+KW_MIN, KW_MAX = 1 / 64, 64.0  # key weights are normalized to a geometric mean of 1; measured 0.3-3.9 on SmolLM2
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"  # profiles shipped with kvtier (calibrated here)
 
 
 def model_layout_key(fingerprint: str) -> str:
-    """The fingerprint without its KV-dtype field: a profile measured on bf16 KV serves fp16/fp32 KV too."""
+    """The fingerprint without its KV-dtype field (``name|L|H|D|dtype[|Wdigest]``, ``kvtier.keys``): a profile
+    measured on bf16 KV serves fp16/fp32 KV of the same weights too; the weights digest stays in."""
     parts = fingerprint.split("|")
-    return "|".join(parts[:-1]) if len(parts) >= 5 else fingerprint
+    return "|".join(parts[:4] + parts[5:]) if len(parts) >= 5 else fingerprint
 
 
 @dataclass(frozen=True)
@@ -52,11 +56,13 @@ class Profile:
     head_dim: int
     budgets: Mapping[str, list[int]]  # codec name -> bits per slab (layer * 2 + kv)
     info: Mapping[str, Any]  # how it was measured (text, windows, sensitivities, measured Δppl): provenance only
+    key_weights: list | None = None  # [layers][kv_heads][head_dim] positive floats, or None (unweighted keys)
 
     def to_json(self) -> bytes:
         doc = {"format": FORMAT, "version": VERSION, "model": self.model, "layers": self.layers,
                "kv_heads": self.kv_heads, "head_dim": self.head_dim,
-               "budgets": {k: list(v) for k, v in self.budgets.items()}, "info": self.info}
+               "budgets": {k: list(v) for k, v in self.budgets.items()}, "info": self.info,
+               "key_weights": self.key_weights}
         return json.dumps(doc, sort_keys=True, separators=(",", ":")).encode()
 
     @property
@@ -71,10 +77,10 @@ class Profile:
             doc = json.loads(raw)
         except (ValueError, UnicodeDecodeError) as e:
             raise CodecError(f"codec profile is not JSON: {e}") from None
-        if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") != VERSION:
+        if not isinstance(doc, dict) or doc.get("format") != FORMAT or doc.get("version") not in (1, VERSION):
             raise CodecError(f"not a kvtier codec profile of version {VERSION}: format={doc.get('format') if isinstance(doc, dict) else doc!r}")
         p = cls(model=doc["model"], layers=doc["layers"], kv_heads=doc["kv_heads"], head_dim=doc["head_dim"],
-                budgets=doc["budgets"], info=doc["info"])
+                budgets=doc["budgets"], info=doc["info"], key_weights=doc.get("key_weights"))
         p.validate()
         return p
 
@@ -92,6 +98,20 @@ class Profile:
                     or not all(isinstance(b, int) and b in widths for b in bits)):
                 raise CodecError(f"codec profile budget {name!r} must list {2 * self.layers} bit widths in "
                                  f"{widths}, got {bits!r}"[:300])
+        if self.key_weights is not None:
+            w = self.key_weights
+            ok = (isinstance(w, list) and len(w) == self.layers
+                  and all(isinstance(h, list) and len(h) == self.kv_heads for h in w)
+                  and all(isinstance(c, list) and len(c) == self.head_dim for h in w for c in h)
+                  and all(isinstance(v, (int, float)) and not isinstance(v, bool) and KW_MIN <= v <= KW_MAX
+                          for h in w for c in h for v in c))
+            if not ok:
+                raise CodecError(f"codec profile key_weights must be [{self.layers}][{self.kv_heads}]"
+                                 f"[{self.head_dim}] numbers in [{KW_MIN}, {KW_MAX}], got {str(w)[:120]}")
+
+    def key_weight_tensor(self) -> torch.Tensor | None:
+        """The key weights as the fp16 [L, H, D] tensor a block stores (None without weights)."""
+        return None if self.key_weights is None else torch.tensor(self.key_weights, dtype=torch.float16)
 
     def bits_for(self, codec: str, shape: tuple[int, ...]) -> list[int]:
         """The bit table of budget ``codec`` for a chunk of ``shape``; a chunk of another layout is refused."""

@@ -324,3 +324,99 @@ def test_a_profile_lives_in_the_tier_through_put_and_get(toy_profile):
     put(P.tier_key("impostor|L4|H3|D64|bfloat16"), P.to_tensor(toy_profile), "none")  # another model's profile
     with pytest.raises(CodecError, match="belongs to 'toy"):
         P.fetch("impostor|L4|H3|D64|bfloat16", get)
+
+
+def test_the_weights_digest_stays_in_the_profile_key():
+    """A fingerprint with a weights digest (kvtier.keys.model_fingerprint) finds its profile in any KV dtype,
+    never another fine-tune's: only the dtype field is dropped."""
+    prof = P.Profile(model=TOY + "|W0123456789abcdef", layers=4, kv_heads=3, head_dim=64,
+                     budgets={"q5": [2] * 8}, info={})
+    P.register(prof)
+    try:
+        assert P.lookup("toy|L4|H3|D64|float32|W0123456789abcdef").digest == prof.digest
+        assert P.lookup("toy|L4|H3|D64|bfloat16|Wfedcba9876543210") is None
+        assert P.lookup(TOY) is None
+    finally:
+        P.unregister(prof.model)
+
+
+@pytest.fixture
+def weighted_profile():
+    g = torch.Generator().manual_seed(5)
+    w = torch.exp(torch.randn(4, 3, 64, generator=g)).to(torch.float16)  # 0.05-20: a wide spread, like real ones
+    prof = P.Profile(model=TOY, layers=4, kv_heads=3, head_dim=64, budgets={"q5": [3] * 8, "q1": [4] * 8},
+                     info={}, key_weights=w.float().tolist())
+    P.register(prof)
+    yield prof, w.float()
+    P.unregister(TOY)
+
+
+def test_query_weighted_keys_meet_the_weighted_error_bound_and_travel_in_the_block(weighted_profile):
+    prof, w = weighted_profile
+    kv = kv_like((4, 2, 3, 64, 64), seed=15)
+    block = compress(kv, "q5", model_id=TOY)
+    assert block.params["kw"] is True and block.buffers["kw"].size == 4 * 3 * 64 * 2  # counted in the ratio
+    out = decompress(Block.from_arrow(block.to_arrow()))
+    # the bound holds for the weighted key, x * w, per row: ||e|| <= sqrt(D) * (s/2 + (qmax/2) * ulp(s)) + bf16 out
+    s = torch.frombuffer(bytearray(block.buffers["scale"]), dtype=torch.float16).float().reshape(4, 2, 3, 64)[:, 0]
+    err = ((out[:, 0].float() - kv[:, 0].float()) * w[:, :, None]).norm(dim=-1)
+    bound = 8 * (s / 2 + 3.5 * s * 2**-10) + 2**-8 * (kv[:, 0].float() * w[:, :, None]).norm(dim=-1)
+    assert bool((err <= bound).all()), float((err / bound).max())
+    assert "kw" not in compress(kv, "q5").buffers  # without a profile (fallback widths) there are no weights
+    assert ((out[:, 1].float() - kv[:, 1].float()).norm() / kv[:, 1].float().norm()) < 0.25  # V unweighted
+    P.unregister(TOY)  # decoding reads the weights from the block, not from a profile
+    assert torch.equal(decompress(block), out)
+
+
+def test_query_weights_put_the_error_where_queries_look_less(weighted_profile):
+    """Relative to unweighted keys at the same bits, the error shrinks on heavy channels (w > 2) and grows
+    on light ones (w < 1/2): that is the whole point of the weights."""
+    prof, w = weighted_profile
+    kv = kv_like((4, 2, 3, 64, 64), seed=16)
+    e_w = (decompress(compress(kv, "q5", model_id=TOY))[:, 0].float() - kv[:, 0].float()).square().mean(2)
+    bufs, params = get_codec("q5").encode(kv, bits=[3] * 8)
+    u8 = {k: v.contiguous().view(-1).view(torch.uint8) for k, v in bufs.items()}
+    e_0 = (get_codec("q5").decode(u8, params, tuple(kv.shape), kv.dtype, torch.device("cpu"))[:, 0].float()
+           - kv[:, 0].float()).square().mean(2)
+    heavy, light = w > 2, w < 0.5
+    assert e_w[heavy].sum() < 0.5 * e_0[heavy].sum() and e_w[light].sum() > 2 * e_0[light].sum()
+
+
+def test_bad_key_weights_are_refused(weighted_profile):
+    prof, _ = weighted_profile
+    block = compress(kv_like((4, 2, 3, 32, 64), seed=17), "q1", model_id=TOY)
+    kw = bytearray(block.buffers["kw"])
+    kw[0:2] = bytes(2)  # weight 0.0: decoding would divide by zero
+    with pytest.raises(BlockFormatError, match="key weights must be positive"):
+        decompress(_rebuild(block, buffers=dict(block.buffers, kw=bytes(kw))))
+    with pytest.raises(BlockFormatError, match="do not match the format's \\['kw'"):
+        decompress(_rebuild(block, buffers={k: v for k, v in block.buffers.items() if k != "kw"}))
+    for bad in ([[[1.0] * 64] * 3] * 3, [[[0.0] * 64] * 3] * 4, [[[1.0] * 63] * 3] * 4):
+        with pytest.raises(CodecError, match="key_weights must be"):
+            P.Profile(**{**prof.__dict__, "key_weights": bad}).validate()
+    v1 = prof.to_json().replace(b'"version":2', b'"version":1')
+    assert P.Profile.from_json(v1).key_weights == prof.key_weights  # a version-1 document still reads
+
+
+def test_calibration_fits_a_monotone_curve_to_noisy_dppl():
+    from kvtier.codecs.calibrate import monotone
+
+    # the with-weights ladder's Δppl (2.5 .. 8 bits): 4.5 and 5 bits measured worse than 3.5
+    dppl = [2.37, 1.33, 1.57, 0.82, 1.18, 0.63, 0.56, 0.59, 0.72, 0.83, 0.29, -0.01]
+    fit = monotone(dppl, increasing=False)
+    assert all(a >= b for a, b in zip(fit, fit[1:])) and sum(fit) == pytest.approx(sum(dppl))
+    assert fit[5:10] == pytest.approx([0.666] * 5) and fit[-1] == -0.01  # one pool; the ends untouched
+    assert monotone([1.0, 3.0, 2.0], increasing=True) == pytest.approx([1.0, 2.5, 2.5])
+
+
+def test_key_weights_follow_the_query_to_key_energy_ratio():
+    from kvtier.codecs.calibrate import weights_from
+
+    q2 = torch.tensor([[[16.0, 1.0, 1.0, 1.0]]], dtype=torch.float64)  # one channel the queries look at 16x more
+    k2 = torch.tensor([[[1.0, 1.0, 1.0, 16.0]]], dtype=torch.float64)  # and one key channel 16x stronger
+    w = weights_from(q2, k2).float()
+    assert w.dtype == torch.float32 and w.shape == (1, 1, 4)
+    assert float(w.log().mean()) == pytest.approx(0.0, abs=1e-3)  # geometric mean 1 per head
+    assert float(w[0, 0, 0] / w[0, 0, 1]) == pytest.approx(2.0, rel=1e-3)  # (16 / 1) ** 0.25
+    assert float(w[0, 0, 1] / w[0, 0, 3]) == pytest.approx(2.0, rel=1e-3)  # (1 / 16) ** -0.25
+    assert float(weights_from(torch.tensor([[[1e12, 1e-12]]]), torch.ones(1, 1, 2)).max()) == P.KW_MAX
