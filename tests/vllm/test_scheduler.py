@@ -69,11 +69,11 @@ def make_scheduler(extra=None, num_blocks=200):
                      structured_output_manager=StructuredOutputManager(vc), block_size=BLOCK)
 
 
-def make_request(rid: str, ids: list[int], salt: str | None = None):
+def make_request(rid: str, ids: list[int], salt: str | None = None, kv_params: dict | None = None):
     from vllm import SamplingParams
     from vllm.v1.request import Request
 
-    sp = SamplingParams(max_tokens=4)
+    sp = SamplingParams(max_tokens=4, extra_args={"kv_transfer_params": kv_params} if kv_params else None)
     sp.update_from_generation_config({}, 0)
     return Request(request_id=rid, prompt_token_ids=list(ids), sampling_params=sp, pooling_params=None,
                    mm_features=None, cache_salt=salt)
@@ -186,6 +186,18 @@ def test_load_failure_makes_vllm_recompute_from_the_failed_block(fake):
     assert sched.requests["e"].num_computed_tokens == CHUNK  # truncated at the failed block
     out = sched.schedule()
     assert out.num_scheduled_tokens["e"] == 200 - CHUNK
+
+
+def test_a_request_that_opts_out_neither_looks_up_nor_saves(fake):
+    sched = make_scheduler()
+    ids = list(range(2000, 2300))
+    fake.keys.update(keys_of(sched, ids))
+    req = make_request("off", ids, kv_params={"kvtier": "off"})
+    assert sched.connector.get_num_new_matched_tokens(req, 0) == (0, False) and fake.lookups == 0
+    sched.add_request(req)
+    out = sched.schedule()
+    assert out.kv_connector_metadata.loads == [] and out.kv_connector_metadata.saves == []
+    assert out.num_scheduled_tokens["off"] == 256  # computed, not loaded
 
 
 def test_cache_salt_changes_every_key(fake):

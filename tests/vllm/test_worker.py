@@ -1,0 +1,74 @@
+"""The connector's worker side without vLLM: saves off the engine's way, loads that fail to recompute.
+
+``WorkerSide`` over small ``cpu-vec`` paged tensors with the tier replaced by a dict: the
+background save runs at the lowest OS priority, a full save queue drops (and counts) instead
+of waiting, a saved chunk loads back bit-exact, and a chunk the tier lacks fails its blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+
+import pytest
+import torch
+
+from kvtier.vllm import pages
+from kvtier.vllm.scheduler import LoadSpec, SaveSpec
+from kvtier.vllm.worker import SAVE_NICE, WorkerSide
+
+BS, CHUNK, H, D, L = 32, 64, 2, 8, 3
+
+
+def make(put=None, save_queue=4):
+    lay = pages.PageLayout("cpu-vec", 16, BS, H, D, torch.float32)
+    layers = [torch.randn(lay.shape()) for _ in range(L)]
+    store: dict[str, torch.Tensor] = {}
+
+    def default_put(keys, kvs, codec):
+        store.update(zip(keys, kvs))
+
+    w = WorkerSide(layers, lay, CHUNK, "none", save_queue, 5.0, get=lambda keys: [store.get(k) for k in keys],
+                   put=put or default_put, ready=lambda wait_s=0.0: True)
+    return w, layers, lay, store
+
+
+@pytest.mark.skipif(os.uname().sysname != "Linux", reason="per-thread priorities are Linux's")
+def test_the_save_thread_runs_at_the_lowest_priority():
+    w, *_ = make()
+    try:
+        mine = os.nice(0)
+        end = time.monotonic() + 5.0  # the thread lowers itself as it starts
+        while os.getpriority(os.PRIO_PROCESS, w._saver.native_id) != SAVE_NICE and time.monotonic() < end:
+            time.sleep(0.01)
+        assert os.getpriority(os.PRIO_PROCESS, w._saver.native_id) == SAVE_NICE
+        assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # the engine's thread is not
+    finally:
+        w.close(2.0)
+
+
+def test_saved_chunks_load_back_exactly_and_a_missing_one_fails_its_blocks():
+    w, layers, lay, store = make()
+    try:
+        w.save([SaveSpec("r", ["k0", "k1"], [[0, 1], [2, 3]])])
+        assert w.flush(10.0) and set(store) == {"k0", "k1"}
+        want = pages.gather(layers, lay, torch.tensor([[0, 1], [2, 3]]), CHUNK)
+        w.load([LoadSpec("r2", ["k0", "k1", "gone"], [[4, 5], [6, 7], [8, 9]])])
+        got = pages.gather(layers, lay, torch.tensor([[4, 5], [6, 7]]), CHUNK)
+        assert torch.equal(got, want)
+        assert w.take_errors() == {8, 9} and w.counters["loaded_chunks"] == 2
+    finally:
+        w.close(2.0)
+
+
+def test_a_full_save_queue_drops_the_save_and_counts_it():
+    gate = threading.Event()
+    w, *_ = make(put=lambda keys, kvs, codec: gate.wait(10.0), save_queue=1)
+    try:
+        for i in range(4):  # one in the saver's hands, one queued, the rest dropped
+            w.save([SaveSpec(f"r{i}", [f"k{i}"], [[0, 1]])])
+        assert w.counters["dropped_saves"] >= 2
+    finally:
+        gate.set()
+        w.close(5.0)
