@@ -2,8 +2,8 @@
 
 It runs in each vLLM worker process, beside the paged KV tensors. Loading is
 synchronous and happens before the step's forward: one batched ``kvtier.get``
-of the planned chunks (bounded by ``load_timeout_s``), decoded chunks scattered
-into the request's blocks. Any chunk that does not come back whole (a miss since
+of the planned chunks (bounded by ``load_timeout_s``), decoded chunks written
+into the request's blocks (on CPU straight into the pages, ``pages.write_chunks``). Any chunk that does not come back whole (a miss since
 the lookup, a checksum mismatch the tier turned into a miss, a shard or tier
 that is down, a timeout, a wrong shape) fails that chunk's blocks, which vLLM
 recomputes (``kv_load_failure_policy="recompute"``). Saving copies the finished
@@ -92,8 +92,11 @@ class WorkerSide:
                 good_rows.append(row)
                 good_kvs.append(kv)
             if good_rows:
-                chunks = torch.stack([kv.to(self.layers[0].device, lay.dtype) for kv in good_kvs])
-                pages.scatter(self.layers, lay, torch.tensor(good_rows, dtype=torch.long), chunks)
+                if lay.format == "cpu-vec":  # straight into the pages: one pass over the bytes, not three
+                    pages.write_chunks(self.layers, lay, good_rows, good_kvs)
+                else:
+                    chunks = torch.stack([kv.to(self.layers[0].device, lay.dtype) for kv in good_kvs])
+                    pages.scatter(self.layers, lay, torch.tensor(good_rows, dtype=torch.long), chunks)
                 self.counters["loaded_chunks"] += len(good_rows)
 
     def take_errors(self) -> set[int]:

@@ -62,6 +62,19 @@ def test_saved_chunks_load_back_exactly_and_a_missing_one_fails_its_blocks():
         w.close(2.0)
 
 
+def test_chunks_go_straight_into_scattered_blocks_as_scatter_puts_them():
+    lay = pages.PageLayout("cpu-vec", 16, BS, H, D, torch.float32)
+    kvs = [torch.randn(L, 2, H, CHUNK, D) for _ in range(3)]
+    rows = [[3, 4], [9, 1], [-1, 12]]  # consecutive, out of order, one block vLLM already holds
+    want = [torch.randn(lay.shape()) for _ in range(L)]
+    got = [t.clone() for t in want]
+    pages.scatter(want, lay, torch.tensor(rows), torch.stack(kvs))
+    pages.write_chunks(got, lay, rows, kvs)
+    assert all(torch.equal(a, b) for a, b in zip(got, want))
+    with pytest.raises(ValueError, match="does not fit"):
+        pages.write_chunks(got, lay, [[0, 1]], [torch.randn(L, 2, H, CHUNK + BS, D)])
+
+
 def test_a_full_save_queue_drops_the_save_and_counts_it():
     gate = threading.Event()
     w, *_ = make(put=lambda keys, kvs, codec: gate.wait(10.0), save_queue=1)
