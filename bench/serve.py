@@ -47,9 +47,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# bench/ holds a vllm.py (bench/vllm.py): `python bench/serve.py` puts bench/ first on sys.path, where it
-# would shadow the vllm package the app's engines import
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
 EVAL_TEXT = ROOT.parent / "shared" / "data" / "eval-text"
 MAX_TOKENS = 8
 ARMS = ("kvtier", "baseline")
@@ -183,10 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chats", type=int, default=2)
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--model", default=None)
-    p.add_argument("--codec", default="kivi4")
+    p.add_argument("--codec", default=None, help="the kvtier arm's codec (default: the library's, TierConfig().codec)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve-cpu.md"))
     a = p.parse_args(argv)
     levels = [int(x) for x in a.levels.split(",")]
+    from kvtier.config import TierConfig
+
+    a.codec = a.codec or TierConfig().codec
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray

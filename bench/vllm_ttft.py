@@ -4,21 +4,29 @@ TTFT = wall time of ``LLM.generate`` with ``max_tokens=1`` for one prompt of N
 real-text tokens (N = 512 .. 8K, the model's context), after a warm-up request.
 Rows, each a separate engine state, all measured in this run:
 
-  recompute        vLLM, prefix caching off, no connector (the baseline; also "miss without connector")
-  vllm-prefix      vLLM's own in-memory prefix cache, same engine, the prompt's second request
-  miss+connector   connector on, the prompt not in the tier (computes, then saves in the background)
-  warm <codec>     a fresh engine process, the prompt's chunks in the warm tier (stored by an earlier engine
-                   with that codec)
-  cold <codec>     the same, after every warm copy is dropped (shards killed): chunks read from disk
-  8 concurrent     8 prompts sharing a 2K-token prefix + 256 own tokens, one batch: time to the last first token
+  recompute        vLLM, no connector, the prompt's first request (a miss of vLLM's prefix cache: nothing
+                   is reused; the baseline, also "miss without connector")
+  vllm-prefix      vLLM's own in-memory prefix cache, the same engine, the prompt's second request
+  miss+connector   connector on (codec none), the prompt not in the tier (computes, then saves in the
+                   background); "miss+connector <codec>": the same with the last codec (the default)
+  warm <codec>     a fresh engine process, the prompt's chunks in the warm tier
+  cold <codec>     the same engine, after every warm copy is dropped (shards killed): chunks read from disk
+  8 concurrent     8 prompts sharing a 1K-token prefix + 128 own tokens, one batch: time to the last first token
 
-Engines (each a spawned EngineCore + worker, 20-110 s to start here): no connector
-(prefix off), no connector (prefix on), then connector engines with codecs none,
-fp8 and kivi4 in turn, each reading what the one before stored. The tier is this
-process's (Ray + controller + shards, write-through cold tier in a temp dir).
+Three engines (each a spawned EngineCore + worker, 20-110 s to start here): no
+connector with vLLM's prefix caching on (recompute, then its own hit); the
+connector with codec none (prefix caching off) storing the miss set; a fresh
+connector engine with the last codec (the library's default, q1+zstd) reading the
+set from warm, then from cold. The set's blocks in the other codecs are the none
+engine's exact KV read back and stored again by ``kvtier.put`` in that codec under
+a salt of its own: what an engine with that codec stores, without two more engine
+start-ups and 2 x 15.6K tokens of prefill (the previous revision started 6 engines
+and took 2068 s on the loaded box). The tier is this process's (Ray + controller +
+shards, write-through cold tier in a temp dir). Named ``vllm_ttft`` so that
+``python bench/...`` (bench/ first on sys.path) does not shadow the ``vllm`` package.
 
-    python bench/vllm.py                 # writes bench/results/vllm-cpu.md
-    python bench/vllm.py --lengths 512 2048 --quick
+    python bench/vllm_ttft.py                 # writes bench/results/vllm-cpu.md
+    python bench/vllm_ttft.py --lengths 512 2048 --reps 1 --out /tmp/v.md
 """
 
 from __future__ import annotations
@@ -34,8 +42,6 @@ import time
 import uuid
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-# this file is bench/vllm.py: with bench/ first on sys.path, `import vllm` would import this file
-sys.path[:] = [p for p in sys.path if os.path.abspath(p or ".") != HERE]
 sys.path.insert(0, os.path.join(HERE, "..", "tests", "vllm"))
 sys.path.insert(0, os.path.join(HERE, ".."))
 
@@ -43,13 +49,17 @@ sys.path.insert(0, os.path.join(HERE, ".."))
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--lengths", type=int, nargs="+", default=[512, 1024, 2048, 4096, 8000])
-    p.add_argument("--codecs", nargs="+", default=["none", "fp8", "kivi4"])
+    p.add_argument("--codecs", nargs="+", default=None, help="codecs to store and read back (default: none, fp8 "
+                   "and the library's default, TierConfig().codec)")
     p.add_argument("--chunk-tokens", type=int, default=64,
                    help="the connector's chunk size (vLLM's prefix cache works in 32-token blocks; a hit recomputes "
                         "up to chunk_tokens-1 tail tokens, so 64 keeps that tail small)")
     p.add_argument("--reps", type=int, default=2, help="repetitions of each hit (the best is reported)")
     p.add_argument("--out", default=os.path.join(HERE, "results", "vllm-cpu.md"))
     args = p.parse_args()
+    from kvtier.config import TierConfig
+
+    args.codecs = args.codecs or ["none", "fp8", TierConfig().codec]
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -57,7 +67,7 @@ def main() -> None:
     import ray
 
     import kvtier
-    from enginekit import connector_config, eval_tokens, generate, start_engine, stop_engine
+    from enginekit import connector_config, eval_tokens, generate, keys_for, start_engine, stop_engine
 
     t_start = time.time()
     tmp = tempfile.mkdtemp(prefix="kvtbench", dir="/tmp")
@@ -65,7 +75,7 @@ def main() -> None:
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     ns = f"bench-vllm-{uuid.uuid4().hex[:6]}"
     kvtier.init(namespace=ns, config=dict(codec="none", cold_uri=os.path.join(tmp, "cold"), hot_bytes=0,
-                                          warm_bytes="8GiB", num_shards=2, write_through=True))
+                                          warm_bytes="3GiB", num_shards=2, write_through=True))
     lengths = args.lengths
     # one prompt set per use, disjoint text (the eval text has ~129K tokens: 4 sets of 15.6K, then the
     # concurrent prompts and the warm-up from 100K on), so that no row reads another row's blocks
@@ -80,15 +90,16 @@ def main() -> None:
         assert offset < 100000, f"prompt sets need {offset} tokens of eval text"
         return out
 
-    warm_up = eval_tokens(300, 100000)
+    warm_up_ids = eval_tokens(300, 100000)
     res: dict[tuple[str, int], float] = {}
     first_tok: dict[tuple[str, int], str] = {}
 
-    def measure(llm, row: str, prompts: list[list[int]], reps: int = 1, expect_cached: bool | None = None):
+    def measure(llm, row: str, prompts: list[list[int]], reps: int = 1, expect_cached: bool | None = None,
+                salt: str | None = None):
         for ids in prompts:
             best = None
             for _ in range(reps):
-                texts, cached, dt = generate(llm, [ids], max_tokens=1)
+                texts, cached, dt = generate(llm, [ids], max_tokens=1, salts=[salt])
                 if expect_cached is True and cached[0] == 0:
                     print(f"  warning: {row} at {len(ids)} tokens got no cached tokens", flush=True)
                 best = dt if best is None else min(best, dt)
@@ -99,56 +110,81 @@ def main() -> None:
     shared = eval_tokens(1024, 101000)
     conc = [shared + eval_tokens(128, 104000 + i * 200) for i in range(8)]
 
-    def concurrent(llm, row):
-        _, cached, dt = generate(llm, conc, max_tokens=1)
+    def concurrent(llm, row, salts=None):
+        _, cached, dt = generate(llm, conc, max_tokens=1, salts=salts)
         res[(row, 8)] = dt
         print(f"  {row:>16} 8 x {len(conc[0])} tokens: {dt * 1e3:8.0f} ms (cached {cached})", flush=True)
 
-    print("engine: no connector, prefix caching off", flush=True)
-    base_set = prompt_set("base")
-    llm = start_engine(None)
-    generate(llm, [warm_up], max_tokens=1)
-    measure(llm, "recompute", base_set)
-    concurrent(llm, "8 conc recompute")
-    stop_engine(llm)
+    def warm_up(llm):
+        generate(llm, [warm_up_ids], max_tokens=1)
+        time.sleep(3)  # both engine processes finish joining the tier (in the background) before timing
+        generate(llm, [warm_up_ids], max_tokens=1)
 
+    def settle(timeout_s: float = 120.0):
+        """Until the tier's block count stops changing: an engine's saves land in the background."""
+        end, last = time.time() + timeout_s, None
+        while time.time() < end:
+            now = kvtier.stats()["warm"].get("blocks")
+            if now == last:
+                return
+            last = now
+            time.sleep(1.0)
+
+    # one engine for both baselines (a separate prefix-off engine cost ~40 s of start-up and gave the
+    # same recompute): its first request of a prompt computes everything, the second is vLLM's own hit
     print("engine: no connector, vLLM prefix caching on", flush=True)
+    base_set = prompt_set("base")
     llm = start_engine(None, prefix_caching=True)
-    generate(llm, [warm_up], max_tokens=1)
-    measure(llm, "vllm-prefix miss", base_set)
+    generate(llm, [warm_up_ids], max_tokens=1)
+    measure(llm, "recompute", base_set)
     measure(llm, "vllm-prefix", base_set, reps=args.reps)
+    concurrent(llm, "8 conc recompute", salts=[f"recompute-{i}" for i in range(len(conc))])  # nothing shared
     generate(llm, [conc[0]], max_tokens=1)
     concurrent(llm, "8 conc vllm-prefix")
     stop_engine(llm)
 
-    stored: list[tuple[str, list[list[int]]]] = []  # (codec, prompts) stored by an earlier engine
-    for i, codec in enumerate(args.codecs + ["none"]):
-        print(f"engine: connector, codec {codec} (fresh process)", flush=True)
-        llm = start_engine(connector_config(ns, codec=codec, chunk_tokens=args.chunk_tokens))
-        generate(llm, [warm_up], max_tokens=1)
-        time.sleep(3)  # both engine processes finish joining the tier (in the background) before timing
-        generate(llm, [warm_up], max_tokens=1)
-        if stored:
-            prev_codec, prev = stored[-1]
-            measure(llm, f"warm {prev_codec}", prev, reps=args.reps, expect_cached=True)
-        if i < len(args.codecs):
-            s = prompt_set(codec)
-            measure(llm, "miss+connector" if i == 0 else f"miss+connector {codec}", s)
-            stored.append((codec, s))
-            if i == 0:
-                generate(llm, [conc[0]], max_tokens=1)
-                time.sleep(2)  # its chunks are saved in the background
-        else:  # the last engine: cold reads of every codec's prompts, then the concurrent batch from the tier
-            for sid in range(2):
-                ray.kill(ray.get_actor(f"kvtier-shard-{sid}", namespace=ns), no_restart=False)
-            end = time.time() + 60
-            while kvtier.stats()["warm"]["blocks"] and time.time() < end:
-                time.sleep(0.5)
-            for codec_s, s in stored:
-                measure(llm, f"cold {codec_s}", s, expect_cached=True)
-            concurrent(llm, "8 conc kvtier")
-        stop_engine(llm)
-        time.sleep(3)  # the last saves land before the next engine looks
+    C = args.chunk_tokens
+    print("engine: connector, codec none: the miss, storing its prompts", flush=True)
+    llm = start_engine(connector_config(ns, codec="none", chunk_tokens=C))
+    warm_up(llm)
+    stored = prompt_set("miss")
+    measure(llm, "miss+connector", stored)
+    generate(llm, [conc[0]], max_tokens=1)  # the concurrent batch's shared prefix, read from cold at the end
+    settle()
+    stop_engine(llm)
+    settle()
+    # the other codecs' blocks of the same prompts: the engine's exact KV (codec none) read back and stored
+    # again by kvtier.put with that codec, under a salt of its own (what an engine with that codec stores,
+    # without two more engines and prefills: the rows below time the engine's load of them, not this)
+    salts = {c: None if c == "none" else f"codec-{c}" for c in args.codecs}
+    for codec in args.codecs:
+        if codec == "none":
+            continue
+        for ids in stored:
+            kvs = kvtier.get(keys_for(ids, chunk=C))
+            if any(kv is None for kv in kvs):
+                raise RuntimeError(f"the none engine's blocks of a {len(ids)}-token prompt are not all in the tier")
+            kvtier.put(keys_for(ids, salt=salts[codec], chunk=C), kvs, codec=codec)
+        kvtier.flush(600)
+
+    last = args.codecs[-1]
+    print(f"engine: connector, codec {last} (fresh process): warm hits, its own miss, cold hits", flush=True)
+    llm = start_engine(connector_config(ns, codec=last, chunk_tokens=C))
+    warm_up(llm)
+    for codec in args.codecs:
+        measure(llm, f"warm {codec}", stored, reps=args.reps, expect_cached=True, salt=salts[codec])
+    if last != "none":
+        measure(llm, f"miss+connector {last}", prompt_set("miss-" + last))
+    settle()
+    for sid in range(2):
+        ray.kill(ray.get_actor(f"kvtier-shard-{sid}", namespace=ns), no_restart=False)
+    end = time.time() + 60
+    while kvtier.stats()["warm"]["blocks"] and time.time() < end:
+        time.sleep(0.5)
+    for codec in args.codecs:
+        measure(llm, f"cold {codec}", stored, expect_cached=True, salt=salts[codec])
+    concurrent(llm, "8 conc kvtier")
+    stop_engine(llm)
 
     total = time.time() - t_start
     write(args, res, first_tok, lengths, total)
@@ -158,7 +194,8 @@ def main() -> None:
 
 
 def write(args, res, first_tok, lengths, total) -> None:
-    rows = ["recompute", "vllm-prefix", "miss+connector"] + [f"warm {c}" for c in args.codecs] + \
+    rows = ["recompute", "vllm-prefix", "miss+connector"] + \
+           [f"miss+connector {c}" for c in args.codecs[-1:] if c != "none"] + [f"warm {c}" for c in args.codecs] + \
            [f"cold {c}" for c in args.codecs]
     head = "| row | " + " | ".join(f"{n} tok" for n in lengths) + " |\n|---|" + "---:|" * len(lengths)
     lines = []
