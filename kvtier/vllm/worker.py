@@ -9,7 +9,8 @@ that is down, a timeout, a wrong shape) fails that chunk's blocks, which vLLM
 recomputes (``kv_load_failure_policy="recompute"``). Saving copies the finished
 pages of finished chunks out after the forward (index_select, memcpy speed) and
 leaves the reordering into chunks, compression and the put to one background thread fed by a bounded queue: a
-full queue drops the save (a later miss, counted in ``dropped_saves``), never stalls the engine. That thread
+full backlog (``save_queue`` batches or ``SAVE_QUEUE_BYTES`` of raw pages) drops the save before copying
+it (a later miss, counted in ``dropped_saves``), never stalls the engine. That thread
 runs at the lowest OS priority (nice 19, Linux per-thread): on a busy CPU the forward always wins the cores,
 and the save takes what is left (q1+zstd costs ~120-180 ms of CPU per 256-token chunk on the 2-core box).
 
@@ -46,6 +47,11 @@ class WorkerSide:
         self.load_timeout_s = load_timeout_s
         self._get, self._put, self._ready = get, put, ready
         self._queue: queue.Queue = queue.Queue(maxsize=save_queue)
+        lay0 = layers[0] if layers else None
+        self._chunk_bytes = (len(self.layers) * 2 * layout.kv_heads * chunk_tokens * layout.head_dim *
+                             (lay0.element_size() if lay0 is not None else 4))
+        self._queued_bytes = 0
+        self._bytes_lock = threading.Lock()
         self._load_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
         self._errors: set[int] = set()
         self.counters = {"loaded_chunks": 0, "failed_chunks": 0, "saved_chunks": 0, "dropped_saves": 0,
@@ -109,14 +115,23 @@ class WorkerSide:
         if not specs or not self._ready():
             return
         for spec in specs:
+            nbytes = len(spec.keys) * self._chunk_bytes
+            with self._bytes_lock:
+                # checked before the copy: a save that would be dropped costs the engine nothing. This thread
+                # is the only producer, so a queue with room now still has room at the put below
+                full = self._queue.full() or (self._queued_bytes and self._queued_bytes + nbytes > SAVE_QUEUE_BYTES)
+                if not full:
+                    self._queued_bytes += nbytes
+            if full:
+                self.counters["dropped_saves"] += len(spec.keys)
+                if self.counters["dropped_saves"] == len(spec.keys) or self.counters["dropped_saves"] % 100 < len(spec.keys):
+                    log.warning("kvtier: save backlog full (%d batches, %.0f MiB); dropped %d chunks of %s "
+                                "(%d so far): they will be misses", self._queue.qsize(), self._queued_bytes / 2**20,
+                                len(spec.keys), spec.req_id, self.counters["dropped_saves"])
+                continue
             raw = pages.copy_pages(self.layers, self.layout, torch.tensor(spec.block_ids, dtype=torch.long),
                                    self.chunk_tokens)
-            try:
-                self._queue.put_nowait((spec.keys, raw))
-            except queue.Full:
-                self.counters["dropped_saves"] += len(spec.keys)
-                log.warning("kvtier: save queue full (%d batches); dropping %d chunks of %s",
-                            self._queue.maxsize, len(spec.keys), spec.req_id)
+            self._queue.put_nowait((spec.keys, raw, nbytes))
 
     def _save_loop(self) -> None:
         _lowest_priority()
@@ -125,10 +140,15 @@ class WorkerSide:
             try:
                 if item is None:
                     return
-                keys, raw = item
-                chunks = pages.pages_to_chunks(raw, self.layout, len(keys))
-                self._put(list(keys), list(chunks.unbind(0)), self.codec)
-                self.counters["saved_chunks"] += len(keys)
+                keys, raw, nbytes = item
+                try:
+                    chunks = pages.pages_to_chunks(raw, self.layout, len(keys))
+                    del raw
+                    self._put(list(keys), list(chunks.unbind(0)), self.codec)
+                    self.counters["saved_chunks"] += len(keys)
+                finally:
+                    with self._bytes_lock:
+                        self._queued_bytes -= nbytes
             except Exception as e:  # noqa: BLE001 - a failed save is a later miss, not an engine error
                 self.counters["save_errors"] += 1
                 log.warning("kvtier: saving %d chunks failed (%s: %s)", len(item[0]), type(e).__name__, e)
@@ -156,6 +176,10 @@ class WorkerSide:
 
 
 SAVE_NICE = 19
+# raw fp32 pages waiting for compression: 256 MiB is ~5.6K SmolLM2 tokens (46 KiB each); the batch count
+# alone (save_queue) let 8 batches of 8K tokens hold 3 GiB on a 23 GiB box. One batch larger than this is
+# still taken into an empty backlog (else a long prompt could never be saved)
+SAVE_QUEUE_BYTES = 256 << 20
 
 
 def _lowest_priority() -> None:

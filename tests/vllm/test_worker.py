@@ -85,3 +85,23 @@ def test_a_full_save_queue_drops_the_save_and_counts_it():
     finally:
         gate.set()
         w.close(5.0)
+
+
+def test_the_backlog_is_bounded_in_bytes_and_a_dropped_save_copies_nothing(monkeypatch):
+    from kvtier.vllm import worker
+
+    gate = threading.Event()
+    copies = []
+    real = pages.copy_pages
+    monkeypatch.setattr(pages, "copy_pages", lambda *a: copies.append(1) or real(*a))
+    w, *_ = make(put=lambda keys, kvs, codec: gate.wait(10.0), save_queue=8)
+    monkeypatch.setattr(worker, "SAVE_QUEUE_BYTES", w._chunk_bytes)  # room for one chunk of raw pages
+    try:
+        w.save([SaveSpec("big", ["a", "b"], [[0, 1], [2, 3]])])  # larger than the bound: taken when empty
+        w.save([SaveSpec("r1", ["c"], [[4, 5]])])
+        w.save([SaveSpec("r2", ["d"], [[6, 7]])])
+        assert w.counters["dropped_saves"] == 2 and len(copies) == 1
+    finally:
+        gate.set()
+        w.close(5.0)
+    assert w.counters["saved_chunks"] == 2 and w._queued_bytes == 0
