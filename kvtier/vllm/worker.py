@@ -10,9 +10,11 @@ recomputes (``kv_load_failure_policy="recompute"``). Saving copies the finished
 pages of finished chunks out after the forward (index_select, memcpy speed) and
 leaves the reordering into chunks, compression and the put to one background thread fed by a bounded queue: a
 full backlog (``save_queue`` batches or ``SAVE_QUEUE_BYTES`` of raw pages) drops the save before copying
-it (a later miss, counted in ``dropped_saves``), never stalls the engine. That thread
-runs at the lowest OS priority (nice 19, Linux per-thread): on a busy CPU the forward always wins the cores,
-and the save takes what is left (q1+zstd costs ~120-180 ms of CPU per 256-token chunk on the 2-core box).
+it (a later miss, counted in ``dropped_saves``), never stalls the engine. The save stays out of the
+forward's way: it compresses and puts one chunk at a time, each only once no forward has run for
+``IDLE_GAP_S`` (``load``/``save`` mark each forward's start and end; a busy engine for ``SAVE_IDLE_WAIT_S``
+declines the rest), and its thread runs at the lowest OS priority (nice 19, Linux per-thread), so other
+processes' forwards win the cores too (q1+zstd costs ~120-180 ms of CPU per 256-token chunk on the 2-core box).
 
 It knows the page layout only through ``pages.PageLayout``; vLLM-specific
 detection of the layout lives in ``connector.py``.
@@ -24,6 +26,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from typing import Callable, Sequence
 
@@ -56,12 +59,16 @@ class WorkerSide:
         self._errors: set[int] = set()
         self.counters = {"loaded_chunks": 0, "failed_chunks": 0, "saved_chunks": 0, "dropped_saves": 0,
                          "save_errors": 0}
+        self._in_forward = False
+        self._forward_end = 0.0  # time.monotonic() of the last forward's end
         self._saver = threading.Thread(target=self._save_loop, name="kvtier-save", daemon=True)
         self._saver.start()
 
     # ---- load -------------------------------------------------------------
     def load(self, specs: Sequence[LoadSpec]) -> None:
-        """Fill the planned blocks before the forward; failed blocks go to ``take_errors``."""
+        """Fill the planned blocks before the forward; failed blocks go to ``take_errors``. Called before every
+        forward (vLLM's ``start_load_kv``), so it also marks the forward as running for the saver."""
+        self._in_forward = True
         if not specs:
             return
         keys = [k for s in specs for k in s.keys]
@@ -111,7 +118,9 @@ class WorkerSide:
 
     # ---- save -------------------------------------------------------------
     def save(self, specs: Sequence[SaveSpec]) -> None:
-        """Copy the chunks out of the pages (the pages may be reused after this step) and queue the puts."""
+        """Copy the chunks out of the pages (the pages may be reused after this step) and queue the puts.
+        Called after every forward (vLLM's ``wait_for_save``): the forward is over."""
+        self._in_forward, self._forward_end = False, time.monotonic()
         if not specs or not self._ready():
             return
         for spec in specs:
@@ -142,10 +151,20 @@ class WorkerSide:
                     return
                 keys, raw, nbytes = item
                 try:
+                    deadline = time.monotonic() + SAVE_IDLE_WAIT_S
+                    if not self._wait_idle(deadline):
+                        raise _Declined(len(keys))
                     chunks = pages.pages_to_chunks(raw, self.layout, len(keys))
                     del raw
-                    self._put(list(keys), list(chunks.unbind(0)), self.codec)
-                    self.counters["saved_chunks"] += len(keys)
+                    for i, (key, kv) in enumerate(zip(keys, chunks.unbind(0))):
+                        if not self._wait_idle(deadline):
+                            raise _Declined(len(keys) - i)
+                        self._put([key], [kv], self.codec)  # one chunk at a time: each ~40-150 ms of work
+                        self.counters["saved_chunks"] += 1
+                except _Declined as d:
+                    self.counters["dropped_saves"] += d.chunks
+                    log.warning("kvtier: the engine was busy for %.0f s; dropped %d chunks of a save (they will be "
+                                "misses)", SAVE_IDLE_WAIT_S, d.chunks)
                 finally:
                     with self._bytes_lock:
                         self._queued_bytes -= nbytes
@@ -154,6 +173,17 @@ class WorkerSide:
                 log.warning("kvtier: saving %d chunks failed (%s: %s)", len(item[0]), type(e).__name__, e)
             finally:
                 self._queue.task_done()
+
+    def _wait_idle(self, deadline: float) -> bool:
+        """Until no forward has run for ``IDLE_GAP_S`` (the save never shares the cores with one), or False at
+        ``deadline``."""
+        while True:
+            now = time.monotonic()
+            if not self._in_forward and now - self._forward_end >= IDLE_GAP_S:
+                return True
+            if now >= deadline:
+                return False
+            time.sleep(0.005)
 
     def flush(self, timeout_s: float) -> bool:
         """Wait (bounded) until every queued save is done; True if it drained."""
@@ -175,11 +205,22 @@ class WorkerSide:
         self._load_pool.shutdown(wait=False, cancel_futures=True)
 
 
-SAVE_NICE = 19
+# KVTIER_SAVE_NICE (0-19) overrides it, for measuring the save's cost at another priority
+SAVE_NICE = int(os.environ.get("KVTIER_SAVE_NICE", "19"))
+# the save waits until the engine has run no forward for IDLE_GAP_S: vLLM's steps follow each other within
+# ~2-10 ms here (scheduling, sampling), so a gap of 30 ms is a pause in traffic, not the space between two
+# decode steps. It waits at most SAVE_IDLE_WAIT_S, then declines the rest (counted in dropped_saves)
+IDLE_GAP_S = 0.03
+SAVE_IDLE_WAIT_S = 30.0
 # raw fp32 pages waiting for compression: 256 MiB is ~5.6K SmolLM2 tokens (46 KiB each); the batch count
 # alone (save_queue) let 8 batches of 8K tokens hold 3 GiB on a 23 GiB box. One batch larger than this is
 # still taken into an empty backlog (else a long prompt could never be saved)
 SAVE_QUEUE_BYTES = 256 << 20
+
+
+class _Declined(Exception):
+    def __init__(self, chunks: int) -> None:
+        self.chunks = chunks
 
 
 def _lowest_priority() -> None:

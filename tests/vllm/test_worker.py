@@ -105,3 +105,25 @@ def test_the_backlog_is_bounded_in_bytes_and_a_dropped_save_copies_nothing(monke
         gate.set()
         w.close(5.0)
     assert w.counters["saved_chunks"] == 2 and w._queued_bytes == 0
+
+
+def test_the_save_waits_for_the_engine_to_pause_and_declines_after_its_bound(monkeypatch):
+    from kvtier.vllm import worker
+
+    puts = []
+    w, *_ = make(put=lambda keys, kvs, codec: puts.extend(keys))
+    try:
+        w.load([])  # a forward starts (vLLM calls start_load_kv before every forward)
+        w.save([SaveSpec("r", ["k0"], [[0, 1]])])  # wait_for_save ends a forward; a new one starts at once:
+        w.load([])
+        time.sleep(0.3)
+        assert puts == []  # nothing is compressed or put while a forward runs
+        w.save([])  # that forward ends: the engine pauses
+        assert w.flush(5.0) and puts == ["k0"]
+        monkeypatch.setattr(worker, "SAVE_IDLE_WAIT_S", 0.2)
+        w.save([SaveSpec("r2", ["k1", "k2"], [[2, 3], [4, 5]])])
+        w.load([])  # and a forward that never ends
+        assert w.flush(5.0) and puts == ["k0"] and w.counters["dropped_saves"] == 2
+    finally:
+        w.save([])
+        w.close(2.0)
