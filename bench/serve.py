@@ -47,9 +47,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-# bench/ holds a vllm.py (bench/vllm.py): `python bench/serve.py` puts bench/ first on sys.path, where it
-# would shadow the vllm package the app's engines import
-sys.path[:] = [str(ROOT)] + [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+sys.path.insert(0, str(ROOT))
 EVAL_TEXT = ROOT.parent / "shared" / "data" / "eval-text"
 MAX_TOKENS = 8
 ARMS = ("kvtier", "baseline")
@@ -183,10 +181,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--chats", type=int, default=2)
     p.add_argument("--turns", type=int, default=3)
     p.add_argument("--model", default=None)
-    p.add_argument("--codec", default="kivi4")
+    p.add_argument("--codec", default=None, help="the kvtier arm's codec (default: the library's, TierConfig().codec)")
     p.add_argument("--out", default=str(ROOT / "bench" / "results" / "serve-cpu.md"))
     a = p.parse_args(argv)
     levels = [int(x) for x in a.levels.split(",")]
+    from kvtier.config import TierConfig
+
+    a.codec = a.codec or TierConfig().codec
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     import ray
@@ -196,6 +197,7 @@ def main(argv: list[str] | None = None) -> int:
     from ray_apps.serve import AppConfig, build_app, model_folder
 
     load0 = os.getloadavg()[0]
+    t_begin = time.perf_counter()
     tmp = tempfile.mkdtemp(prefix="kvtbench", dir="/tmp")
     ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tmp, log_to_driver=False, configure_logging=False)
     try:
@@ -236,7 +238,8 @@ def main(argv: list[str] | None = None) -> int:
                     rows.append({"workload": name, "clients": c, "arm": arm, **r})
                     print(f"{name:13s} clients={c} {arm:8s} n={r['n']:2d} TTFT p50 {1000 * r['p50']:7.0f} ms "
                           f"p99 {1000 * r['p99']:7.0f} ms  {r['rps']:.2f} req/s  hit {100 * r['hit']:.0f}%", flush=True)
-        write(Path(a.out), rows, a, started, load0, " ".join(["python bench/serve.py", *(argv or sys.argv[1:])]))
+        write(Path(a.out), rows, a, started, load0, " ".join(["python bench/serve.py", *(argv or sys.argv[1:])]),
+              time.perf_counter() - t_begin)
         print(f"wrote {a.out}")
     finally:
         try:
@@ -247,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def write(out: Path, rows: list[dict], a, started: float, load0: float, command: str) -> None:
+def write(out: Path, rows: list[dict], a, started: float, load0: float, command: str, wall: float) -> None:
     def get(w, c, arm):
         return next(r for r in rows if (r["workload"], r["clients"], r["arm"]) == (w, c, arm))
 
@@ -258,7 +261,7 @@ def write(out: Path, rows: list[dict], a, started: float, load0: float, command:
         pass
     md = ["# Serving benchmark (CPU): Ray Serve LLM + vLLM with kvtier vs without", "",
           f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
-          f"- command: `{command}`",
+          f"- command: `{command}` ({wall:.0f} s in all)",
           f"- machine: {platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores; 1-minute load "
           f"average {load0:.1f} at the start, {os.getloadavg()[0]:.1f} at the end (above {os.cpu_count()}, other "
           "processes shared the cores: every time is an upper bound, the ratios compare arms run alternately)",

@@ -1,18 +1,20 @@
 """``kvtier demo``: the main job on one machine, on vLLM, measured against plain recompute in the same run.
 
-    kvtier demo [--out DIR] [--codec kivi4] [--max-tokens 24] [--turns 5] [--questions 4] [--model PATH] [--quick]
+    kvtier demo [--out DIR] [--codec q1+zstd] [--max-tokens 24] [--turns 5] [--questions 4] [--model PATH] [--quick]
 
 It starts an embedded tier (a local Ray with the controller, 2 warm shards and
-a cold directory under ``--out``) and three vLLM engines on SmolLM2-135M
+a cold directory under ``--out``) and two vLLM engines on SmolLM2-135M
 (``kvtier.model``'s cached copy), each an ``LLM`` in this process with its
-EngineCore in a subprocess:
+EngineCore in a subprocess. Both run with kvtier's connector (``kvtier.vllm``)
+and share the tier: requests alternate between them, so every reuse of a
+prefix the other engine computed goes through the tier (vLLM's own prefix
+cache is off, so every cached token in the table came from kvtier).
 
-  * engines A and B run with kvtier's connector (``kvtier.vllm``) and share the
-    tier: requests alternate between them, so every reuse of a prefix the other
-    engine computed goes through the tier (vLLM's own prefix cache is off, so
-    every cached token in the table came from kvtier);
-  * engine R is the same vLLM without the connector: the plain recompute that
-    every request is measured against, in the same run.
+Each request is first run as a plain recompute on the same engine, with the
+connector switched off for that request (``kv_transfer_params`` ``{"kvtier":
+"off"}``: no lookup, no load, no save): the same engine, memory and batch, so
+the comparison is kvtier against vLLM computing the whole prompt. (A third
+engine without the connector gave the same baseline and cost ~40 s of start-up.)
 
 The workload is what a serving team sees: a chat whose history grows turn by
 turn (a pasted section of the Python tutorial, then shorter parts), several
@@ -37,6 +39,7 @@ import os
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,10 +48,11 @@ from ray_apps import demo_report
 from ray_apps.demo_report import Row
 
 EVAL_TEXT = Path(__file__).resolve().parents[2] / "shared" / "data" / "eval-text"
-# budgets in blocks of the chosen codec: the 16-block warm tier (2 shards) cannot hold the chat and the
-# 12-chunk document together, so the chat's oldest chunks are demoted to cold while the document is asked
-# about, and the resumed chat reads them back from there
-HOT_CHUNKS, WARM_CHUNKS, SHARDS = 16, 16, 2
+# budgets in blocks of the chosen codec: the 12-block warm tier (2 shards) cannot hold the chat (~7 chunks
+# by turn 3) and the 8-chunk document together, so the chat's oldest chunks are demoted to cold while the
+# document is asked about, and the resumed chat reads them back from there; an engine's 8-block hot tier
+# holds one document, so the resumed chat does not come from its own memory
+HOT_CHUNKS, WARM_CHUNKS, SHARDS = 8, 12, 2
 QUESTIONS = ("What is the main topic of this document?", "Which two terms does the document define first?",
              "What example does the document give?", "Summarize the document in one sentence.",
              "What should a beginner remember from it?", "What does the document warn about?",
@@ -61,13 +65,13 @@ ENGINES = ("A", "B")
 class Plan:
     """Sizes of one demo run (the full default run, or the tiny ``--quick`` one)."""
 
-    chunk_tokens: int = 128     # = vLLM's CPU block: the chat's second turn (~450 tokens) already reuses 3 chunks
+    chunk_tokens: int = 128     # = vLLM's CPU block: the chat's second turn (~750 tokens) already reuses 4 chunks
     first_tokens: int = 512     # the user pastes a long section first ...
-    snippet_tokens: int = 128   # ... then shorter ones: 5 turns reach ~1.3K tokens, each adding ~150
-    doc_tokens: int = 1536      # the shared document: 12 chunks of 128
-    turns: int = 5
-    questions: int = 4
-    max_tokens: int = 24        # ~0.5 s of decode per request on 2 cores
+    snippet_tokens: int = 128   # ... then shorter ones: 4 turns reach ~1.1K tokens, each adding ~190
+    doc_tokens: int = 1024      # the shared document: 8 chunks of 128
+    turns: int = 4              # 7 requests, each run twice (kvtier, recompute): the run was 9 at 1536 tokens
+    questions: int = 3          # and spent 188 s of its 359 s in the workload (loaded box)
+    max_tokens: int = 16        # ~0.3 s of decode per request on 2 cores
 
 
 QUICK = Plan(chunk_tokens=32, first_tokens=64, snippet_tokens=32, doc_tokens=160, turns=2, questions=2, max_tokens=6)
@@ -129,29 +133,29 @@ def workload(snippets: list[str], doc: str, plan: Plan):
 
 
 # ---- the engines -------------------------------------------------------------
-def engine(folder: str, plan: Plan, tier: dict | None, namespace: str, address: str):
-    """One vLLM ``LLM``; ``tier`` None: without kvtier's connector (the recompute baseline)."""
+def engine(folder: str, plan: Plan, tier: dict, namespace: str, address: str):
+    """One vLLM ``LLM`` with kvtier's connector on the shared tier."""
     from vllm import LLM
 
-    kw = {}
-    if tier is not None:
-        kw["kv_transfer_config"] = {
-            "kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.vllm", "kv_role": "kv_both",
-            "kv_load_failure_policy": "recompute",
-            "kv_connector_extra_config": {**tier, "address": address, "namespace": namespace}}
+    kv = {"kv_connector": "KVTierConnector", "kv_connector_module_path": "kvtier.vllm", "kv_role": "kv_both",
+          "kv_load_failure_policy": "recompute",
+          "kv_connector_extra_config": {**tier, "address": address, "namespace": namespace}}
     # prefix caching off: a reuse is kvtier's, and the baseline recomputes every time. 256 MiB of fp32 KV
     # holds 5.6K SmolLM2 tokens (46 KiB each): one request of up to 4K at a time
     return LLM(model=folder, dtype="float32", max_model_len=4096, enforce_eager=True, enable_prefix_caching=False,
-               block_size=plan.chunk_tokens, kv_cache_memory_bytes=256 << 20, disable_log_stats=False, seed=0, **kw)
+               block_size=plan.chunk_tokens, kv_cache_memory_bytes=256 << 20, disable_log_stats=False, seed=0,
+               kv_transfer_config=kv)
 
 
-def generate(llm, ids: list[int], max_tokens: int, salt: str) -> dict:
-    """One greedy request: first-token latency (vLLM's own: arrival to first token), tokens, cached tokens."""
+def generate(llm, ids: list[int], max_tokens: int, salt: str, kvtier_on: bool = True) -> dict:
+    """One greedy request: first-token latency (vLLM's own: arrival to first token), tokens, cached tokens.
+    ``kvtier_on=False``: the connector neither looks up, loads nor saves for it (the recompute baseline)."""
     from vllm import SamplingParams
 
+    extra = None if kvtier_on else {"kv_transfer_params": {"kvtier": "off"}}
     t0 = time.perf_counter()
     out = llm.generate([{"prompt_token_ids": ids, "cache_salt": salt}],
-                       SamplingParams(max_tokens=max_tokens, temperature=0.0), use_tqdm=False)[0]
+                       SamplingParams(max_tokens=max_tokens, temperature=0.0, extra_args=extra), use_tqdm=False)[0]
     wall = time.perf_counter() - t0
     m, c = out.metrics, out.outputs[0]
     ttft = m.first_token_latency if m is not None and m.first_token_latency > 0 else None
@@ -163,18 +167,20 @@ def generate(llm, ids: list[int], max_tokens: int, salt: str) -> dict:
             "cached": int(out.num_cached_tokens or 0), "tps": (n - 1) / decode_s if n > 1 and decode_s else float("nan")}
 
 
-def settle(timeout_s: float = 5.0) -> None:
-    """Wait (bounded) until the tier's block counts stop changing: the engines store chunks in the background
-    after a request, and that work must not land inside the next request's measurement (recompute's least)."""
+def settle(timeout_s: float = 10.0, quiet_s: float = 0.6) -> None:
+    """Wait (bounded) until the tier's block counts have not changed for ``quiet_s``: the engines store chunks
+    in the background after a request, one at a time (~60-90 ms of compression each for q1+zstd at 128 tokens,
+    longer at nice 19 on a busy box), and that work must not land inside the next request's measurement."""
     import kvtier
 
-    end, last = time.monotonic() + timeout_s, None
+    end, last, since = time.monotonic() + timeout_s, None, time.monotonic()
     while time.monotonic() < end:
         s = kvtier.stats()
         now = (s["warm"].get("blocks"), s["warm"].get("bytes"), s["cold"].get("blocks"), s.get("keys"))
-        if now == last:
+        if now != last:
+            last, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
             return
-        last = now
         time.sleep(0.15)
 
 
@@ -193,7 +199,8 @@ def _parser() -> argparse.ArgumentParser:
         "Writes report.md, ttft.png and results.json to --out."))
     p.add_argument("--out", default="kvtier-demo-out", help="output folder (default ./kvtier-demo-out; its "
                    "cold/ subfolder is the demo's cold tier, emptied at the start and removed at the end)")
-    p.add_argument("--codec", default="kivi4", help="block codec (default kivi4, lossy 4-bit; 'none' is exact)")
+    p.add_argument("--codec", default=None, help="block codec (default: the library's, TierConfig().codec = "
+                   "q1+zstd, lossy; 'none' is exact)")
     p.add_argument("--max-tokens", type=int, help="tokens generated per request (default 24; --quick 6)")
     p.add_argument("--turns", type=int, help=f"chat turns, 0-{MAX_TURNS} (default 5; --quick 2)")
     p.add_argument("--questions", type=int, help=f"questions over the document, 0-{len(QUESTIONS)} (default 4)")
@@ -229,7 +236,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         plan = _plan(a)
         from kvtier.codecs import get_codec
+        from kvtier.config import TierConfig
 
+        a.codec = a.codec or TierConfig().codec
         get_codec(a.codec)
     except ValueError as e:  # CodecError is a ValueError too
         print(f"kvtier demo: {e}", file=sys.stderr)
@@ -316,31 +325,55 @@ def _run(a: argparse.Namespace, plan: Plan, out: Path, started: float, command: 
     times["model"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    say("[2/4] tier: a local Ray (private temp dir) with the controller, warm shards and a cold directory")
+    say("[2/4] tier: a local Ray (private temp dir) with the controller, warm shards and a cold directory "
+        "(starting while engine A starts)")
     _started["tmp"] = tempfile.mkdtemp(prefix="kvtdemo", dir="/tmp")  # short: Ray's socket paths < 107 chars
     ray.init(address="local", num_cpus=2, include_dashboard=False, namespace="kvtier-demo", log_to_driver=False,
              logging_level="warning", _temp_dir=_started["tmp"])
     _started["ray"] = True
+    times["ray"] = time.perf_counter() - t
     C = plan.chunk_tokens
     block = kvtier.compress(torch.randn(L, 2, H, C, D), a.codec, key="0" * 32, model_id="demo").nbytes
     raw = L * 2 * H * C * D * 4  # fp32 KV of one chunk
     tier = {"codec": a.codec, "chunk_tokens": C, "hot_bytes": HOT_CHUNKS * block + 4096,
             "warm_bytes": WARM_CHUNKS * block + SHARDS * 4096, "num_shards": SHARDS, "cold_uri": str(out / "cold")}
     shutil.rmtree(out / "cold", ignore_errors=True)  # a previous run's blocks would turn the first miss into a hit
-    kvtier.init(namespace="kvtier-demo", config=tier)
     address = ray.get_runtime_context().gcs_address
-    times["tier"] = time.perf_counter() - t
-    say(f"      tier up in {times['tier']:.1f} s; codec {a.codec}, {C}-token chunks of {block / 2**20:.2f} MiB "
-        f"({raw / block:.1f}x smaller than fp32), warm {WARM_CHUNKS} blocks over {SHARDS} shards, cold {out / 'cold'}")
+    # the tier's actors start (~10-25 s here: each is a Python process importing torch) while engine A starts
+    # (20-45 s): the controller is named now, so the engines' connectors join it rather than create their own
+    from kvtier.config import TierConfig
+    from kvtier.runtime.api import controller_handle
 
-    say("[3/4] engines: vLLM A and B with kvtier's connector, R without it (the recompute baseline)")
+    controller_handle(TierConfig.from_any(tier), "kvtier-demo")
+    tier_up: dict = {}
+
+    def start_tier() -> None:
+        try:
+            kvtier.init(namespace="kvtier-demo", config=tier)
+        except Exception as e:  # noqa: BLE001 - reported by the main thread below
+            tier_up["error"] = e
+        tier_up["s"] = time.perf_counter() - t
+
+    tier_thread = threading.Thread(target=start_tier, name="demo-tier", daemon=True)
+    tier_thread.start()
+
+    say("[3/4] engines: vLLM A and B with kvtier's connector (each request's recompute baseline runs on the "
+        "same engine with the connector off for it)")
     engines = {}
-    for name in (*ENGINES, "R"):
+    for name in ENGINES:
         t = time.perf_counter()
-        engines[name] = engine(folder, plan, None if name == "R" else tier, "kvtier-demo", address)
+        engines[name] = engine(folder, plan, tier, "kvtier-demo", address)
         _started["engines"].append(engines[name])
         times[f"engine {name}"] = time.perf_counter() - t
         say(f"      engine {name} up in {times[f'engine {name}']:.1f} s")
+        if name == ENGINES[0]:
+            tier_thread.join(timeout=300)
+            if tier_thread.is_alive() or "error" in tier_up:
+                raise RuntimeError(f"the tier did not start: {tier_up.get('error', 'still starting after 300 s')}")
+            times["tier (overlapping engine A)"] = tier_up["s"] - times["ray"]
+            say(f"      tier up {tier_up['s']:.1f} s after the start of Ray (overlapping engine A); codec {a.codec}, "
+                f"{C}-token chunks of {block / 2**20:.2f} MiB ({raw / block:.1f}x smaller than fp32), warm "
+                f"{WARM_CHUNKS} blocks over {SHARDS} shards, cold {out / 'cold'}")
     t = time.perf_counter()
     # warm-up, not measured: an engine's first forward costs ~1 s more than later ones (allocation, kernel
     # choice); the connector's first lookup/put also connects. Its own salt keeps it out of the workload's keys
@@ -350,8 +383,8 @@ def _run(a: argparse.Namespace, plan: Plan, out: Path, started: float, command: 
     times["warm-up"] = time.perf_counter() - t
 
     say(f"[4/4] workload: {plan.turns} chat turns, {plan.questions} questions over a {plan.doc_tokens}-token "
-        f"document; {plan.max_tokens} tokens each, greedy; requests alternate between A and B, each also run "
-        "on R as the recompute")
+        f"document; {plan.max_tokens} tokens each, greedy; requests alternate between A and B, each first run "
+        "there with kvtier off (the recompute)")
     say(demo_report.header())
     t = time.perf_counter()
     rows: list[Row] = []
@@ -361,7 +394,7 @@ def _run(a: argparse.Namespace, plan: Plan, out: Path, started: float, command: 
                    ["input_ids"])
         who = ENGINES[i % 2]
         settle()
-        base = generate(engines["R"], ids, plan.max_tokens, "demo")
+        base = generate(engines[who], ids, plan.max_tokens, "demo", kvtier_on=False)
         before = _tier_reads()
         got = generate(engines[who], ids, plan.max_tokens, "demo")
         after = _tier_reads()

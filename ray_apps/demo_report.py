@@ -53,8 +53,8 @@ NOTES = ("engine: the vLLM engine with kvtier's connector that served the reques
          "prompt tokens whose KV vLLM loaded from kvtier instead of computing (vLLM's own prefix cache is off); "
          "tier reads: blocks read from the shared warm (w) and cold (c) tiers during the request (reads from an "
          "engine's own hot tier are not counted here); TTFT kvtier: vLLM's arrival-to-first-token time on that "
-         "engine; recompute: the same on engine R, the same vLLM without kvtier, which computes the whole "
-         "prompt; tok/s: decode tokens per second after the first; agree: greedy tokens identical to "
+         "engine; recompute: the same request just before on the same engine with the connector off for it (no lookup, "
+         "load or save), so vLLM computes the whole prompt; tok/s: decode tokens per second after the first; agree: greedy tokens identical to "
          "recompute's up to the first difference.")
 
 

@@ -216,3 +216,44 @@ def tokens_kv(layers: Sequence[torch.Tensor], lay: PageLayout, block_ids: Sequen
     nb = -(-num_tokens // lay.block_size)
     ids = torch.tensor(list(block_ids[:nb]), dtype=torch.long).view(1, nb)
     return gather(layers, lay, ids, nb * lay.block_size)[0, :, :, :, :num_tokens]
+
+
+def write_chunks(layers: Sequence[torch.Tensor], lay: PageLayout, block_ids: Sequence[Sequence[int]],
+                 chunks: Sequence[torch.Tensor]) -> None:
+    """``scatter`` for the ``cpu-vec`` format from a list of decoded chunks
+    (``[layers, 2, kv_heads, chunk_tokens, head_dim]`` each), each written straight into its pages: one
+    pass over the bytes, where stacking the chunks and building each layer's pages first took three (at 4K
+    tokens, 185 MB each for SmolLM2 fp32: stack 0.2-2 s and scatter 0.5-2.3 s on the loaded 2-core box).
+    A run of consecutive block ids (the usual allocation) is one copy per layer and K/V; -1 is skipped."""
+    if lay.format != "cpu-vec":
+        raise ValueError(f"write_chunks writes cpu-vec pages, not {lay.format!r}; use scatter")
+    if len(block_ids) != len(chunks):
+        raise ValueError(f"{len(block_ids)} rows of block ids for {len(chunks)} chunks")
+    bs, h, d = lay.block_size, lay.kv_heads, lay.head_dim
+    want = (len(layers), 2, h, None, d)
+    for row, kv in zip(block_ids, chunks):
+        if kv.dim() != 5 or (kv.shape[0], kv.shape[1], kv.shape[2], kv.shape[4]) != (want[0], 2, h, d) \
+                or kv.shape[3] != len(row) * bs:
+            raise ValueError(f"chunk of shape {tuple(kv.shape)} does not fit {len(row)} blocks of {lay} "
+                             f"and {len(layers)} layers")
+    for i, t in enumerate(layers):
+        if tuple(t.shape) != lay.shape() or t.dtype != lay.dtype:
+            raise ValueError(f"layer {i} KV tensor {tuple(t.shape)} {t.dtype} does not match {lay}")
+    for row, kv in zip(block_ids, chunks):
+        kv = kv.to(device=layers[0].device, dtype=lay.dtype)
+        runs, j = [], 0  # (first block, first position in the row, length) of consecutive ids
+        while j < len(row):
+            if row[j] < 0:
+                j += 1
+                continue
+            k = j
+            while k + 1 < len(row) and row[k + 1] == row[k] + 1:
+                k += 1
+            runs.append((int(row[j]), j, k - j + 1))
+            j = k + 1
+        for li, t in enumerate(layers):
+            pg = t.view(lay.num_blocks, h, 2, bs * d)
+            for b0, j0, n in runs:
+                src = kv[li, :, :, j0 * bs:(j0 + n) * bs].view(2, h, n, bs, d)
+                pg[b0:b0 + n, :, 0].view(n, h, d, bs).copy_(src[0].permute(1, 0, 3, 2))  # K pages are [D, bs]
+                pg[b0:b0 + n, :, 1].view(n, h, bs, d).copy_(src[1].permute(1, 0, 2, 3))

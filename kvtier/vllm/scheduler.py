@@ -119,8 +119,11 @@ class SchedulerSide:
         st = self.reqs.get(request.request_id)
         if st is None:
             prompt = list(request.prompt_token_ids or [])
-            keys = request_keys(prompt, self.identity, self.chunk_tokens, self.tenant,
-                                getattr(request, "cache_salt", None))
+            # a request may opt out (SamplingParams(extra_args={"kv_transfer_params": {"kvtier": "off"}})):
+            # no keys, so no lookup and no save; the demo's recompute baseline on the same engine
+            off = (getattr(request, "kv_transfer_params", None) or {}).get("kvtier") == "off"
+            keys = [] if off else request_keys(prompt, self.identity, self.chunk_tokens, self.tenant,
+                                               getattr(request, "cache_salt", None))
             st = self.reqs[request.request_id] = _Req(keys, len(prompt))
             st.expect = expected_chunks(getattr(request, "kv_transfer_params", None), keys)
             st.wait_until = self.clock() + self.handoff_wait_s

@@ -2,14 +2,19 @@
 
 It runs in each vLLM worker process, beside the paged KV tensors. Loading is
 synchronous and happens before the step's forward: one batched ``kvtier.get``
-of the planned chunks (bounded by ``load_timeout_s``), decoded chunks scattered
-into the request's blocks. Any chunk that does not come back whole (a miss since
+of the planned chunks (bounded by ``load_timeout_s``), decoded chunks written
+into the request's blocks (on CPU straight into the pages, ``pages.write_chunks``). Any chunk that does not come back whole (a miss since
 the lookup, a checksum mismatch the tier turned into a miss, a shard or tier
 that is down, a timeout, a wrong shape) fails that chunk's blocks, which vLLM
 recomputes (``kv_load_failure_policy="recompute"``). Saving copies the finished
 pages of finished chunks out after the forward (index_select, memcpy speed) and
 leaves the reordering into chunks, compression and the put to one background thread fed by a bounded queue: a
-full queue drops the save (a later miss), never stalls the engine.
+full backlog (``save_queue`` batches or ``SAVE_QUEUE_BYTES`` of raw pages) drops the save before copying
+it (a later miss, counted in ``dropped_saves``), never stalls the engine. The save stays out of the
+forward's way: it compresses and puts one chunk at a time, each only once no forward has run for
+``IDLE_GAP_S`` (``load``/``save`` mark each forward's start and end; a busy engine for ``SAVE_IDLE_WAIT_S``
+declines the rest), and its thread runs at the lowest OS priority (nice 19, Linux per-thread), so other
+processes' forwards win the cores too (q1+zstd costs ~120-180 ms of CPU per 256-token chunk on the 2-core box).
 
 It knows the page layout only through ``pages.PageLayout``; vLLM-specific
 detection of the layout lives in ``connector.py``.
@@ -18,8 +23,10 @@ detection of the layout lives in ``connector.py``.
 from __future__ import annotations
 
 import logging
+import os
 import queue
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor, TimeoutError as FutureTimeout
 from typing import Callable, Sequence
 
@@ -43,16 +50,25 @@ class WorkerSide:
         self.load_timeout_s = load_timeout_s
         self._get, self._put, self._ready = get, put, ready
         self._queue: queue.Queue = queue.Queue(maxsize=save_queue)
+        lay0 = layers[0] if layers else None
+        self._chunk_bytes = (len(self.layers) * 2 * layout.kv_heads * chunk_tokens * layout.head_dim *
+                             (lay0.element_size() if lay0 is not None else 4))
+        self._queued_bytes = 0
+        self._bytes_lock = threading.Lock()
         self._load_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvtier-load")
         self._errors: set[int] = set()
         self.counters = {"loaded_chunks": 0, "failed_chunks": 0, "saved_chunks": 0, "dropped_saves": 0,
                          "save_errors": 0}
+        self._in_forward = False
+        self._forward_end = 0.0  # time.monotonic() of the last forward's end
         self._saver = threading.Thread(target=self._save_loop, name="kvtier-save", daemon=True)
         self._saver.start()
 
     # ---- load -------------------------------------------------------------
     def load(self, specs: Sequence[LoadSpec]) -> None:
-        """Fill the planned blocks before the forward; failed blocks go to ``take_errors``."""
+        """Fill the planned blocks before the forward; failed blocks go to ``take_errors``. Called before every
+        forward (vLLM's ``start_load_kv``), so it also marks the forward as running for the saver."""
+        self._in_forward = True
         if not specs:
             return
         keys = [k for s in specs for k in s.keys]
@@ -89,8 +105,11 @@ class WorkerSide:
                 good_rows.append(row)
                 good_kvs.append(kv)
             if good_rows:
-                chunks = torch.stack([kv.to(self.layers[0].device, lay.dtype) for kv in good_kvs])
-                pages.scatter(self.layers, lay, torch.tensor(good_rows, dtype=torch.long), chunks)
+                if lay.format == "cpu-vec":  # straight into the pages: one pass over the bytes, not three
+                    pages.write_chunks(self.layers, lay, good_rows, good_kvs)
+                else:
+                    chunks = torch.stack([kv.to(self.layers[0].device, lay.dtype) for kv in good_kvs])
+                    pages.scatter(self.layers, lay, torch.tensor(good_rows, dtype=torch.long), chunks)
                 self.counters["loaded_chunks"] += len(good_rows)
 
     def take_errors(self) -> set[int]:
@@ -99,34 +118,72 @@ class WorkerSide:
 
     # ---- save -------------------------------------------------------------
     def save(self, specs: Sequence[SaveSpec]) -> None:
-        """Copy the chunks out of the pages (the pages may be reused after this step) and queue the puts."""
+        """Copy the chunks out of the pages (the pages may be reused after this step) and queue the puts.
+        Called after every forward (vLLM's ``wait_for_save``): the forward is over."""
+        self._in_forward, self._forward_end = False, time.monotonic()
         if not specs or not self._ready():
             return
         for spec in specs:
+            nbytes = len(spec.keys) * self._chunk_bytes
+            with self._bytes_lock:
+                # checked before the copy: a save that would be dropped costs the engine nothing. This thread
+                # is the only producer, so a queue with room now still has room at the put below
+                full = self._queue.full() or (self._queued_bytes and self._queued_bytes + nbytes > SAVE_QUEUE_BYTES)
+                if not full:
+                    self._queued_bytes += nbytes
+            if full:
+                self.counters["dropped_saves"] += len(spec.keys)
+                if self.counters["dropped_saves"] == len(spec.keys) or self.counters["dropped_saves"] % 100 < len(spec.keys):
+                    log.warning("kvtier: save backlog full (%d batches, %.0f MiB); dropped %d chunks of %s "
+                                "(%d so far): they will be misses", self._queue.qsize(), self._queued_bytes / 2**20,
+                                len(spec.keys), spec.req_id, self.counters["dropped_saves"])
+                continue
             raw = pages.copy_pages(self.layers, self.layout, torch.tensor(spec.block_ids, dtype=torch.long),
                                    self.chunk_tokens)
-            try:
-                self._queue.put_nowait((spec.keys, raw))
-            except queue.Full:
-                self.counters["dropped_saves"] += len(spec.keys)
-                log.warning("kvtier: save queue full (%d batches); dropping %d chunks of %s",
-                            self._queue.maxsize, len(spec.keys), spec.req_id)
+            self._queue.put_nowait((spec.keys, raw, nbytes))
 
     def _save_loop(self) -> None:
+        _lowest_priority()
         while True:
             item = self._queue.get()
             try:
                 if item is None:
                     return
-                keys, raw = item
-                chunks = pages.pages_to_chunks(raw, self.layout, len(keys))
-                self._put(list(keys), list(chunks.unbind(0)), self.codec)
-                self.counters["saved_chunks"] += len(keys)
+                keys, raw, nbytes = item
+                try:
+                    deadline = time.monotonic() + SAVE_IDLE_WAIT_S
+                    if not self._wait_idle(deadline):
+                        raise _Declined(len(keys))
+                    chunks = pages.pages_to_chunks(raw, self.layout, len(keys))
+                    del raw
+                    for i, (key, kv) in enumerate(zip(keys, chunks.unbind(0))):
+                        if not self._wait_idle(deadline):
+                            raise _Declined(len(keys) - i)
+                        self._put([key], [kv], self.codec)  # one chunk at a time: each ~40-150 ms of work
+                        self.counters["saved_chunks"] += 1
+                except _Declined as d:
+                    self.counters["dropped_saves"] += d.chunks
+                    log.warning("kvtier: the engine was busy for %.0f s; dropped %d chunks of a save (they will be "
+                                "misses)", SAVE_IDLE_WAIT_S, d.chunks)
+                finally:
+                    with self._bytes_lock:
+                        self._queued_bytes -= nbytes
             except Exception as e:  # noqa: BLE001 - a failed save is a later miss, not an engine error
                 self.counters["save_errors"] += 1
                 log.warning("kvtier: saving %d chunks failed (%s: %s)", len(item[0]), type(e).__name__, e)
             finally:
                 self._queue.task_done()
+
+    def _wait_idle(self, deadline: float) -> bool:
+        """Until no forward has run for ``IDLE_GAP_S`` (the save never shares the cores with one), or False at
+        ``deadline``."""
+        while True:
+            now = time.monotonic()
+            if not self._in_forward and now - self._forward_end >= IDLE_GAP_S:
+                return True
+            if now >= deadline:
+                return False
+            time.sleep(0.005)
 
     def flush(self, timeout_s: float) -> bool:
         """Wait (bounded) until every queued save is done; True if it drained."""
@@ -146,3 +203,33 @@ class WorkerSide:
         except queue.Full:
             pass
         self._load_pool.shutdown(wait=False, cancel_futures=True)
+
+
+# KVTIER_SAVE_NICE (0-19) overrides it, for measuring the save's cost at another priority
+SAVE_NICE = int(os.environ.get("KVTIER_SAVE_NICE", "19"))
+# the save waits until the engine has run no forward for IDLE_GAP_S: vLLM's steps follow each other within
+# ~2-10 ms here (scheduling, sampling), so a gap of 30 ms is a pause in traffic, not the space between two
+# decode steps. It waits at most SAVE_IDLE_WAIT_S, then declines the rest (counted in dropped_saves)
+IDLE_GAP_S = 0.03
+SAVE_IDLE_WAIT_S = 30.0
+# raw fp32 pages waiting for compression: 256 MiB is ~5.6K SmolLM2 tokens (46 KiB each); the batch count
+# alone (save_queue) let 8 batches of 8K tokens hold 3 GiB on a 23 GiB box. One batch larger than this is
+# still taken into an empty backlog (else a long prompt could never be saved)
+SAVE_QUEUE_BYTES = 256 << 20
+
+
+class _Declined(Exception):
+    def __init__(self, chunks: int) -> None:
+        self.chunks = chunks
+
+
+def _lowest_priority() -> None:
+    """Lower the calling thread (and the threads it starts: torch's OpenMP team for its compression) to
+    nice 19. On Linux ``setpriority`` on a thread id applies to that thread alone; elsewhere it would
+    renice the whole engine, so it is skipped there."""
+    if not os.uname().sysname == "Linux" or not hasattr(os, "setpriority"):
+        return
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SAVE_NICE)
+    except OSError as e:  # a sandbox may refuse it: the save still works, at normal priority
+        log.info("kvtier: could not lower the save thread's priority (%s)", e)

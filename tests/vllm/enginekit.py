@@ -1,4 +1,4 @@
-"""Helpers of the vLLM engine tests and bench/vllm.py: SmolLM2's HF folder, engines, prompts, keys.
+"""Helpers of the vLLM engine tests and bench/vllm_ttft.py: SmolLM2's HF folder, engines, prompts, keys.
 
 An engine is a real ``vllm.LLM`` on CPU (its EngineCore and worker are spawned
 processes), prefix caching off so that every hit is kvtier's. Start-up is
@@ -67,11 +67,14 @@ def eval_tokens(n: int, offset: int = 0) -> list[int]:
     return ids[offset:offset + n]
 
 
-def generate(llm, prompts: list[list[int]], max_tokens: int = 12, salts: list[str | None] | None = None):
-    """Greedy texts, num_cached_tokens and the wall time of one batch of token-id prompts."""
+def generate(llm, prompts: list[list[int]], max_tokens: int = 12, salts: list[str | None] | None = None,
+             kvtier_on: bool = True):
+    """Greedy texts, num_cached_tokens and the wall time of one batch of token-id prompts. ``kvtier_on=False``:
+    the connector neither looks up, loads nor saves for these requests (``kv_transfer_params``)."""
     from vllm import SamplingParams
 
-    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0)
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0,
+                        extra_args=None if kvtier_on else {"kv_transfer_params": {"kvtier": "off"}})
     reqs = []
     for i, ids in enumerate(prompts):
         r = {"prompt_token_ids": list(ids)}

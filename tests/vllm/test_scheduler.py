@@ -309,6 +309,18 @@ def test_load_failure_makes_vllm_recompute_from_the_failed_block(fake):
     assert out.num_scheduled_tokens["e"] == 200 - CHUNK
 
 
+def test_a_request_that_opts_out_neither_looks_up_nor_saves(fake):
+    sched = make_scheduler()
+    ids = list(range(2000, 2300))
+    fake.keys.update(keys_of(sched, ids))
+    req = make_request("off", ids, params={"kvtier": "off"})
+    assert sched.connector.get_num_new_matched_tokens(req, 0) == (0, False) and fake.lookups == 0
+    sched.add_request(req)
+    out = sched.schedule()
+    assert out.kv_connector_metadata.loads == [] and out.kv_connector_metadata.saves == []
+    assert out.num_scheduled_tokens["off"] == 256  # computed, not loaded
+
+
 def test_cache_salt_changes_every_key(fake):
     sched = make_scheduler()
     ids = list(range(300))
