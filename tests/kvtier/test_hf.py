@@ -115,6 +115,24 @@ def test_append_chunks_extends_a_cache(model, tokens):
     assert torch.equal(cache.layers[0].keys[0, :, CT:2 * CT], chunks[1][0, 0].to(torch.bfloat16))
 
 
+def test_reserved_room_takes_the_tail_in_place_and_grows_past_it(model, tokens):
+    ids = tokens[:, :40]
+    with torch.no_grad():
+        ref = model(ids).logits[0, 32:]
+        chunks = hf.cache_to_chunks(prefill(model, ids), CT)
+        cache = hf.chunks_to_cache(chunks, model, reserve=8)  # room for exactly the 8-token tail
+        room = cache.layers[0]._room[0]
+        out = model(ids[:, 32:], past_key_values=cache).logits[0]
+        keys = cache.layers[0].keys
+        assert keys.data_ptr() == room.data_ptr() and keys.is_contiguous()  # written into the room, no cat
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        more = model(tokens[:, 40:42], past_key_values=cache).logits[0]  # past the room: DynamicLayer's cat
+        assert cache.get_seq_length() == 42 and cache.layers[0].keys.data_ptr() != room.data_ptr()
+        torch.testing.assert_close(more, model(tokens[:, :42]).logits[0, 40:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="reserve=-1"):
+        hf.chunks_to_cache(chunks, model, reserve=-1)
+
+
 def test_conversion_rejects_bad_input(model, tokens):
     two = prefill(model, tokens[:, :32].repeat(2, 1))
     with pytest.raises(ValueError, match="batch of 2"):
