@@ -253,3 +253,29 @@ def test_kvtiercache_stores_bf16_and_loads_into_an_fp32_model(model, tokens):
     loaded, n = hf.load_prefix(store, ids[0], bf16_id, CT, config=model)  # a model sets the cache's dtype
     assert n == 32 and loaded.layers[1].values.dtype == torch.float32
     assert torch.equal(loaded.layers[1].values, cache.layers[1].values)
+
+
+def test_gqa_attention_gives_sdpa_logits_for_recompute_tail_and_decode(model, tokens):
+    import copy
+
+    name = hf.register_attention()
+    fast = copy.deepcopy(model)
+    fast.set_attn_implementation(name)
+    ids = tokens[:, :40]
+    with torch.no_grad():
+        for m in (model, fast):
+            m.ref = m(ids).logits[0]
+        torch.testing.assert_close(fast.ref, model.ref, rtol=1e-5, atol=1e-5)  # recompute: q == kv
+        chunks = hf.cache_to_chunks(prefill(model, ids), CT)
+        cache = hf.chunks_to_cache(chunks, fast, reserve=9)
+        tail = fast(ids[:, 32:], past_key_values=cache).logits[0]  # 8 queries over 40 keys: lower-right causal
+        assert hf._checked_mask[0] is not None, "the tail took the enable_gqa path"
+        torch.testing.assert_close(tail, model.ref[32:], rtol=1e-5, atol=1e-5)
+        one = fast(tokens[:, 40:41], past_key_values=cache).logits[0]  # decode: no mask
+        torch.testing.assert_close(one, model(tokens[:, :41]).logits[0, 40:], rtol=1e-5, atol=1e-5)
+    padded = torch.ones(1, 40, dtype=torch.long)
+    padded[0, :3] = 0  # a padding mask is not plain causal: transformers' sdpa computes it
+    with torch.no_grad():
+        a = fast(ids, attention_mask=padded).logits[0, 3:]
+        b = model(ids, attention_mask=padded).logits[0, 3:]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
