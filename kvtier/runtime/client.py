@@ -248,6 +248,7 @@ class Client:
         keys = self._keys(keys)
         device = as_device(device)
         t0 = time.perf_counter()
+        self.last_get = {}  # a get served by the hot tier alone has no phases
         out: list[torch.Tensor | None] = [None] * len(keys)
         need = []
         for i, key in enumerate(keys):
