@@ -7,8 +7,15 @@ first generated token (argmax of the last position's logits):
              (hot / warm / cold) -> decompress onto the device -> rebuild the
              DynamicCache -> prefill only the uncached tail (at least the last
              token; with 256-token chunks a 16384-token prompt reuses 16128).
+  floor      the ideal hit: only the tail's prefill, over KV already in the
+             model's cache (built before the clock starts). No hit in this
+             harness can beat it; hit - floor is kvtier's own share.
 Both paths ask the model for the last position's logits only (``logits_to_keep=1``),
-as a serving engine does. Median of ``--reps`` timed repetitions after an
+as a serving engine does. Both run the same model with the same attention
+(``--attention``, default ``gqa``: ``kvtier.hf.register_attention``, sdpa with
+``enable_gqa`` and a lower-right causal bias, so a tail over cached KV does not
+expand the KV heads; ``sdpa`` is transformers' own), and a hit's cache has room
+for its tail (``hf.chunks_to_cache(reserve=...)``: no whole-cache cat). Median of ``--reps`` timed repetitions after an
 untimed first run; speedup = recompute / hit, both measured in this run.
 The untimed first hit also checks correctness: its first token against
 recompute's (must match with codec ``none``), the top-1 agreement over the
