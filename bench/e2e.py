@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import gc
 import os
 import platform
 import shutil
@@ -306,6 +307,7 @@ def time_hits(model, ids, ids_np, backend, model_id: str, ct: int, tier: str, ke
     device, times, stages, parts = ids.device, [], None, None
     for i in range(reps + (device.type == "cuda")):
         backend.prepare(tier, keys)
+        gc.collect()
         staged = i == 0
         marks = [sync(device)]
         logits, _, _ = hit(model, ids, ids_np, backend, model_id, ct, marks=marks if staged else None)
@@ -331,6 +333,7 @@ def time_floor(model, ids, chunks: list, cached: int, reps: int, tail_keep: int)
     for i in range(reps + 1):
         with torch.inference_mode():
             cache = hf.chunks_to_cache(chunks, model.config, reserve=ids.shape[1] - cached)
+        gc.collect()
         t0 = sync(device)
         logits, _ = forward(model, ids, cache, cached, tail_keep if i == 0 else 1)
         launched = time.perf_counter()
@@ -361,6 +364,15 @@ def run(args, checkpoint=lambda rows, info: None) -> tuple[list[dict], dict]:
                        cold_root) if args.baselines else {}
     print("  baselines:", ", ".join(f"{k} {v:.2f} GB/s" if isinstance(v, float) else f"{k} {v}" for k, v in floors.items()))
     backend = RayTier(device, cold_root, args.chunk_tokens, args.hot_bytes, args.warm_bytes)
+    lo = backend.client.loader
+    notes.append(f"load pipeline: {lo.threads} threads, copy + hash per {lo.copy_slice / 2**20:g} MiB, H2D per "
+                 f"{lo.send_slice / 2**20:g} MiB; Python's cyclic GC frozen after start-up and run between timed runs, "
+                 "never inside one (as timeit does), for recompute and hits alike")
+    # a full collection over the model's, Ray's and transformers' objects landed inside some timed tails (+16-30 ms
+    # of a launch-bound 23 ms tail on the H200): freeze what exists now, collect only between timed runs
+    gc.collect()
+    gc.freeze()
+    gc.disable()
     rows, ct, src = [], args.chunk_tokens, ""
     try:
         for n_tok in lengths:
@@ -375,6 +387,7 @@ def run(args, checkpoint=lambda rows, info: None) -> tuple[list[dict], dict]:
             reps = args.reps if n_tok < args.long_from else args.long_reps  # recompute and each hit
             times = []
             for _ in range(reps):
+                gc.collect()
                 t0 = sync(device)
                 logits, _ = forward(model, ids)
                 times.append(sync(device) - t0)
@@ -415,6 +428,8 @@ def run(args, checkpoint=lambda rows, info: None) -> tuple[list[dict], dict]:
             del chunks
             checkpoint(rows, {"notes": notes + [f"partial: lengths after {n_tok} not run yet"], "floors": floors})
     finally:
+        gc.enable()
+        gc.unfreeze()
         backend.close()
         shutil.rmtree(cold_root, ignore_errors=True)
     notes.append(f"prompts: {src}; chunk_tokens={ct}; the last partial (or, for exact multiples, the last whole) "

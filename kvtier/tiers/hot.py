@@ -33,6 +33,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from kvtier.block import Block
@@ -57,10 +58,15 @@ def as_device(device: str | torch.device | None) -> torch.device:
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` in memory of its own. A plain clone: copies into huge-page mmaps (the previous
-    version) measured 18.1 ms (kept) / 7.9 ms (dropped each time) for a 5.9 MB chunk here, a clone
-    9.8 / 0.07 ms, since malloc reuses the pages a dropped result freed (2026-12-01, 2 cores)."""
-    return t.clone()
+    """A copy of ``t`` in memory of its own. On the CPU a numpy copy, not ``clone``: a torch CPU op in a
+    load pool thread starts an OpenMP team for that thread, whose spin-wait afterwards slowed the caller's
+    next forward 50x on 2 cores (numpy copies use no OpenMP). Fresh memory each time: malloc reuses the
+    pages a dropped result freed (an mmap'd copy measured 18.1 ms for a 5.9 MB chunk, a clone 0.07 ms)."""
+    if t.device.type != "cpu" or t.numel() == 0 or not t.is_contiguous():
+        return t.clone()
+    out = torch.empty(t.shape, dtype=t.dtype)
+    np.copyto(out.view(-1).view(torch.uint8).numpy(), t.view(-1).view(torch.uint8).numpy())
+    return out
 
 
 def owned(out: torch.Tensor, memory: Any) -> torch.Tensor:

@@ -10,22 +10,26 @@ releases the GIL: numpy copies, xxhash, zstd):
 
   1. parse the Arrow structure and header; a swapped or foreign-model block is
      a miss with its reason.
-  2. copy the payload, 1 MiB at a time, into memory this call owns (pinned
-     staging for a CUDA target, plain memory for a CPU hot tier) and hash each
-     slice right after copying it, while it is in cache: one pass over the
-     source instead of a checksum pass and a copy pass. A block with no copy to
-     make (CPU, nothing kept) is hashed in place. ``+zstd`` blocks are verified
-     first, then inflated into owned memory, then staged.
-  3. CUDA: every 8 MiB staged, the calling thread queues that slice's
-     host-to-device copy on a copy stream, so PCIe starts after the first slice,
-     not after the first block (pinned H2D 55 GB/s on the H200, pageable 6;
-     16 threads copy + hash ~50 GB/s there). Once a block's checksum matches,
-     its decode is queued on the current stream behind an event: block i
-     decodes while later blocks cross PCIe. A block whose checksum fails is
-     never decoded (a miss); its device bytes are dropped.
+  2. copy the payload, 2 MiB at a time (``KVTIER_LOAD_SLICE_MIB``), into
+     memory this call owns (pinned staging for a CUDA target, plain memory for
+     a CPU hot tier) and hash each slice right after copying it, while it is in
+     cache: one pass over the source instead of a checksum pass and a copy
+     pass. A block with no copy to make (CPU, nothing kept) is hashed in place.
+     ``+zstd`` blocks are verified first, then inflated into owned memory, then
+     staged.
+  3. CUDA: every 8 MiB staged, the same worker launches that slice's
+     host-to-device copy on the loader's copy stream, so PCIe starts after the
+     first slice, not after the first block (pinned H2D 55 GB/s on the H200,
+     pageable 6), and records an event after its block's last copy. The
+     calling thread only takes finished blocks: once a block's checksum
+     matches, its decode is queued on the current stream behind that event
+     (block i decodes while later blocks cross PCIe). A block whose checksum
+     fails is never decoded (a miss); its device bytes are dropped. (The first
+     version, 1 MiB slices whose copies the calling thread launched, reached
+     17.6 GB/s on the H200: ~8000 GIL handoffs per 2 GB load.)
 
-At most ``2 * threads`` blocks are staged and not yet handed to the copy
-stream at once (the pinned memory in flight is bounded). ``keep_buffers=True``
+At most ``2 * threads`` blocks are staged and not yet taken by the calling
+thread at once (the pinned memory in flight is bounded). ``keep_buffers=True``
 also returns each block's payload as tensors on the device that nobody else
 references, for the hot tier to adopt (the copy the decode read from: no second
 host-to-device copy). Pinned buffers come from torch's caching host allocator:
@@ -43,7 +47,7 @@ import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -56,8 +60,11 @@ from kvtier.tiers.hot import as_device, entry_buffers, owned
 Source = Any  # bytes-like | Block | Callable[[], bytes-like | Block | None] | None
 _ALIGN = 512  # staging offsets: what the CUDA caching allocator gives device buffers, so H2D copies stay aligned
 MAX_THREADS = 16  # copy + hash is memory-bound: 16 threads saturated the H200 host's bandwidth (2026-12-01)
-COPY_SLICE = 1 << 20  # copied then hashed while in L2 (1-2 MiB per core on the hosts we run on)
-SEND_SLICE = 8 << 20  # one H2D copy per 8 MiB staged: 256 launches for 2 GiB, each ~10 us of Python
+# Each slice costs a few GIL round trips (copy, hash, H2D launch: each releases the GIL). 1 MiB copy/hash slices
+# with the H2D launched by the calling thread per 8 MiB reached only 17.6 GB/s of 55 on the H200 (16 threads, 2 GB):
+# ~8000 GIL handoffs per load. Defaults below; ``KVTIER_LOAD_SLICE_MIB`` overrides the copy/hash slice (tuning).
+COPY_SLICE = int(float(os.environ.get("KVTIER_LOAD_SLICE_MIB", "2")) * (1 << 20))  # copied, then hashed from cache
+SEND_SLICE = 8 << 20  # one H2D copy per 8 MiB staged, launched by the worker that staged it
 
 
 @dataclass
@@ -78,15 +85,18 @@ class Loaded:
 @dataclass
 class _Staged:
     """A verified block and its payload in memory this call owns (``spans``: name -> (offset, size) in
-    ``host``), or already decoded on the CPU (``kv``)."""
+    ``host``); for a CPU target, what to decode from (``decode_from``, None: the block's own buffers)."""
 
     block: Block
     codec: str
     params: Mapping[str, Any]
     host: torch.Tensor | None = None
     spans: dict[str, tuple[int, int]] = field(default_factory=dict)
-    kv: torch.Tensor | None = None
-    buffers: dict[str, torch.Tensor] | None = None
+    dev: torch.Tensor | None = None  # CUDA: the payload's device copy, written on the copy stream
+    ready: Any = None  # CUDA: an event on the copy stream after this block's last H2D copy
+    buffers: dict[str, torch.Tensor] | None = None  # CPU: what the hot tier may keep
+    decode_from: Mapping[str, torch.Tensor] | None = None
+    private: bool = False  # nobody else reads ``decode_from``: an output aliasing it needs no copy
 
 
 class Loader:
@@ -97,6 +107,8 @@ class Loader:
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"threads={threads!r} must be a positive int")
         self.threads = n
+        self.copy_slice = max(_ALIGN, COPY_SLICE // _ALIGN * _ALIGN)
+        self.send_slice = max(SEND_SLICE, self.copy_slice)
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="kvtier-load")
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
@@ -116,39 +128,28 @@ class Loader:
         device = as_device(device)
         cuda = device.type == "cuda"
         call = _Call(queue.SimpleQueue(), threading.Semaphore(2 * self.threads), threading.Event(),
-                     time.monotonic() + timeout_s, cuda)
+                     time.monotonic() + timeout_s, self._stream(device) if cuda else None,
+                     self.copy_slice, self.send_slice)
         for i, (k, s) in enumerate(zip(keys, sources)):
             self._pool.submit(self._work, call, i, k, s, device, expect_model, keep_buffers, decode)
-        copy = self._stream(device) if cuda else None
         main = torch.cuda.current_stream(device) if cuda else None
         out: list[Loaded | None] = [None] * len(keys)
-        dev: dict[int, torch.Tensor] = {}
         left = len(keys)
         while left:
             try:
-                ev = call.events.get(timeout=max(0.0, call.deadline - time.monotonic()))
+                _, i, what = call.events.get(timeout=max(0.0, call.deadline - time.monotonic()))
             except queue.Empty:
                 break
-            kind, i, what = ev
-            if kind == "slice":  # (host tensor, start, end): its H2D copy now, on the copy stream
-                host, a, b = what
-                with torch.cuda.stream(copy):
-                    d = dev.get(i)
-                    if d is None:
-                        d = dev[i] = torch.empty(host.numel(), dtype=torch.uint8, device=device)
-                    d[a:b].copy_(host[a:b], non_blocking=True)
-                continue
             left -= 1
             if cuda and isinstance(what, _Staged):
                 call.inflight.release()
             if isinstance(what, Loaded):
                 out[i] = what
-            else:
-                try:
-                    out[i] = self._finish(keys[i], what, dev.pop(i, None), device, copy, main, keep_buffers, decode)
-                except BlockFormatError as e:
-                    out[i] = Loaded(keys[i], "corrupt", error=str(e))
-            dev.pop(i, None)
+                continue
+            try:
+                out[i] = self._finish(keys[i], what, device, main, keep_buffers, decode)
+            except BlockFormatError as e:
+                out[i] = Loaded(keys[i], "corrupt", error=str(e))
         call.stop.set()  # abandoned work (a timeout) stops at its next slice
         return [o if o is not None else Loaded(k, "timeout", error=f"not read and verified within {timeout_s}s")
                 for k, o in zip(keys, out)]
@@ -187,40 +188,42 @@ class Loader:
                 _check(block, bufs, call)
             verified = True
             codec, params, bufs = entry_buffers(block, torch.device("cpu"))
-        if device.type == "cpu":
+        if device.type == "cpu":  # decoded by the calling thread (``_finish``), not here: see ``_finish``
             if not (keep and not inflated):  # nothing to copy: hashed in place, decoded from the source
                 if not verified:
                     _check(block, bufs, call)
-                kv = _decode(key, codec, params, block, bufs if inflated else None, device,
-                             private=inflated and not keep) if decode else None
-                return _Staged(block, codec, params, kv=kv, buffers=bufs if inflated else None)
-            host, spans = _copy_in(block, bufs, None if verified else _hasher(block), False, call, None)
+                return _Staged(block, codec, params, buffers=bufs if inflated else None,
+                               decode_from=bufs if inflated else None, private=inflated and not keep)
+            host, spans, _ = _copy_in(block, bufs, None if verified else _hasher(block), False, call)
             v = _Staged(block, codec, params, host=host, spans=spans)
-            v.buffers = {n: host[a:a + s] for n, (a, s) in spans.items()}
-            v.kv = _decode(key, codec, params, block, v.buffers, device, private=False) if decode else None
+            v.buffers = v.decode_from = {n: host[a:a + s] for n, (a, s) in spans.items()}
             return v
         if not call.inflight.acquire(timeout=max(0.0, call.deadline - time.monotonic())):
             return Loaded(key, "timeout", error="no staging slot freed before the deadline")
         try:
-            host, spans = _copy_in(block, bufs, None if verified else _hasher(block), True, call,
-                                   lambda host, a, b: call.events.put(("slice", i, (host, a, b))))
+            # this thread launches its own H2D copies on the copy stream (streams are thread-safe; the current
+            # stream and device are per thread); the device bytes are allocated on that stream too
+            with torch.cuda.device(device), torch.cuda.stream(call.copy):
+                v = _Staged(block, codec, params)
+                v.host, v.spans, v.dev = _copy_in(block, bufs, None if verified else _hasher(block), True, call,
+                                                  device)
+                v.ready = torch.cuda.Event()
+                v.ready.record(call.copy)
         except BaseException:
             call.inflight.release()
             raise
-        return _Staged(block, codec, params, host=host, spans=spans)
+        return v
 
     # ---- in the calling thread ---------------------------------------------------------
-    def _finish(self, key: str, v: _Staged, d: torch.Tensor | None, device: torch.device, copy, main,
-                keep: bool, decode: bool) -> Loaded:
+    def _finish(self, key: str, v: _Staged, device: torch.device, main, keep: bool, decode: bool) -> Loaded:
         if device.type == "cpu":
-            return Loaded(key, "ok", v.kv, v.block, v.buffers if keep else None, _nbytes(v.block))
-        if d is None:  # a block with no payload bytes: nothing crossed
-            d = torch.empty(max(v.host.numel(), 1), dtype=torch.uint8, device=device)
-        ready = torch.cuda.Event()
-        ready.record(copy)
-        main.wait_event(ready)
-        d.record_stream(main)  # allocated on the copy stream, read (and freed) on the current one
-        bufs = {n: d[a:a + s] for n, (a, s) in v.spans.items()}
+            # CPU decodes run here: a torch CPU op in a pool thread starts an OpenMP team for that thread, whose
+            # spinning after the op slowed the caller's next forward 50x (a 3 ms tail took 154 ms on 2 cores)
+            kv = _decode(key, v.codec, v.params, v.block, v.decode_from, device, v.private) if decode else None
+            return Loaded(key, "ok", kv, v.block, v.buffers if keep else None, _nbytes(v.block))
+        main.wait_event(v.ready)  # this block's bytes are on the device (and every copy queued before them)
+        v.dev.record_stream(main)  # allocated on the copy stream, read (and freed) on the current one
+        bufs = {n: v.dev[a:a + s] for n, (a, s) in v.spans.items()}
         kv = _decode(key, v.codec, v.params, v.block, bufs, device, private=not keep) if decode else None
         return Loaded(key, "ok", kv, v.block, bufs if keep else None, _nbytes(v.block))
 
@@ -233,11 +236,13 @@ class Loader:
 
 @dataclass
 class _Call:
-    events: "queue.SimpleQueue"  # ("slice", i, (host, start, end)) | ("done", i, _Staged | Loaded)
-    inflight: threading.Semaphore  # staged blocks not yet handed to the copy stream (CUDA)
+    events: "queue.SimpleQueue"  # ("done", i, _Staged | Loaded), one per key
+    inflight: threading.Semaphore  # CUDA: staged blocks the calling thread has not taken yet (pinned memory held)
     stop: threading.Event
     deadline: float
-    cuda: bool
+    copy: Any  # CUDA: the copy stream
+    copy_slice: int = COPY_SLICE
+    send_slice: int = SEND_SLICE
 
 
 class _Stopped(Exception):
@@ -260,18 +265,20 @@ def _check(block: Block, bufs: Mapping[str, Any], call: _Call) -> None:
     for name in sorted(bufs):
         src = _np(bufs[name])
         h.update(Block.buffer_prefix(name, src.nbytes))
-        for a in range(0, src.nbytes, SEND_SLICE):
+        for a in range(0, src.nbytes, call.send_slice):
             if call.stop.is_set():
                 raise _Stopped
-            h.update(src[a:a + SEND_SLICE])
+            h.update(src[a:a + call.send_slice])
     _compare(block, h)
 
 
 def _copy_in(block: Block, bufs: Mapping[str, Any], h, pin: bool, call: _Call,
-             sent: Callable[[torch.Tensor, int, int], None] | None) -> tuple[torch.Tensor, dict[str, tuple[int, int]]]:
+             device: torch.device | None = None) -> tuple[torch.Tensor, dict[str, tuple[int, int]], torch.Tensor | None]:
     """Every buffer copied into one host tensor (512-byte aligned spans, in sorted name order: the checksum's
-    order), each 1 MiB slice hashed right after its copy when ``h`` is given; ``sent(start, end)`` after
-    each ~8 MiB (``sent(host, start, end)``). Raises ``BlockFormatError`` if the checksum does not match."""
+    order), each ``copy_slice`` hashed right after its copy when ``h`` is given. With a CUDA ``device`` the
+    host tensor is pinned and every ``send_slice`` staged is copied on to a device tensor at once, on the
+    current (copy) stream. Returns (host, spans, device tensor or None). Raises ``BlockFormatError`` if the
+    checksum does not match (the device bytes are then never decoded)."""
     names = sorted(bufs)
     srcs = {n: _np(bufs[n]) for n in names}
     spans, off = {}, 0
@@ -280,28 +287,29 @@ def _copy_in(block: Block, bufs: Mapping[str, Any], h, pin: bool, call: _Call,
         spans[n] = (off, srcs[n].nbytes)
         off += srcs[n].nbytes
     host = torch.empty(max(off, 1), dtype=torch.uint8, pin_memory=pin)
+    dev = torch.empty(max(off, 1), dtype=torch.uint8, device=device) if device is not None else None
     dst = host.numpy()
-    told = 0
+    told, step = 0, call.copy_slice
     for n in names:
         src, (base, size) = srcs[n], spans[n]
         if h is not None:
             h.update(Block.buffer_prefix(n, size))
-        for a in range(0, size, COPY_SLICE):
+        for a in range(0, size, step):
             if call.stop.is_set():
                 raise _Stopped
-            b = min(size, a + COPY_SLICE)
+            b = min(size, a + step)
             piece = dst[base + a:base + b]
             np.copyto(piece, src[a:b])
             if h is not None:
                 h.update(piece)
-            if sent is not None and base + b - told >= SEND_SLICE:
-                sent(host, told, base + b)
+            if dev is not None and base + b - told >= call.send_slice:
+                dev[told:base + b].copy_(host[told:base + b], non_blocking=True)
                 told = base + b
-    if sent is not None and off > told:
-        sent(host, told, off)
+    if dev is not None and off > told:
+        dev[told:off].copy_(host[told:off], non_blocking=True)
     if h is not None:
         _compare(block, h)
-    return host, spans
+    return host, spans, dev
 
 
 def _hasher(block: Block):

@@ -113,22 +113,19 @@ def test_staging_copies_and_hashes_in_one_pass_aligned_and_byte_exact():
                 big=torch.randint(0, 255, (SEND_SLICE * 2 + 5,), dtype=torch.uint8))
     block = Block.build(key=b.key, model=b.model, codec=b.codec, shape=b.shape, dtype=b.dtype, params=b.params,
                         buffers=bufs)
-    call = _Call(None, None, threading.Event(), time.monotonic() + 10, False)
-    sent = []
-    host, spans = _copy_in(block, block.buffers, block.hasher(), False, call, lambda h, a, z: sent.append((a, z)))
+    call = _Call(None, None, threading.Event(), time.monotonic() + 10, None, copy_slice=1 << 20)
+    host, spans, dev = _copy_in(block, block.buffers, block.hasher(), False, call)
+    assert dev is None
     for name, src in block.buffers.items():
         off, size = spans[name]
         assert host[off:off + size].numpy().tobytes() == src.to_pybytes(), name
         assert off % _ALIGN == 0, "512-byte aligned spans"
-    # the H2D slices tile the staged bytes in order, each about SEND_SLICE
-    assert sent[0][0] == 0 and sent[-1][1] == host.numel() and all(x[1] == y[0] for x, y in zip(sent, sent[1:]))
-    assert len(sent) >= 2
     bad = bytearray(block.buffers["big"].to_pybytes())
-    bad[SEND_SLICE + 3] ^= 4  # flipped in the second H2D slice: the hash of the copy catches it
+    bad[SEND_SLICE + 3] ^= 4  # flipped in a later slice: the hash of the copy catches it
     forged = Block(key=block.key, model=block.model, codec=block.codec, shape=block.shape, dtype=block.dtype,
                    params=block.params, buffers=dict(block.buffers, big=bytes(bad)), checksum=block.checksum)
     with pytest.raises(kvtier.BlockFormatError, match="checksum mismatch"):
-        _copy_in(forged, {n: memoryview(v) for n, v in forged.buffers.items()}, forged.hasher(), False, call, None)
+        _copy_in(forged, {n: memoryview(v) for n, v in forged.buffers.items()}, forged.hasher(), False, call)
 
 
 def test_a_flipped_byte_is_a_miss_on_every_path(loader):
