@@ -14,6 +14,13 @@ or, as one object for ``model.generate``::
     cache = KVTierCache(store, model, input_ids)       # loads the cached prefix now
     model.generate(input_ids, past_key_values=cache)   # stores the prompt's new full chunks after prefill
 
+A rebuilt cache holds every layer's keys and values in one buffer, filled by
+one copy per chunk, optionally with room for the tokens still to prefill
+(``chunks_to_cache(..., reserve=n)``). ``register_attention()`` gives an
+attention implementation that computes what ``sdpa`` does without expanding the
+KV heads for a tail over cached KV (on an H200, Llama-8B shape, 16K tokens: the
+256-token tail 22.9 ms instead of 35.4 ms).
+
 ``store`` is anything with ``lookup(keys) -> int`` (leading keys present),
 ``get(keys) -> list[Tensor | None]`` and ``put(keys, kvs, codec=None)``: the
 ``kvtier`` module itself once its runtime is initialised, or a test double.
