@@ -302,7 +302,9 @@ class KVTierCache(DynamicCache):
         self._prompt_done = False
         loaded, n_hit = _fetch(store, self.token_ids, model_id, chunk_tokens, config)
         dtype, device = _model_dtype_device(model, None, None)
-        append_chunks(self, loaded, layout=kv_layout(config), dtype=dtype, device=device)
+        # room for the rest of the prompt: its prefill writes in place instead of re-concatenating the cache
+        append_chunks(self, loaded, layout=kv_layout(config), dtype=dtype, device=device,
+                      reserve=len(self.token_ids) - len(loaded) * chunk_tokens if loaded else 0)
         self.cached_tokens = len(loaded) * chunk_tokens
         self._stored_upto = n_hit * chunk_tokens  # chunks the store already holds need no put
 

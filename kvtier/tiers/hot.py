@@ -37,7 +37,7 @@ import numpy as np
 import torch
 
 from kvtier.block import Block
-from kvtier.codecs import TORCH_DTYPES, ZSTD_SUFFIX, _zstd_decompress, decompress, get_codec
+from kvtier.codecs import TORCH_DTYPES, ZSTD_SUFFIX, decompress, get_codec
 from kvtier.errors import BlockFormatError
 from kvtier.placement import LRU
 
@@ -124,9 +124,12 @@ def entry_buffers(block: Block, device: torch.device) -> tuple[str, dict, dict[s
     """(base codec, params, payload tensors on ``device`` that own their memory) for ``block``:
     a fresh copy of every buffer, inflated first for a ``+zstd`` block."""
     codec, params, raw = block.codec, dict(block.params), block.buffers
-    if codec.endswith(ZSTD_SUFFIX):
-        raw = _zstd_decompress(raw, params.pop("zstd", None), block.raw_nbytes)
-        codec = codec[: -len(ZSTD_SUFFIX)]
+    if codec.endswith(ZSTD_SUFFIX):  # inflated into fresh tensors (the GIL released): already this call's own
+        from kvtier.tiers.inflate import inflate
+
+        inflated = inflate(raw, params.pop("zstd", None), block.raw_nbytes)
+        return codec[: -len(ZSTD_SUFFIX)], params, {n: t if device.type == "cpu" else t.to(device)
+                                                    for n, t in inflated.items()}
     out = {}
     for name, b in raw.items():
         mv = memoryview(b)
