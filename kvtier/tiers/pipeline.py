@@ -15,8 +15,10 @@ releases the GIL: numpy copies, xxhash, zstd):
      a CPU hot tier) and hash each slice right after copying it, while it is in
      cache: one pass over the source instead of a checksum pass and a copy
      pass. A block with no copy to make (CPU, nothing kept) is hashed in place.
-     ``+zstd`` blocks are verified first, then inflated into owned memory, then
-     staged.
+     ``+zstd`` blocks are verified first, then inflated into owned memory
+     (python-zstandard releases the GIL: 1 GB of q1+zstd inflated at 5.5 GB/s
+     in 16 threads on the H200), then staged; ``keep_buffers`` hands over the
+     inflated payload, which the hot tier adopts as it is.
   3. CUDA: every 8 MiB staged, the same worker launches that slice's
      host-to-device copy on the loader's copy stream, so PCIe starts after the
      first slice, not after the first block (pinned H2D 55 GB/s on the H200,

@@ -173,3 +173,21 @@ def test_cuda_many_slices_a_flipped_byte_and_zstd_on_one_call(loader):
     assert [g.status for g in got] == ["ok", "corrupt", "ok"]
     assert torch.equal(got[0].kv.cpu(), big) and got[1].kv is None
     torch.testing.assert_close(got[2].kv.cpu(), kvtier.decompress(b2), rtol=2**-7, atol=2**-7)
+
+
+def test_a_zstd_block_is_inflated_once_and_the_hot_tier_adopts_the_inflated_bytes(loader, monkeypatch):
+    import kvtier.tiers.hot as hot_mod
+
+    key, _, b = make(11, "kivi4+zstd")
+    calls = []
+    real = hot_mod._zstd_decompress
+    monkeypatch.setattr(hot_mod, "_zstd_decompress", lambda *a: calls.append(1) or real(*a))
+    (g,) = loader.load([key], [b.to_arrow()], "cpu", keep_buffers=True)
+    hot = HotTier(1 << 30, device="cpu")
+    hot.put(g.block, g.buffers)
+    name = next(iter(g.buffers))
+    assert len(calls) == 1, "inflated by the load only"
+    assert hot.get(key).codec == "kivi4" and hot.get(key).buffers[name] is g.buffers[name], "adopted as inflated"
+    assert torch.equal(hot.get_kv(key), kvtier.decompress(b))
+    with pytest.raises(ValueError, match="inflated payload"):
+        hot.put(g.block, {n: t[:1] for n, t in g.buffers.items()})  # not the inflated sizes: refused, not kept
