@@ -493,19 +493,22 @@ def aim(rows: list[dict], floors: dict) -> list[str]:
     floor = next((r for r in rows if r["tier"] == "floor" and r["tokens"] == longest), None)
     if floor:
         out.append(f"Floor at {longest} tokens (the tail alone over KV already in the model's cache, this run): "
-                   f"{floor['ttft'] * 1e3:.1f} ms = {floor['recompute'] / floor['ttft']:.1f}x recompute: no hit in this "
-                   "harness can beat that.")
+                   f"{floor['ttft'] * 1e3:.1f} ms = {floor['recompute'] / floor['ttft']:.1f}x recompute, the ideal hit; its "
+                   "tail is launch-bound (Python), so it varies between measurements by more than kvtier's share.")
     for tier, want in (("warm", 12), ("hot", 20)):
         cand = [r for r in rows if r["tier"] == tier and r["tokens"] == longest]
         if cand:
             best = max(cand, key=lambda r: r["recompute"] / r["ttft"])
             x = best["recompute"] / best["ttft"]
             bound = ""
-            if floor:
+            if floor and best["ttft"] < floor["ttft"]:
+                bound = (f" This hit beat the floor ({floor['ttft'] * 1e3:.1f} ms): the launch-bound tail varied more "
+                         "than kvtier's share between the two measurements.")
+            elif floor and x < want:
                 budget = best["recompute"] / want - floor["ttft"]
-                bound = (f" It needs kvtier's share (get + rebuild) <= {budget * 1e3:.1f} ms over the floor"
-                         if budget > 0 else f" Unreachable here: the floor alone is {floor['recompute'] / floor['ttft']:.1f}x")
-                bound += f"; this hit spent {(best['ttft'] - floor['ttft']) * 1e3:.1f} ms over the floor." if budget > 0 else "."
+                bound = (f" It needs kvtier's share (get + rebuild) <= {budget * 1e3:.1f} ms over the floor; this hit "
+                         f"spent {(best['ttft'] - floor['ttft']) * 1e3:.1f} ms over it." if budget > 0 else
+                         f" Unreachable here: the floor alone is {floor['recompute'] / floor['ttft']:.1f}x.")
             out.append(f"Aim: {tier} hit at {longest} tokens >= {want}x recompute. Best: {best['codec']}, {x:.1f}x: "
                        f"{'met' if x >= want else f'missed by {want / x:.2f}x'}.{bound}")
     for tier, floor, name in (("warm", "pinned_h2d", "pinned H2D"), ("cold", "direct_read", "direct-I/O read")):
