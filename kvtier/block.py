@@ -131,10 +131,15 @@ class Block:
         return buf
 
     @classmethod
-    def from_arrow(cls, buf: BufferLike, expect_key: str | None = None, expect_model: str | None = None) -> "Block":
+    def from_arrow(cls, buf: BufferLike, expect_key: str | None = None, expect_model: str | None = None, *,
+                   verify: bool = True) -> "Block":
         """Parse and verify a serialized block. Raises ``BlockFormatError`` for
         anything else, including a valid block of another key or model when
-        ``expect_key``/``expect_model`` are given (a swapped or foreign object)."""
+        ``expect_key``/``expect_model`` are given (a swapped or foreign object).
+        ``verify=False`` checks everything but the payload checksum: the caller
+        must hash the payload itself (``hasher``, ``buffer_prefix``) and compare
+        with ``checksum`` before using any byte (the load pipeline does, while
+        copying: one pass over the bytes instead of two)."""
         try:
             buf = _as_arrow_buffer(buf)
         except (TypeError, ValueError, BufferError) as e:
@@ -198,7 +203,7 @@ class Block:
 
         try:
             want = _checksum(_header_dict(header["key"], header["model"], header["codec"], tuple(header["shape"]),
-                                          header["dtype"], header["params"]), buffers)
+                                          header["dtype"], header["params"]), buffers) if verify else cs["hex"]
         except RecursionError:  # params nested just below json.loads' depth limit can exceed json.dumps' limit
             raise BlockFormatError("corrupt block: header params nested too deeply") from None
         if want != cs["hex"]:
@@ -211,6 +216,18 @@ class Block:
                     dtype=header["dtype"], params=header["params"], buffers=buffers, checksum=cs["hex"])
         block._wire.append(buf)
         return block
+
+    def hasher(self):
+        """An XXH3-128 state fed with this block's header: feed it, per payload buffer in sorted name order,
+        ``buffer_prefix(name, size)`` then the buffer's bytes (in slices, any size); its ``hexdigest()`` then
+        equals ``checksum`` for an intact block."""
+        h = xxhash.xxh3_128()
+        h.update(_header_json(_header_dict(self.key, self.model, self.codec, self.shape, self.dtype, dict(self.params))))
+        return h
+
+    @staticmethod
+    def buffer_prefix(name: str, size: int) -> bytes:
+        return name.encode() + b"\0" + size.to_bytes(8, "little")
 
     def __repr__(self) -> str:
         return (f"Block(key={self.key[:12]!r}…, model={self.model!r}, codec={self.codec!r}, shape={self.shape}, "
@@ -239,11 +256,15 @@ def _check_header(h: Mapping[str, Any]) -> None:
         raise BlockFormatError(f"corrupt block header: params={h.get('params')!r} is not an object")
 
 
+def _header_json(header: Mapping[str, Any]) -> bytes:
+    return json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+
+
 def _checksum(header: Mapping[str, Any], buffers: Mapping[str, pa.Buffer]) -> str:
     h = xxhash.xxh3_128()
-    h.update(json.dumps(header, sort_keys=True, separators=(",", ":")).encode())
+    h.update(_header_json(header))
     for name in sorted(buffers):
         b = buffers[name]
-        h.update(name.encode() + b"\0" + b.size.to_bytes(8, "little"))
+        h.update(Block.buffer_prefix(name, b.size))
         h.update(memoryview(b))
     return h.hexdigest()

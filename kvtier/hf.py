@@ -14,6 +14,13 @@ or, as one object for ``model.generate``::
     cache = KVTierCache(store, model, input_ids)       # loads the cached prefix now
     model.generate(input_ids, past_key_values=cache)   # stores the prompt's new full chunks after prefill
 
+A rebuilt cache holds every layer's keys and values in one buffer, filled by
+one copy per chunk, optionally with room for the tokens still to prefill
+(``chunks_to_cache(..., reserve=n)``). ``register_attention()`` gives an
+attention implementation that computes what ``sdpa`` does without expanding the
+KV heads for a tail over cached KV (on an H200, Llama-8B shape, 16K tokens: the
+256-token tail 22.9 ms instead of 35.4 ms).
+
 ``store`` is anything with ``lookup(keys) -> int`` (leading keys present),
 ``get(keys) -> list[Tensor | None]`` and ``put(keys, kvs, codec=None)``: the
 ``kvtier`` module itself once its runtime is initialised, or a test double.
@@ -36,6 +43,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 from transformers import DynamicCache
+from transformers.cache_utils import DynamicLayer
 
 from kvtier.keys import _token_array, chunk_keys
 
@@ -81,22 +89,57 @@ def cache_to_chunks(cache: DynamicCache, chunk_tokens: int, start: int = 0) -> l
 
 
 def chunks_to_cache(chunks: Sequence[torch.Tensor], config_or_model: Any = None, *,
-                    dtype: torch.dtype | None = None, device: str | torch.device | None = None) -> DynamicCache:
+                    dtype: torch.dtype | None = None, device: str | torch.device | None = None,
+                    reserve: int = 0) -> DynamicCache:
     """A new ``DynamicCache`` holding ``chunks`` in order (token 0 first). With a
     model or config the cache gets its layer types and the chunks are checked
     against its KV shape; ``dtype``/``device`` convert the chunks on the way
-    (default: a model's own dtype and device, else the chunks')."""
+    (default: a model's own dtype and device, else the chunks'). ``reserve``
+    tokens of room follow the chunks: a prefill of up to that many tokens writes
+    its KV in place instead of re-concatenating the whole cache."""
     config = getattr(config_or_model, "config", config_or_model)
     cache = DynamicCache(config=config) if config is not None else DynamicCache()
     dtype, device = _model_dtype_device(config_or_model, dtype, device)
-    return append_chunks(cache, chunks, dtype=dtype, device=device,
+    return append_chunks(cache, chunks, dtype=dtype, device=device, reserve=reserve,
                          layout=kv_layout(config) if config is not None else None)
 
 
+class ReservedLayer(DynamicLayer):
+    """A full-attention cache layer whose keys and values are views of one buffer with room after them:
+    ``update`` copies new tokens into the room (the whole cache is not re-concatenated: at 16K tokens of
+    Llama-8B that cat was 6.9 ms of a 41.7 ms tail on the H200) and falls back to DynamicLayer's cat
+    once the room is spent. When the room is exactly filled the views are contiguous."""
+
+    def __init__(self, keys: torch.Tensor, values: torch.Tensor, length: int) -> None:
+        super().__init__()
+        self._room = (keys, values)  # [1, kv_heads, capacity, head_dim] each
+        self.keys, self.values = keys[:, :, :length], values[:, :, :length]
+        self.dtype, self.device = keys.dtype, keys.device
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
+        kbuf, vbuf = self._room
+        n, t = self.keys.shape[-2], key_states.shape[-2]
+        fits = (n + t <= kbuf.shape[-2] and self.keys.data_ptr() == kbuf.data_ptr()  # not cropped/replaced since
+                and key_states.shape[:2] == kbuf.shape[:2] and key_states.dtype == kbuf.dtype)
+        if not fits:
+            return super().update(key_states, value_states, *args, **kwargs)
+        kbuf[:, :, n:n + t].copy_(key_states)
+        vbuf[:, :, n:n + t].copy_(value_states)
+        self.keys, self.values = kbuf[:, :, :n + t], vbuf[:, :, :n + t]
+        return self.keys, self.values
+
+
 def append_chunks(cache: DynamicCache, chunks: Sequence[torch.Tensor], *, dtype: torch.dtype | None = None,
-                  device: str | torch.device | None = None, layout: tuple[int, int, int] | None = None) -> DynamicCache:
-    """Append ``chunks`` after what ``cache`` already holds (in place; returns it)."""
+                  device: str | torch.device | None = None, layout: tuple[int, int, int] | None = None,
+                  reserve: int = 0) -> DynamicCache:
+    """Append ``chunks`` after what ``cache`` already holds (in place; returns it). Into an empty cache
+    the chunks are copied once, one copy per chunk, into one buffer per cache holding every layer's keys
+    and values (``ReservedLayer``s with ``reserve`` tokens of room); 63 chunks of [32, 2, 8, 256, 128]
+    bf16 took 9.8 ms on the H200 as cat + per-layer update, a single pass over the bytes ~1.2 ms."""
     chunks = list(chunks)
+    if not isinstance(reserve, int) or isinstance(reserve, bool) or reserve < 0:
+        raise ValueError(f"reserve={reserve!r} must be a non-negative int (tokens of room after the chunks)")
     if not chunks:
         return cache
     first = chunks[0]
@@ -111,12 +154,80 @@ def append_chunks(cache: DynamicCache, chunks: Sequence[torch.Tensor], *, dtype:
                          f"{layout[1]} KV heads, head_dim {layout[2]}")
     if cache.layers and len(cache.layers) != first.shape[0]:
         raise ValueError(f"chunks have {first.shape[0]} layers, the cache has {len(cache.layers)}")
-    kv = torch.cat(chunks, dim=3) if len(chunks) > 1 else first
-    kv = kv.to(device=device if device is not None else kv.device, dtype=dtype or kv.dtype)
-    for li in range(kv.shape[0]):
-        cache.update(kv[li, 0].unsqueeze(0), kv[li, 1].unsqueeze(0), li)
+    dtype, device = dtype or first.dtype, torch.device(device) if device is not None else first.device
+    if not any(getattr(l, "is_initialized", False) for l in cache.layers):
+        for i, l in enumerate(cache.layers):
+            if getattr(l, "is_sliding", False) or not isinstance(l, DynamicLayer):
+                raise ValueError(f"cache layer {i} is a {type(l).__name__}: kvtier.hf supports full-attention "
+                                 "layers only")
+        L, _, H, _, D = first.shape
+        n = sum(c.shape[3] for c in chunks)
+        room = torch.empty((L, 2, 1, H, n + reserve, D), dtype=dtype, device=device)
+        at = 0
+        for c in chunks:  # one strided copy per chunk: [L, 2, H, t, D] into every layer's keys and values
+            t = c.shape[3]
+            room[:, :, 0, :, at:at + t].copy_(c)
+            at += t
+        cache.layers[:] = [ReservedLayer(room[li, 0], room[li, 1], n) for li in range(L)]
+    else:
+        kv = torch.cat(chunks, dim=3) if len(chunks) > 1 else first
+        kv = kv.to(device=device, dtype=dtype)
+        for li in range(kv.shape[0]):
+            cache.update(kv[li, 0].unsqueeze(0), kv[li, 1].unsqueeze(0), li)
     _full_attention_layers(cache)
     return cache
+
+
+# ---- attention for a hit's tail -------------------------------------------------
+
+GQA_ATTENTION = "kvtier_gqa"
+_checked_mask: list = [None]  # the last mask found to be plain lower-right causal (held: its id is not reused)
+
+
+def register_attention() -> str:
+    """Register (once) and return the name of an attention implementation for transformers models
+    (``attn_implementation=kvtier.hf.GQA_ATTENTION``) that computes exactly what ``sdpa`` does, faster
+    for a tail prefilled over cached KV: transformers' sdpa gets a mask there (256 queries over 16K keys
+    are not "causal" in sdpa's top-left sense), so it expands the KV heads for grouped-query attention
+    (``repeat_kv``: 9.2 ms of a 41.7 ms Llama-8B tail on the H200) and takes a masked kernel. Here a
+    mask that is plain lower-right causal (batch 1, no padding: checked once per forward, one sync)
+    becomes ``causal_lower_right`` with ``enable_gqa=True`` (flash attention, KV heads not expanded);
+    any other mask, and a forward with no mask, go to transformers' own sdpa function unchanged."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    if GQA_ATTENTION not in AttentionInterface._global_mapping:
+        AttentionInterface.register(GQA_ATTENTION, _gqa_attention)
+        ALL_MASK_ATTENTION_FUNCTIONS.register(GQA_ATTENTION, sdpa_mask)  # the masks sdpa gets
+    return GQA_ATTENTION
+
+
+def _gqa_attention(module, query, key, value, attention_mask, dropout: float = 0.0, scaling=None, **kwargs):
+    from torch.nn.attention.bias import causal_lower_right
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    q, kv = query.shape[2], key.shape[2]
+    if attention_mask is None or dropout or not _lower_right_causal(attention_mask, q, kv):
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      **kwargs)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, attn_mask=causal_lower_right(q, kv) if q != kv else None, is_causal=q == kv,
+        scale=scaling, enable_gqa=True)
+    return out.transpose(1, 2).contiguous(), None
+
+
+def _lower_right_causal(mask: torch.Tensor, q: int, kv: int) -> bool:
+    """Whether a bool [1, 1, q, kv] mask lets query i see exactly keys 0 .. kv - q + i (checked once per
+    mask object: transformers builds one per forward and hands it to every layer)."""
+    if mask is _checked_mask[0]:
+        return True
+    if mask.dtype != torch.bool or tuple(mask.shape) != (1, 1, q, kv) or kv < q:
+        return False
+    want = (torch.arange(q, device=mask.device)[:, None] + (kv - q)) >= torch.arange(kv, device=mask.device)[None, :]
+    if not torch.equal(mask[0, 0], want):
+        return False
+    _checked_mask[0] = mask
+    return True
 
 
 # ---- store <-> cache --------------------------------------------------------
@@ -191,7 +302,9 @@ class KVTierCache(DynamicCache):
         self._prompt_done = False
         loaded, n_hit = _fetch(store, self.token_ids, model_id, chunk_tokens, config)
         dtype, device = _model_dtype_device(model, None, None)
-        append_chunks(self, loaded, layout=kv_layout(config), dtype=dtype, device=device)
+        # room for the rest of the prompt: its prefill writes in place instead of re-concatenating the cache
+        append_chunks(self, loaded, layout=kv_layout(config), dtype=dtype, device=device,
+                      reserve=len(self.token_ids) - len(loaded) * chunk_tokens if loaded else 0)
         self.cached_tokens = len(loaded) * chunk_tokens
         self._stored_upto = n_hit * chunk_tokens  # chunks the store already holds need no put
 

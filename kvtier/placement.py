@@ -372,10 +372,6 @@ class Placement:
     def present(self, keys: Sequence[str]) -> list[bool]:
         return [k in self.entries for k in keys]
 
-    def where(self, keys: Sequence[str]) -> list[str | None]:
-        """The nearest tier of each key ("warm", "cold" or None), without counting a read."""
-        return [e.tier if (e := self.entries.get(k)) is not None else None for k in keys]
-
     def lookup(self, keys: Sequence[str], have: Sequence[bool] = ()) -> int:
         """Number of leading keys present in any tier (``have[i]``: the caller holds key i itself)."""
         n = 0

@@ -1,4 +1,4 @@
-"""Names of the tier's Ray actors, and the one place that opens the cold store.
+"""Names of the tier's Ray actors, the errors a call to one ends with, and the one place that opens the cold store.
 
 Every actor of a tier is named and detached in the tier's namespace (default
 ``"kvtier"``), so any process that joins the cluster finds the same tier:
@@ -9,11 +9,14 @@ Every actor of a tier is named and detached in the tier's namespace (default
 
 from __future__ import annotations
 
+import ray
+
 from kvtier.config import TierConfig
 
 CONTROLLER = "kvtier-controller"
 SHARD_PREFIX = "kvtier-shard-"
 DEFAULT_NAMESPACE = "kvtier"
+RPC_ERRORS = (ray.exceptions.GetTimeoutError, ray.exceptions.RayActorError)  # an actor slow or gone: retry or degrade
 
 
 def shard_name(i: int) -> str:

@@ -33,6 +33,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+import numpy as np
 import torch
 
 from kvtier.block import Block
@@ -57,10 +58,15 @@ def as_device(device: str | torch.device | None) -> torch.device:
 
 
 def _copy(t: torch.Tensor) -> torch.Tensor:
-    """A copy of ``t`` in memory of its own. A plain clone: copies into huge-page mmaps (the previous
-    version) measured 18.1 ms (kept) / 7.9 ms (dropped each time) for a 5.9 MB chunk here, a clone
-    9.8 / 0.07 ms, since malloc reuses the pages a dropped result freed (2026-12-01, 2 cores)."""
-    return t.clone()
+    """A copy of ``t`` in memory of its own. On the CPU a numpy copy, not ``clone``: a torch CPU op in a
+    load pool thread starts an OpenMP team for that thread, whose spin-wait afterwards slowed the caller's
+    next forward 50x on 2 cores (numpy copies use no OpenMP). Fresh memory each time: malloc reuses the
+    pages a dropped result freed (an mmap'd copy measured 18.1 ms for a 5.9 MB chunk, a clone 0.07 ms)."""
+    if t.device.type != "cpu" or t.numel() == 0 or not t.is_contiguous():
+        return t.clone()
+    out = torch.empty(t.shape, dtype=t.dtype)
+    np.copyto(out.view(-1).view(torch.uint8).numpy(), t.view(-1).view(torch.uint8).numpy())
+    return out
 
 
 def owned(out: torch.Tensor, memory: Any) -> torch.Tensor:
@@ -177,15 +183,24 @@ class HotTier:
         """Keep ``block`` (most recently used); returns the keys evicted to make room.
 
         ``buffers``: its payload already on this tier's device, in memory handed over to the tier
-        (the fetch pipeline's device copy: no second host-to-device copy); without it the tier copies
-        the block's buffers. A block larger than the whole budget is not kept."""
+        (the fetch pipeline's device copy: no second host-to-device copy); for a ``+zstd`` block the
+        inflated payload (the pipeline inflated it: inflating it again here, on the caller's thread, cost
+        a warm 16K-token q1+zstd get on the H200 1.6 s, 63 x 25 ms). Without it the tier copies (and
+        inflates) the block's buffers. A block larger than the whole budget is not kept."""
         if not self.capacity or sum(b.size for b in block.buffers.values()) > self.capacity:
             return []
-        if buffers is not None and not block.codec.endswith(ZSTD_SUFFIX):
+        if buffers is not None:
             if any(t.device != self.device for t in buffers.values()):
                 raise ValueError(f"hot tier on {self.device} was handed buffers on "
                                  f"{sorted({str(t.device) for t in buffers.values()})}")
             codec, params, bufs = block.codec, dict(block.params), dict(buffers)
+            if codec.endswith(ZSTD_SUFFIX):
+                sizes = params.pop("zstd", None)
+                codec = codec[: -len(ZSTD_SUFFIX)]
+                got = {n: t.numel() * t.element_size() for n, t in bufs.items()}
+                if got != sizes:
+                    raise ValueError(f"+zstd block {block.key[:16]!r}: handed buffers of {got} bytes, its header "
+                                     f"says the inflated payload is {sizes}")
         else:
             codec, params, bufs = entry_buffers(block, self.device)
         payload = sum(t.numel() for t in bufs.values())

@@ -115,6 +115,24 @@ def test_append_chunks_extends_a_cache(model, tokens):
     assert torch.equal(cache.layers[0].keys[0, :, CT:2 * CT], chunks[1][0, 0].to(torch.bfloat16))
 
 
+def test_reserved_room_takes_the_tail_in_place_and_grows_past_it(model, tokens):
+    ids = tokens[:, :40]
+    with torch.no_grad():
+        ref = model(ids).logits[0, 32:]
+        chunks = hf.cache_to_chunks(prefill(model, ids), CT)
+        cache = hf.chunks_to_cache(chunks, model, reserve=8)  # room for exactly the 8-token tail
+        room = cache.layers[0]._room[0]
+        out = model(ids[:, 32:], past_key_values=cache).logits[0]
+        keys = cache.layers[0].keys
+        assert keys.data_ptr() == room.data_ptr() and keys.is_contiguous()  # written into the room, no cat
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+        more = model(tokens[:, 40:42], past_key_values=cache).logits[0]  # past the room: DynamicLayer's cat
+        assert cache.get_seq_length() == 42 and cache.layers[0].keys.data_ptr() != room.data_ptr()
+        torch.testing.assert_close(more, model(tokens[:, :42]).logits[0, 40:], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="reserve=-1"):
+        hf.chunks_to_cache(chunks, model, reserve=-1)
+
+
 def test_conversion_rejects_bad_input(model, tokens):
     two = prefill(model, tokens[:, :32].repeat(2, 1))
     with pytest.raises(ValueError, match="batch of 2"):
@@ -235,3 +253,29 @@ def test_kvtiercache_stores_bf16_and_loads_into_an_fp32_model(model, tokens):
     loaded, n = hf.load_prefix(store, ids[0], bf16_id, CT, config=model)  # a model sets the cache's dtype
     assert n == 32 and loaded.layers[1].values.dtype == torch.float32
     assert torch.equal(loaded.layers[1].values, cache.layers[1].values)
+
+
+def test_gqa_attention_gives_sdpa_logits_for_recompute_tail_and_decode(model, tokens):
+    import copy
+
+    name = hf.register_attention()
+    fast = copy.deepcopy(model)
+    fast.set_attn_implementation(name)
+    ids = tokens[:, :40]
+    with torch.no_grad():
+        for m in (model, fast):
+            m.ref = m(ids).logits[0]
+        torch.testing.assert_close(fast.ref, model.ref, rtol=1e-5, atol=1e-5)  # recompute: q == kv
+        chunks = hf.cache_to_chunks(prefill(model, ids), CT)
+        cache = hf.chunks_to_cache(chunks, fast, reserve=9)
+        tail = fast(ids[:, 32:], past_key_values=cache).logits[0]  # 8 queries over 40 keys: lower-right causal
+        assert hf._checked_mask[0] is not None, "the tail took the enable_gqa path"
+        torch.testing.assert_close(tail, model.ref[32:], rtol=1e-5, atol=1e-5)
+        one = fast(tokens[:, 40:41], past_key_values=cache).logits[0]  # decode: no mask
+        torch.testing.assert_close(one, model(tokens[:, :41]).logits[0, 40:], rtol=1e-5, atol=1e-5)
+    padded = torch.ones(1, 40, dtype=torch.long)
+    padded[0, :3] = 0  # a padding mask is not plain causal: transformers' sdpa computes it
+    with torch.no_grad():
+        a = fast(ids, attention_mask=padded).logits[0, 3:]
+        b = model(ids, attention_mask=padded).logits[0, 3:]
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

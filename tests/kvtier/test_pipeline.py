@@ -104,17 +104,37 @@ def test_decode_false_hands_buffers_only(loader):
     assert torch.equal(hot.get_kv(key), kvtier.decompress(b))
 
 
-def test_staging_packs_every_buffer_aligned_and_byte_exact():
-    from kvtier.tiers.pipeline import _ALIGN, _stage
+def test_staging_copies_and_hashes_in_one_pass_aligned_and_byte_exact():
+    from kvtier.block import Block
+    from kvtier.tiers.pipeline import _ALIGN, SEND_SLICE, _Call, _copy_in
 
     _, _, b = make(7, "kivi4")
-    bufs = dict(b.buffers, extra=torch.arange(10, dtype=torch.uint8), empty=torch.empty(0, dtype=torch.uint8))
-    staged = _stage(bufs, pin=False)  # pinned on CUDA; the packing is the same
-    base = staged["extra"].untyped_storage().data_ptr()
-    for name, src in bufs.items():
-        want = src if isinstance(src, torch.Tensor) else torch.frombuffer(bytearray(src.to_pybytes()), dtype=torch.uint8)
-        assert torch.equal(staged[name], want), name
-        assert not want.numel() or (staged[name].data_ptr() - base) % _ALIGN == 0, "512-byte aligned slices"
+    bufs = dict(b.buffers, extra=torch.arange(10, dtype=torch.uint8), empty=torch.empty(0, dtype=torch.uint8),
+                big=torch.randint(0, 255, (SEND_SLICE * 2 + 5,), dtype=torch.uint8))
+    block = Block.build(key=b.key, model=b.model, codec=b.codec, shape=b.shape, dtype=b.dtype, params=b.params,
+                        buffers=bufs)
+    call = _Call(None, None, threading.Event(), time.monotonic() + 10, None, copy_slice=1 << 20)
+    host, spans, dev = _copy_in(block, block.buffers, block.hasher(), False, call)
+    assert dev is None
+    for name, src in block.buffers.items():
+        off, size = spans[name]
+        assert host[off:off + size].numpy().tobytes() == src.to_pybytes(), name
+        assert off % _ALIGN == 0, "512-byte aligned spans"
+    bad = bytearray(block.buffers["big"].to_pybytes())
+    bad[SEND_SLICE + 3] ^= 4  # flipped in a later slice: the hash of the copy catches it
+    forged = Block(key=block.key, model=block.model, codec=block.codec, shape=block.shape, dtype=block.dtype,
+                   params=block.params, buffers=dict(block.buffers, big=bytes(bad)), checksum=block.checksum)
+    with pytest.raises(kvtier.BlockFormatError, match="checksum mismatch"):
+        _copy_in(forged, {n: memoryview(v) for n, v in forged.buffers.items()}, forged.hasher(), False, call)
+
+
+def test_a_flipped_byte_is_a_miss_on_every_path(loader):
+    key, _, b = make(8)
+    flipped = bytearray(b.to_arrow().to_pybytes())
+    flipped[len(flipped) // 3] ^= 1
+    for keep in (False, True):  # hashed in place / hashed while copied for the hot tier
+        (g,) = loader.load([key], [bytes(flipped)], "cpu", keep_buffers=keep)
+        assert g.status == "corrupt" and "checksum" in g.error and g.kv is None
 
 
 def test_bad_arguments_name_the_value(loader):
@@ -138,3 +158,36 @@ def test_cuda_load_stages_pinned_decodes_on_the_gpu_and_hands_device_buffers(loa
     hot = HotTier(1 << 30, device="cuda")
     hot.put(got[0].block, got[0].buffers)
     assert hot.get(got[0].key).buffers is not None and hot.get_kv(got[0].key).is_cuda
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_many_slices_a_flipped_byte_and_zstd_on_one_call(loader):
+    big = torch.randn((4, 2, 8, 256, 128), generator=torch.Generator().manual_seed(3))  # 8 MiB fp32: two H2D slices
+    key_big = kvtier.chunk_keys(list(range(256)), "pipe-big")[0]
+    b_big = kvtier.compress(big, "none", key=key_big, model_id=MODEL)
+    k1, _, b1 = make(9)
+    flipped = bytearray(b1.to_arrow().to_pybytes())
+    flipped[-4096] ^= 1  # in the payload's last slice: its H2D copy was already queued when the hash failed
+    k2, _, b2 = make(10, "kivi4+zstd")
+    got = loader.load([key_big, k1, k2], [b_big.to_arrow(), bytes(flipped), b2.to_arrow()], "cuda")
+    assert [g.status for g in got] == ["ok", "corrupt", "ok"]
+    assert torch.equal(got[0].kv.cpu(), big) and got[1].kv is None
+    torch.testing.assert_close(got[2].kv.cpu(), kvtier.decompress(b2), rtol=2**-7, atol=2**-7)
+
+
+def test_a_zstd_block_is_inflated_once_and_the_hot_tier_adopts_the_inflated_bytes(loader, monkeypatch):
+    import kvtier.tiers.hot as hot_mod
+
+    key, _, b = make(11, "kivi4+zstd")
+    calls = []
+    real = hot_mod._zstd_decompress
+    monkeypatch.setattr(hot_mod, "_zstd_decompress", lambda *a: calls.append(1) or real(*a))
+    (g,) = loader.load([key], [b.to_arrow()], "cpu", keep_buffers=True)
+    hot = HotTier(1 << 30, device="cpu")
+    hot.put(g.block, g.buffers)
+    name = next(iter(g.buffers))
+    assert len(calls) == 1, "inflated by the load only"
+    assert hot.get(key).codec == "kivi4" and hot.get(key).buffers[name] is g.buffers[name], "adopted as inflated"
+    assert torch.equal(hot.get_kv(key), kvtier.decompress(b))
+    with pytest.raises(ValueError, match="inflated payload"):
+        hot.put(g.block, {n: t[:1] for n, t in g.buffers.items()})  # not the inflated sizes: refused, not kept

@@ -1,0 +1,252 @@
+"""The client's get path: hot tier, store queue, one locate, one ray.get, one pipelined load.
+
+get: this process's hot tier (decoded from its device copy), then its store
+queue, then one ``locate`` call to the controller for the whole batch (answers
+are ``Location``s), one ``ray.get`` of every warm copy (zero-copy from the
+object store on the same node), and one batched, pipelined load
+(``kvtier.tiers.pipeline``) of all of them plus the cold reads (the object of the
+version the index names): checksums while copying, in threads, pinned staging
+and a copy stream on CUDA, decode. Every block is verified against its key and
+this client's ``model_id``: a corrupt, foreign, other model's or missing block,
+or a warm value that is not a 1-D uint8 buffer, is a miss (``None``), counted,
+never wrong data. A cold hit is offered to the store queue as a promotion of
+that version for the next reader (never waited for; skipped when the queue is
+full).
+
+Device rule: every tensor a get returns is on ``device``; ``None`` means
+``kvtier.tiers.hot.default_device()`` (the GPU if there is one, else the CPU).
+
+One definition of a hit: a block served to the caller from a tier. The same
+counts feed this process's Prometheus metrics and, reported to the controller
+without waiting, ``stats()`` (in blocks and in tokens).
+
+A controller that does not answer makes gets fall back to the cold store
+directly (its newest version); a shard that died makes its blocks misses (or
+cold hits) and is reported to the controller.
+
+``GetPath`` is one half of ``kvtier.runtime.client.Client`` (its state is set
+up in ``Client.__init__``); not here: the put path (``put_path``).
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from concurrent.futures import Future
+from typing import Any, Sequence
+
+import numpy as np
+import ray
+import torch
+
+from kvtier.errors import BlockFormatError
+from kvtier.runtime.location import Location
+from kvtier.runtime.names import RPC_ERRORS as _RPC_ERRORS
+from kvtier.runtime.store_queue import Pending
+from kvtier.tiers.hot import as_device
+from kvtier.tiers.pipeline import Loaded
+
+TIERS = ("hot", "warm", "cold")
+
+
+class GetPath:
+    def get(self, keys: Sequence[str], device: str | torch.device | None = None) -> list[torch.Tensor | None]:
+        keys = self._keys(keys)
+        device = as_device(device)
+        t0 = time.perf_counter()
+        self.last_get = {}  # a get served by the hot tier alone has no phases
+        out: list[torch.Tensor | None] = [None] * len(keys)
+        need = []
+        for i, key in enumerate(keys):
+            try:
+                out[i] = self.hot.get_kv(key, device, expect_model=self.model)
+            except BlockFormatError as e:
+                self._corrupt(key, "hot", e)
+                self.hot.delete(key)
+            if out[i] is None:
+                need.append(i)
+        self._count("hot", [out[i] for i in range(len(keys)) if out[i] is not None], len(need))
+        served = "hot"
+        if need:
+            loaded, served = self._load([keys[i] for i in need], device, decode=True)
+            for i in need:
+                r = loaded.get(keys[i])
+                if r is not None:
+                    out[i] = r.kv
+        self.counters["gets"] += len(keys)
+        misses = sum(x is None for x in out)
+        self.metrics.miss("none", misses)
+        self.metrics.get_latency(time.perf_counter() - t0, "none" if misses == len(out) else served)
+        self._hot_usage()
+        self._report(force=bool(need))
+        return out
+
+    def _load(self, keys: list[str], device: torch.device, decode: bool) -> tuple[dict[str, Loaded], str]:
+        """Blocks of ``keys`` from this process's store queue, the warm shards, then cold (absent keys are
+        misses), loaded in one pipelined batch and kept in the hot tier; the lowest tier that served one."""
+        t0 = time.perf_counter()
+        src: dict[str, tuple[str, Any]] = {}  # key -> (tier, source)
+        for k in keys:
+            p = self.store.pending(k)
+            if p is not None:  # put by this process, not stored yet: read back at once
+                src[k] = ("hot", p.wire)
+        rest = [k for k in keys if k not in src]
+        locs, lease = self._locate(rest) if rest else ({}, 0)
+        t1 = time.perf_counter()
+        warm = [(k, locs[k]) for k in rest if locs.get(k) is not None and locs[k].tier == "warm"]
+        lost: list[str] = []
+        for k, data in zip([k for k, _ in warm], self._warm_bytes([loc.ref for _, loc in warm], lost, warm)):
+            if data is None:
+                continue
+            if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 1):
+                self._corrupt(k, "warm", BlockFormatError(f"warm value is a {type(data).__name__}, not a 1-D uint8 "
+                                                          "block buffer"))
+                lost.append(k)
+                continue
+            src[k] = ("warm", data)
+        t2 = time.perf_counter()
+        cold_lost: list[str] = []
+        for k in rest:
+            if k not in src and self._cold_candidate(locs.get(k)):
+                src[k] = ("cold", self._cold_read(k, locs[k]))
+        found = self._run_load(src, locs, device, decode, lost, cold_lost, lease)
+        retry = {k: ("cold", self._cold_read(k, locs[k])) for k in lost
+                 if k not in found and self._cold_candidate(locs.get(k))}  # a warm copy was bad: its cold copy
+        if retry:
+            found.update(self._run_load(retry, locs, device, decode, [], cold_lost, lease))
+        self.last_get = {"locate": t1 - t0, "fetch": t2 - t1, "load": time.perf_counter() - t2}
+        try:
+            if lease:
+                self.controller.unpin.remote(lease)
+            if lost or cold_lost:
+                self.controller.forget.remote(lost, cold_lost, [locs[k].version for k in cold_lost])
+        except ray.exceptions.RayActorError:
+            pass
+        tiers = {(retry.get(k) or src[k])[0] for k in found}
+        return found, "cold" if "cold" in tiers else "warm" if "warm" in tiers else "hot"
+
+    def _cold_candidate(self, loc: Location | None) -> bool:
+        return self.cold is not None and loc is not None and loc.cold
+
+    def _cold_read(self, key: str, loc: Location):
+        """A read of the version the index names (None: the newest stored), run in the load's pool."""
+        # no expect_model here: the cold store deletes what fails its checks, and another model's valid block is
+        # its owner's, not corrupt; the load checks the model and makes it a counted miss
+        return functools.partial(self.cold.get, key, version=loc.version)
+
+    def _locate(self, keys: list[str]) -> tuple[dict[str, Location | None], int]:
+        try:
+            locs, lease = self._call("locate", keys, timeout=self.timeout)
+        except _RPC_ERRORS as e:
+            self._error(f"controller did not answer locate ({type(e).__name__}); reading the cold tier directly")
+            return {k: Location(k, 0, None, None, True, None) for k in keys}, 0  # version None: the newest
+        return dict(zip(keys, locs)), lease
+
+    def _warm_bytes(self, refs: list, lost: list[str], warm: list) -> list:
+        """The warm copies' bytes (zero-copy arrays), None where not had; dead shards' keys go to ``lost``."""
+        if not refs:
+            return []
+        try:  # the common case in one call; any failure sorts them out one by one below
+            return ray.get(refs, timeout=self.timeout)
+        except ray.exceptions.RayError as e:  # the budget is spent on a timeout, not on a dead owner
+            wait_s = 0 if isinstance(e, ray.exceptions.GetTimeoutError) else self.timeout
+            ray.wait(refs, num_returns=len(refs), timeout=wait_s, fetch_local=True)
+        out = []
+        for (key, _), ref in zip(warm, refs):
+            try:
+                out.append(ray.get(ref, timeout=0.001))
+            except ray.exceptions.GetTimeoutError:
+                self._error(f"warm copy of {key[:16]} did not arrive within {self.timeout}s")
+                out.append(None)
+            except ray.exceptions.RayError:  # its shard died: the object went with it
+                self.counters["lost"] += 1
+                lost.append(key)
+                out.append(None)
+        return out
+
+    def _run_load(self, src: dict[str, tuple[str, Any]], locs: dict, device: torch.device, decode: bool,
+                  lost: list[str], cold_lost: list[str], lease: int) -> dict[str, Loaded]:
+        order = list(src)
+        keep = bool(self.hot.capacity) and device == self.hot.device
+        results = self.loader.load(order, [src[k][1] for k in order], device, expect_model=self.model,
+                                   keep_buffers=keep, decode=decode, timeout_s=self.timeout)
+        found: dict[str, Loaded] = {}
+        served: dict[str, list] = {t: [] for t in TIERS}
+        for key, r in zip(order, results):
+            tier = src[key][0]
+            if r.status == "ok":
+                found[key] = r
+                served[tier].append(r)
+                if self.hot.capacity:
+                    self.hot.put(r.block, r.buffers if keep else None)
+                if tier == "cold":
+                    self.metrics.transfer(self._cold_transport, r.nbytes)
+                    loc = locs.get(key)
+                    if loc is not None and loc.shard is None and loc.version:  # a warm copy of that version
+                        wire = r.block.to_arrow()  # for the next reader: offered, never waited for
+                        if self.store.offer([Pending(key, wire, wire.size, version=loc.version)]):
+                            self.counters["promotions"] += 1
+                elif tier == "warm":
+                    self.metrics.transfer("object_store", r.nbytes)
+            elif r.status == "model":
+                self.counters["foreign_model"] += 1
+                self._error(f"{tier} block {key[:16]} is of another model, treated as a miss: {r.error}")
+            elif r.status == "corrupt":
+                self._corrupt(key, tier, BlockFormatError(r.error))
+                (lost if tier == "warm" else cold_lost if tier == "cold" else []).append(key)
+            elif r.status == "missing" and tier == "cold":
+                # the index said cold: forget it only if the store answers (a corrupt object was deleted, or it is
+                # gone), never because S3 is down for a while (it comes back with its objects)
+                loc = locs.get(key)
+                if loc is not None and loc.shard is None and lease and self.cold.available():
+                    cold_lost.append(key)
+            elif r.status in ("error", "timeout"):
+                self._error(f"{tier} read of {key[:16]} failed: {r.status}: {r.error}")
+        if decode:  # a get, not a prefetch: what the caller was served
+            wanted = {t: sum(1 for k in order if src[k][0] == t) for t in TIERS}
+            for t in ("warm", "cold"):
+                if wanted[t] or served[t]:
+                    self._count(t, [r.kv for r in served[t]], wanted[t] - len(served[t]))
+            if served["hot"]:  # read back from this process's store queue
+                self._count("hot", [r.kv for r in served["hot"]], 0)
+        return found
+
+    def prefetch(self, keys: Sequence[str]) -> Future:
+        """Pull ``keys`` into this process's hot tier in the background; the future gives how many arrived."""
+        keys = self._keys(keys)
+
+        def pull() -> int:
+            missing = [k for k in keys if k not in self.hot]
+            loaded = self._load(missing, self.hot.device, decode=False)[0] if missing and self.hot.capacity else {}
+            return len(keys) - len(missing) + len(loaded)
+
+        return self._pool.submit(pull)
+
+    def _count(self, tier: str, hits: list, misses: int) -> None:
+        """One definition of a hit: a block served from ``tier``; counted in blocks and tokens, for
+        Prometheus now and for the controller's ``stats()`` (``_report``)."""
+        tokens = sum(int(h.shape[3]) for h in hits)  # [layers, 2, kv_heads, tokens, head_dim]
+        with self._lock:
+            for d in (self.served[tier], self._unreported[tier]):
+                d["hits"] += len(hits)
+                d["hit_tokens"] += tokens
+                d["misses"] += misses
+        self.metrics.hit(tier, len(hits), tokens=tokens)
+        self.metrics.miss(tier, misses)
+
+    def _report(self, force: bool = False) -> None:
+        """Tell the controller this process's new hit counts, without waiting: with a get that called it
+        anyway, else at most once a second (hot hits alone never wait for, nor cost, a remote call each)."""
+        now = time.monotonic()
+        if not force and now - self._reported_at < 1.0:
+            return
+        with self._lock:
+            counts = {t: d for t, d in self._unreported.items() if any(d.values())}
+            if not counts:
+                return
+            self._unreported = {t: {"hits": 0, "hit_tokens": 0, "misses": 0} for t in TIERS}
+            self._reported_at = now
+        try:
+            self.controller.served.remote(counts)
+        except ray.exceptions.RayActorError:
+            pass
