@@ -42,9 +42,9 @@ def test_stats_and_the_client_count_the_same_hits_in_blocks_and_tokens(tier):
     k, kvs = keys_of(3, "hits"), kvs_of(3)
     kvtier.put(k, kvs)
     assert kvtier.flush(30)  # stored: the warm reads below come from the shards, not this process's queue
-    assert all(torch.equal(a, b) for a, b in zip(kvtier.get(k), kvs))  # 3 hot hits
+    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(kvtier.get(k), kvs))  # 3 hot hits
     api._get_client().hot.clear()
-    assert all(torch.equal(a, b) for a, b in zip(kvtier.get(k[:2]), kvs))  # 2 warm hits, one load
+    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(kvtier.get(k[:2]), kvs))  # 2 warm hits, one load
     st = kvtier.stats()
     client = api._get_client()
     assert client.served["hot"]["hits"] == 3 and client.served["warm"]["hits"] == 2
@@ -65,7 +65,7 @@ def test_a_put_is_read_back_at_once_even_before_its_store_lands(tier):
     kvtier.put(k, kvs)
     assert client.store.pending(client._keys(k)[0]) is not None, "put returned before the store"
     assert kvtier.lookup(k) == 2 and kvtier.contains(k[1])
-    assert all(torch.equal(a, b) for a, b in zip(kvtier.get(k), kvs))
+    assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(kvtier.get(k), kvs))
     gate.set()
     assert kvtier.flush(30) and client.store.pending(client._keys(k)[0]) is None
     assert kvtier.stats()["warm"]["blocks"] == 2
@@ -97,7 +97,7 @@ def test_put_returns_the_stored_bytes_and_stores_a_block_as_it_is(tier):
     assert again is blocks[0]
     assert kvtier.flush(30)
     client.hot.clear()
-    assert torch.equal(kvtier.get(k[0]), kvs[0])
+    assert torch.equal(kvtier.get(k[0]).cpu(), kvs[0])
 
 
 def test_a_warm_zstd_get_inflates_each_block_once_in_the_load(tier, monkeypatch):
@@ -117,4 +117,4 @@ def test_a_warm_zstd_get_inflates_each_block_once_in_the_load(tier, monkeypatch)
     assert [g is not None for g in got] == [True] * 3 and api._get_client().served["warm"]["hits"] == 3
     assert len(calls) == 3 and all(n.startswith("kvtier-load") for n in calls), calls
     again = kvtier.get(k)  # now hot: decoded from the adopted, inflated bytes; nothing inflated again
-    assert len(calls) == 3 and all(torch.equal(a, b) for a, b in zip(again, got))
+    assert len(calls) == 3 and all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(again, got))
