@@ -10,8 +10,9 @@
 #
 #   bash bench/gpu_bundle.sh --install && export PYTHONPATH=$PWD:/tmp/kvtier-py RAY_AUTH_MODE=disabled \
 #     TRITON_INTERPRET=0 && python -m pytest -q -rs tests/kvtier/test_device_rule.py \
-#     tests/kvtier/test_pipeline.py tests/kvtier/test_hot.py && python bench/e2e.py --device cuda \
-#     --lengths 4096,16384 --out $OUT/e2e-h200.md
+#     tests/kvtier/test_pipeline.py tests/kvtier/test_hot.py && KVTIER_LOAD_SLICE_MIB=8 python bench/e2e.py \
+#     --device cuda --lengths 4096,16384 --tiers hot,warm,cold --codecs none,rot4,kivi4,q1+zstd --reps 5 \
+#     --long-from 16384 --long-reps 3 --warm-bytes 24GiB --out $OUT/e2e-h200.md
 #
 # Ray 2.60's cp312 wheel is 79 MB; without ray/jars (a 33 MB Java jar), rllib/tune/train/data and
 # *.js.map it is 24 MB as tar.xz (ENVIRONMENT.md, "The GPU machine"). A tar keeps the exec bits of
