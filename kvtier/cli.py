@@ -4,7 +4,7 @@
     kvtier serve    Ray Serve LLM with vLLM engines on kvtier's connector (ray_apps.serve)
     kvtier start    start (or join) a tier on a Ray cluster and keep it running (kvtier.runtime.start)
     kvtier status   print the tiers and shards of a running tier (kvtier.runtime.status)
-    kvtier bench    run a benchmark from bench/ (quality, kernels, tiers, e2e, load)
+    kvtier bench    run a benchmark from bench/ (the names of its scripts: quality, e2e, vllm_ttft, serve, ...)
 
 Each command's module has ``main(argv: list[str]) -> int``; imports are lazy so
 ``kvtier --help`` starts in well under a second and never imports Ray or torch.
@@ -22,7 +22,7 @@ COMMANDS = {
     "serve": ("ray_apps.serve", "start the OpenAI API on Ray Serve LLM (vLLM engines with kvtier's connector)"),
     "start": ("kvtier.runtime.start", "start or join a tier on a Ray cluster and keep it running"),
     "status": ("kvtier.runtime.status", "print tiers and shards of a running tier (--json for scripts)"),
-    "bench": (None, "run a benchmark: kvtier bench {quality,kernels,tiers,e2e,load} [args]"),
+    "bench": (None, "run a benchmark from bench/: kvtier bench NAME [args] (NAME: a script there, e.g. quality, e2e, vllm_ttft, serve)"),
 }
 
 
