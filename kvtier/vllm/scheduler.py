@@ -63,6 +63,7 @@ class SaveSpec:
     req_id: str
     keys: list[str]
     block_ids: list[list[int]]
+    handoff: bool = False  # a prefill for a remote decode: that decode waits for these chunks (saved at once)
 
 
 @dataclass
@@ -75,6 +76,7 @@ class _Req:
     expect: int = 0               # chunks a remote prefill saved that decode waits for (0: not waiting)
     wait_until: float = 0.0       # when the wait for them ends
     next_poll: float = 0.0
+    handoff: bool = False         # a prefill whose decode runs elsewhere (vLLM's do_remote_decode)
 
 
 def handoff_params(keys: Sequence[str], stored: int) -> dict[str, Any] | None:
@@ -121,10 +123,13 @@ class SchedulerSide:
             prompt = list(request.prompt_token_ids or [])
             # a request may opt out (SamplingParams(extra_args={"kv_transfer_params": {"kvtier": "off"}})):
             # no keys, so no lookup and no save; the demo's recompute baseline on the same engine
-            off = (getattr(request, "kv_transfer_params", None) or {}).get("kvtier") == "off"
+            params = getattr(request, "kv_transfer_params", None)
+            params = params if isinstance(params, dict) else {}
+            off = params.get("kvtier") == "off"
             keys = [] if off else request_keys(prompt, self.identity, self.chunk_tokens, self.tenant,
                                                getattr(request, "cache_salt", None))
             st = self.reqs[request.request_id] = _Req(keys, len(prompt))
+            st.handoff = bool(params.get("do_remote_decode"))
             st.expect = expected_chunks(getattr(request, "kv_transfer_params", None), keys)
             st.wait_until = self.clock() + self.handoff_wait_s
         return st
@@ -226,7 +231,7 @@ class SchedulerSide:
             if len(blocks) < done * per:
                 continue
             rows = [[int(b) for b in blocks[c * per:(c + 1) * per]] for c in range(st.stored, done)]
-            saves.append(SaveSpec(req_id, st.keys[st.stored:done], rows))
+            saves.append(SaveSpec(req_id, st.keys[st.stored:done], rows, st.handoff))
             self.counters["saved_chunks"] += done - st.stored
             st.stored = done
         return loads, saves

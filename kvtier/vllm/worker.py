@@ -15,6 +15,8 @@ forward's way: it compresses and puts one chunk at a time, each only once no for
 ``IDLE_GAP_S`` (``load``/``save`` mark each forward's start and end; a busy engine for ``SAVE_IDLE_WAIT_S``
 declines the rest), and its thread runs at the lowest OS priority (nice 19, Linux per-thread), so other
 processes' forwards win the cores too (q1+zstd costs ~120-180 ms of CPU per 256-token chunk on the 2-core box).
+A prefill's saves for a remote decode (``SaveSpec.handoff``) are the exception: that decode waits for them,
+so a second thread saves them at once, at normal priority.
 
 It knows the page layout only through ``pages.PageLayout``; vLLM-specific
 detection of the layout lives in ``connector.py``.
@@ -61,8 +63,16 @@ class WorkerSide:
                          "save_errors": 0}
         self._in_forward = False
         self._forward_end = 0.0  # time.monotonic() of the last forward's end
-        self._saver = threading.Thread(target=self._save_loop, name="kvtier-save", daemon=True)
-        self._saver.start()
+        # a prefill's saves for a remote decode are on that decode's path (it waits for them, handoff_wait_s):
+        # they get their own thread at normal priority that does not wait for the engine to be idle. At nice
+        # 19 behind the decode engine's busy scheduling loop they missed the 5 s wait on the 2-core box
+        self._handoff_queue: queue.Queue = queue.Queue(maxsize=save_queue)
+        self._savers = [threading.Thread(target=self._save_loop, args=(self._queue, False), name="kvtier-save",
+                                         daemon=True),
+                        threading.Thread(target=self._save_loop, args=(self._handoff_queue, True),
+                                         name="kvtier-save-handoff", daemon=True)]
+        for t in self._savers:
+            t.start()
 
     # ---- load -------------------------------------------------------------
     def load(self, specs: Sequence[LoadSpec]) -> None:
@@ -125,10 +135,11 @@ class WorkerSide:
             return
         for spec in specs:
             nbytes = len(spec.keys) * self._chunk_bytes
+            q = self._handoff_queue if spec.handoff else self._queue
             with self._bytes_lock:
                 # checked before the copy: a save that would be dropped costs the engine nothing. This thread
                 # is the only producer, so a queue with room now still has room at the put below
-                full = self._queue.full() or (self._queued_bytes and self._queued_bytes + nbytes > SAVE_QUEUE_BYTES)
+                full = q.full() or (self._queued_bytes and self._queued_bytes + nbytes > SAVE_QUEUE_BYTES)
                 if not full:
                     self._queued_bytes += nbytes
             if full:
@@ -140,24 +151,25 @@ class WorkerSide:
                 continue
             raw = pages.copy_pages(self.layers, self.layout, torch.tensor(spec.block_ids, dtype=torch.long),
                                    self.chunk_tokens)
-            self._queue.put_nowait((spec.keys, raw, nbytes))
+            q.put_nowait((spec.keys, raw, nbytes))
 
-    def _save_loop(self) -> None:
-        _lowest_priority()
+    def _save_loop(self, q: queue.Queue, handoff: bool) -> None:
+        if not handoff:
+            _lowest_priority()
         while True:
-            item = self._queue.get()
+            item = q.get()
             try:
                 if item is None:
                     return
                 keys, raw, nbytes = item
                 try:
                     deadline = time.monotonic() + SAVE_IDLE_WAIT_S
-                    if not self._wait_idle(deadline):
+                    if not (handoff or self._wait_idle(deadline)):
                         raise _Declined(len(keys))
                     chunks = pages.pages_to_chunks(raw, self.layout, len(keys))
                     del raw
                     for i, (key, kv) in enumerate(zip(keys, chunks.unbind(0))):
-                        if not self._wait_idle(deadline):
+                        if not (handoff or self._wait_idle(deadline)):
                             raise _Declined(len(keys) - i)
                         self._put([key], [kv], self.codec)  # one chunk at a time: each ~40-150 ms of work
                         self.counters["saved_chunks"] += 1
@@ -172,7 +184,7 @@ class WorkerSide:
                 self.counters["save_errors"] += 1
                 log.warning("kvtier: saving %d chunks failed (%s: %s)", len(item[0]), type(e).__name__, e)
             finally:
-                self._queue.task_done()
+                q.task_done()
 
     def _wait_idle(self, deadline: float) -> bool:
         """Until no forward has run for ``IDLE_GAP_S`` (the save never shares the cores with one), or False at
@@ -190,6 +202,7 @@ class WorkerSide:
         done = threading.Event()
 
         def wait() -> None:
+            self._handoff_queue.join()
             self._queue.join()
             done.set()
 
@@ -198,10 +211,11 @@ class WorkerSide:
 
     def close(self, timeout_s: float = 10.0) -> None:
         self.flush(timeout_s)
-        try:
-            self._queue.put(None, timeout=1.0)
-        except queue.Full:
-            pass
+        for q in (self._queue, self._handoff_queue):
+            try:
+                q.put(None, timeout=1.0)
+            except queue.Full:
+                pass
         self._load_pool.shutdown(wait=False, cancel_futures=True)
 
 

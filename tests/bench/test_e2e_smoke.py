@@ -2,8 +2,8 @@
 
 The benchmark measures ``kvtier.get`` through the real tier (``kvtier.init`` on
 the session's shared Ray, in its own namespace).
-Each must produce one recompute row and one row per (codec, tier) for every
-prompt length, hits that reuse every full chunk but the last token's, and, with
+Each must produce one recompute row, one floor row (the ideal hit: the tail alone) and one
+row per (codec, tier) for every prompt length, hits that reuse every full chunk but the last token's, and, with
 codec ``none``, bit-identical KV and the same first token as recompute. Timings
 are not asserted: this box is shared, and the numbers belong to the real runs.
 """
@@ -49,7 +49,7 @@ def run(e2e, tmp_path) -> tuple[list[dict], str]:
 
 
 def check(rows: list[dict], report: str) -> None:
-    want = [(n, "recompute", "-") for n in LENGTHS]
+    want = [(n, kind, "-") for n in LENGTHS for kind in ("recompute", "floor")]  # floor: the ideal hit, no kvtier
     want += [(n, tier, codec) for n in LENGTHS for codec in ("none", "kivi4") for tier in ("hot", "warm", "cold")]
     assert sorted((r["tokens"], r["tier"], r["codec"]) for r in rows) == sorted(want)
     for r in rows:
@@ -57,6 +57,9 @@ def check(rows: list[dict], report: str) -> None:
         if r["tier"] == "recompute":
             continue
         assert r["cached"] == (r["tokens"] - 1) // CT * CT  # every full chunk but the one holding the last token
+        if r["tier"] == "floor":
+            assert r["mb"] == 0  # nothing read from any tier: the tail alone over KV already in the cache
+            continue
         assert r["mb"] > 0 and len(r["stages"]) == 4
         if r["codec"] == "none":
             assert r["kv_err"] == 0.0, r  # the tier returned the prefill's KV bit for bit

@@ -184,15 +184,19 @@ def test_prefill_for_a_remote_decode_returns_what_it_saved(fake):
     ids = list(range(2000, 2300))  # 300 tokens: 4 whole chunks, saved over two steps
     sched.add_request(make_request("p", ids, params={"do_remote_decode": True}, max_tokens=1))
     sched.add_request(make_request("plain", list(range(300)), max_tokens=1))
-    outs = []
+    outs, handoff = [], {}
     for _ in range(4):
         out = sched.schedule()
         if not out.num_scheduled_tokens:
             break
+        for spec in out.kv_connector_metadata.saves:
+            handoff.setdefault(spec.req_id, set()).add(spec.handoff)
         result = run_output(sched, out)
         outs += [o for eco in result.values() for o in eco.outputs if o.finished]
     by_id = {o.request_id: o.kv_transfer_params for o in outs}
     assert by_id == {"p": {"kvtier": {"chunks": 4, "key": keys_of(sched, ids)[3]}}, "plain": None}
+    # the worker saves a remote decode's chunks at once (it waits for them); everything else in the background
+    assert handoff == {"p": {True}, "plain": {False}}
 
 
 def test_a_prefill_that_could_not_reach_the_tier_promises_nothing(fake):

@@ -40,10 +40,12 @@ def test_the_save_thread_runs_at_the_lowest_priority():
     try:
         mine = os.nice(0)
         end = time.monotonic() + 5.0  # the thread lowers itself as it starts
-        while os.getpriority(os.PRIO_PROCESS, w._saver.native_id) != SAVE_NICE and time.monotonic() < end:
+        background, handoff = w._savers
+        while os.getpriority(os.PRIO_PROCESS, background.native_id) != SAVE_NICE and time.monotonic() < end:
             time.sleep(0.01)
-        assert os.getpriority(os.PRIO_PROCESS, w._saver.native_id) == SAVE_NICE
+        assert os.getpriority(os.PRIO_PROCESS, background.native_id) == SAVE_NICE
         assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine  # the engine's thread is not
+        assert os.getpriority(os.PRIO_PROCESS, handoff.native_id) == mine  # nor the remote decode's saves
     finally:
         w.close(2.0)
 
@@ -126,4 +128,24 @@ def test_the_save_waits_for_the_engine_to_pause_and_declines_after_its_bound(mon
         assert w.flush(5.0) and puts == ["k0"] and w.counters["dropped_saves"] == 2
     finally:
         w.save([])
+        w.close(2.0)
+
+
+def test_a_prefills_saves_for_a_remote_decode_do_not_wait_for_the_engine_to_pause():
+    """A remote decode waits for these chunks (handoff_wait_s): they are put while forwards keep running."""
+    puts = []
+    w, *_ = make(put=lambda keys, kvs, codec: puts.extend(keys))
+    try:
+        w.load([])  # a forward starts and never ends: a background save would wait (and be declined after 30 s)
+        w.save([SaveSpec("bg", ["k0"], [[0, 1]])])
+        w.load([])
+        w.save([SaveSpec("prefill", ["h0", "h1"], [[2, 3], [4, 5]], handoff=True)])
+        w.load([])
+        end = time.monotonic() + 5.0
+        while len(puts) < 2 and time.monotonic() < end:
+            time.sleep(0.01)
+        assert puts == ["h0", "h1"], "the handoff's chunks are stored at once, the background one still waits"
+    finally:
+        w.save([])  # the engine pauses: the background save goes too
+        assert w.flush(5.0) and sorted(puts) == ["h0", "h1", "k0"]
         w.close(2.0)
