@@ -53,7 +53,7 @@ from kernels.pack import plane_bytes
 from kvtier.codecs import Codec, register_codec
 from kvtier.codecs import profile as P
 from kvtier.codecs.kivi import FP16_MAX, check_fp16_range, expect_names, int_param, is_pow2, on_device, take
-from kvtier.codecs.rot import MAX_D, MIN_D, ROTATION, SEED
+from kvtier.codecs.rot import MAX_D, MIN_D, ROTATION, SEED, check_rotatable
 from kvtier.errors import CodecError
 
 SINK_TAU = 0.8
@@ -84,11 +84,7 @@ class MixCodec(Codec):
         self.name, self.seed = name, seed
 
     def check(self, kv: torch.Tensor) -> None:
-        d = kv.shape[-1]
-        if not is_pow2(d) or not MIN_D <= d <= MAX_D:
-            raise CodecError(f"codec {self.name!r} rotates head_dim with a Hadamard transform: head_dim {d} "
-                             f"must be a power of two in [{MIN_D}, {MAX_D}]; use 'kivi4' or 'fp8'")
-        check_fp16_range(kv, self.name, FP16_MAX / math.sqrt(d))
+        check_rotatable(kv, self.name)
 
     def bits(self, shape: tuple[int, ...], model_id: str | None) -> tuple[list[int], str | None, torch.Tensor | None]:
         """(bit table, profile digest, fp16 key weights or None) for a chunk of ``shape`` of model ``model_id``."""

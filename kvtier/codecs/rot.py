@@ -33,17 +33,22 @@ ROTATION = "hadamard_signs_splitmix64"
 MIN_D, MAX_D = 16, 256
 
 
+def check_rotatable(kv: torch.Tensor, name: str) -> None:
+    """What a Hadamard-rotating codec (rot*, q*) needs of a chunk: a power-of-two head_dim in range, and
+    values whose rotated coordinates (at most sqrt(D) * max|x|) an fp16 zero holds."""
+    d = kv.shape[-1]
+    if not is_pow2(d) or not MIN_D <= d <= MAX_D:
+        raise CodecError(f"codec {name!r} rotates head_dim with a Hadamard transform: head_dim {d} "
+                         f"must be a power of two in [{MIN_D}, {MAX_D}]; use 'kivi4' or 'fp8'")
+    check_fp16_range(kv, name, FP16_MAX / math.sqrt(d))
+
+
 class RotCodec(Codec):
     def __init__(self, name: str, bits: int, seed: int = SEED):
         self.name, self.bits, self.seed = name, bits, seed
 
     def check(self, kv: torch.Tensor) -> None:
-        d = kv.shape[-1]
-        if not is_pow2(d) or not MIN_D <= d <= MAX_D:
-            raise CodecError(f"codec {self.name!r} rotates head_dim with a Hadamard transform: head_dim {d} "
-                             f"must be a power of two in [{MIN_D}, {MAX_D}]; use 'kivi4' or 'fp8'")
-        # a rotated coordinate is at most sqrt(D) * max|x|; its fp16 zero must hold it
-        check_fp16_range(kv, self.name, FP16_MAX / math.sqrt(d))
+        check_rotatable(kv, self.name)
 
     def encode(self, kv: torch.Tensor) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         enc = R.encode_triton if kv.is_cuda else R.encode_torch
