@@ -71,5 +71,10 @@ def register() -> None:
     """
     from ray.llm._internal.serve.engines.vllm.kv_transfer.factory import KVConnectorBackendFactory
 
-    if not KVConnectorBackendFactory.is_registered(CONNECTOR):
-        KVConnectorBackendFactory.register_backend(CONNECTOR, f"{__name__}:KVTierBackend")
+    # ``is_registered`` also answers True from this process's own cache of an earlier registration, made for
+    # another Ray cluster (a driver that ran ray.shutdown() and ray.init() again; the test suite's app
+    # modules): that cluster's KV has it, this one's not, and its replicas silently get Ray's default backend
+    # (no tier joined, every request a miss). Unregistering first makes the registration this cluster's.
+    if KVConnectorBackendFactory.is_registered(CONNECTOR):
+        KVConnectorBackendFactory.unregister_backend(CONNECTOR)
+    KVConnectorBackendFactory.register_backend(CONNECTOR, f"{__name__}:KVTierBackend")

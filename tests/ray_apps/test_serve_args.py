@@ -153,3 +153,24 @@ def test_engine_resources_place_each_role_on_its_pods():
         AppConfig.from_args({"engine_resources": {"gpu": {"x": 1}}})
     with pytest.raises(ValueError, match=r"engine_resources\['engine'\]"):
         AppConfig.from_args({"engine_resources": {"engine": {"x": 0}}})
+
+
+def test_the_backend_is_registered_again_for_each_new_cluster():
+    """Ray's registry remembers a registration per process: after ray.shutdown() and a new ray.init() in the
+    same driver, ``is_registered`` still said True and the new cluster's replicas got Ray's default backend
+    (no tier joined: every P/D request a miss, seen when two app test modules ran in one pytest process)."""
+    import ray
+    from ray.llm._internal.serve.engines.vllm.kv_transfer import factory
+
+    from ray_apps import tier_backend
+
+    if ray.is_initialized():
+        pytest.skip("needs a driver with no Ray running: the registration then waits for the next ray.init")
+    reg = factory._kv_backend_registry
+    tier_backend.register()
+    assert tier_backend.CONNECTOR in reg._pending  # flushed into the next cluster's KV when Ray starts
+    reg._pending.clear()  # what that flush does; the process keeps its loader cache (is_registered: True)
+    assert factory.KVConnectorBackendFactory.is_registered(tier_backend.CONNECTOR)
+    tier_backend.register()
+    assert tier_backend.CONNECTOR in reg._pending, "the next cluster gets the registration too"
+    factory.KVConnectorBackendFactory.unregister_backend(tier_backend.CONNECTOR)
