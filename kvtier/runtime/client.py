@@ -124,7 +124,7 @@ class Client(PutPath, GetPath):
         # this process's earlier puts are in the figures; bounded by the rpc timeout, not the queue's (60 s): with
         # the controller away a stats() call waited the whole 60 s (tests/reliability/test_faults.py's restart)
         self.store.flush(self.timeout)
-        self._report(force=True)
+        self._report(force=True, wait_s=self.timeout)
         try:
             out = self._call("stats", timeout=3 * self.timeout)
         except _RPC_ERRORS as e:

@@ -234,9 +234,12 @@ class GetPath:
         self.metrics.hit(tier, len(hits), tokens=tokens)
         self.metrics.miss(tier, misses)
 
-    def _report(self, force: bool = False) -> None:
+    def _report(self, force: bool = False, wait_s: float = 0.0) -> None:
         """Tell the controller this process's new hit counts, without waiting: with a get that called it
-        anyway, else at most once a second (hot hits alone never wait for, nor cost, a remote call each)."""
+        anyway, else at most once a second (hot hits alone never wait for, nor cost, a remote call each).
+        ``wait_s`` > 0 waits (bounded) until the controller has them: ``stats()`` asks next, and the
+        controller is a threaded actor (no order between one caller's calls), so its answer could predate
+        the report (a warm hit missing from the figures, seen under load in tests/kvtier/test_runtime.py)."""
         now = time.monotonic()
         if not force and now - self._reported_at < 1.0:
             return
@@ -247,6 +250,8 @@ class GetPath:
             self._unreported = {t: {"hits": 0, "hit_tokens": 0, "misses": 0} for t in TIERS}
             self._reported_at = now
         try:
-            self.controller.served.remote(counts)
-        except ray.exceptions.RayActorError:
-            pass
+            ref = self.controller.served.remote(counts)
+            if wait_s > 0:
+                ray.get(ref, timeout=wait_s)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
+            pass  # the counts are the controller's to lose: a late or lost report never blocks a caller
