@@ -130,7 +130,7 @@ class SchedulerSide:
                                                getattr(request, "cache_salt", None))
             st = self.reqs[request.request_id] = _Req(keys, len(prompt))
             st.handoff = bool(params.get("do_remote_decode"))
-            st.expect = expected_chunks(getattr(request, "kv_transfer_params", None), keys)
+            st.expect = expected_chunks(params, keys)
             st.wait_until = self.clock() + self.handoff_wait_s
         return st
 
