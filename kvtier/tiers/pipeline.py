@@ -30,8 +30,13 @@ releases the GIL: numpy copies, xxhash, zstd):
      version, 1 MiB slices whose copies the calling thread launched, reached
      17.6 GB/s on the H200: ~8000 GIL handoffs per 2 GB load.)
 
-At most ``2 * threads`` blocks are staged and not yet taken by the calling
-thread at once (the pinned memory in flight is bounded). ``keep_buffers=True``
+On CUDA a work item is a contiguous run of blocks (about ``KVTIER_LOAD_GROUP_MIB``,
+32 MiB, at most the batch over the threads; a cold read is an item of its own):
+parsed, then staged into one pinned slab, each block sent on to a device tensor
+of its own (the hot tier adopts blocks one by one, so it counts what it pins),
+one event for the run, one hand-off to the calling thread. At most
+``2 * threads`` runs are staged and not yet taken by the calling thread at once
+(the pinned memory in flight is bounded). ``keep_buffers=True``
 also returns each block's payload as tensors on the device that nobody else
 references, for the hot tier to adopt (the copy the decode read from: no second
 host-to-device copy). Pinned buffers come from torch's caching host allocator:
@@ -67,6 +72,12 @@ MAX_THREADS = 16  # copy + hash is memory-bound: 16 threads saturated the H200 h
 # ~8000 GIL handoffs per load. Defaults below; ``KVTIER_LOAD_SLICE_MIB`` overrides the copy/hash slice (tuning).
 COPY_SLICE = int(float(os.environ.get("KVTIER_LOAD_SLICE_MIB", "2")) * (1 << 20))  # copied, then hashed from cache
 SEND_SLICE = 8 << 20  # one H2D copy per 8 MiB staged, launched by the worker that staged it
+# CUDA: one work item stages a contiguous run of blocks of about this many bytes (at most total / threads, so
+# every thread has work) into one pinned slab and records one event. A 16K rot4 load is 63 blocks of 9 MiB:
+# one item per block cost 77 ms for 13.5 ms of GPU work on the H200, in per-block Python (staging allocation,
+# event, queue hand-off) of 16 threads taking turns on the GIL. ``KVTIER_LOAD_GROUP_MIB`` overrides it (0: one
+# block per item).
+GROUP_BYTES = int(float(os.environ.get("KVTIER_LOAD_GROUP_MIB", "32")) * (1 << 20))
 
 
 @dataclass
@@ -104,12 +115,20 @@ class _Staged:
 class Loader:
     """A thread pool and one copy stream per CUDA device; ``load`` may be called from several threads."""
 
-    def __init__(self, threads: int | None = None) -> None:
-        n = threads if threads is not None else min(MAX_THREADS, os.cpu_count() or 2)
+    def __init__(self, threads: int | None = None, *, group_bytes: int | None = None,
+                 copy_slice: int | None = None) -> None:
+        n = threads if threads is not None else int(os.environ.get("KVTIER_LOAD_THREADS", "0")) or min(
+            MAX_THREADS, os.cpu_count() or 2)
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"threads={threads!r} must be a positive int")
+        g = GROUP_BYTES if group_bytes is None else group_bytes
+        c = COPY_SLICE if copy_slice is None else copy_slice
+        for name, v in (("group_bytes", g), ("copy_slice", c)):
+            if not isinstance(v, int) or v < 0:
+                raise ValueError(f"{name}={v!r} must be a non-negative int of bytes")
         self.threads = n
-        self.copy_slice = max(_ALIGN, COPY_SLICE // _ALIGN * _ALIGN)
+        self.group_bytes = g
+        self.copy_slice = max(_ALIGN, c // _ALIGN * _ALIGN)
         self.send_slice = max(SEND_SLICE, self.copy_slice)
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="kvtier-load")
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
@@ -132,47 +151,84 @@ class Loader:
         call = _Call(queue.SimpleQueue(), threading.Semaphore(2 * self.threads), threading.Event(),
                      time.monotonic() + timeout_s, self._stream(device) if cuda else None,
                      self.copy_slice, self.send_slice)
-        for i, (k, s) in enumerate(zip(keys, sources)):
-            self._pool.submit(self._work, call, i, k, s, device, expect_model, keep_buffers, decode)
+        if cuda:
+            for group in _groups(sources, self.threads, self.group_bytes):
+                self._pool.submit(self._work_group, call, group, keys, sources, device, expect_model,
+                                  keep_buffers)
+        else:
+            for i, (k, s) in enumerate(zip(keys, sources)):
+                self._pool.submit(self._work, call, i, k, s, device, expect_model, keep_buffers)
         main = torch.cuda.current_stream(device) if cuda else None
         out: list[Loaded | None] = [None] * len(keys)
         left = len(keys)
         while left:
             try:
-                _, i, what = call.events.get(timeout=max(0.0, call.deadline - time.monotonic()))
+                done, slot = call.events.get(timeout=max(0.0, call.deadline - time.monotonic()))
             except queue.Empty:
                 break
-            left -= 1
-            if cuda and isinstance(what, _Staged):
+            if slot:
                 call.inflight.release()
-            if isinstance(what, Loaded):
-                out[i] = what
-                continue
-            try:
-                out[i] = self._finish(keys[i], what, device, main, keep_buffers, decode)
-            except BlockFormatError as e:
-                out[i] = Loaded(keys[i], "corrupt", error=str(e))
+            if cuda and any(isinstance(w, _Staged) for _, w in done):
+                main.wait_event(next(w for _, w in done if isinstance(w, _Staged)).ready)  # one event per group
+            for i, what in done:
+                left -= 1
+                if isinstance(what, Loaded):
+                    out[i] = what
+                    continue
+                try:
+                    out[i] = self._finish(keys[i], what, device, main, keep_buffers, decode)
+                except BlockFormatError as e:
+                    out[i] = Loaded(keys[i], "corrupt", error=str(e))
         call.stop.set()  # abandoned work (a timeout) stops at its next slice
         return [o if o is not None else Loaded(k, "timeout", error=f"not read and verified within {timeout_s}s")
                 for k, o in zip(keys, out)]
 
     # ---- in the pool -------------------------------------------------------------------
     def _work(self, call: "_Call", i: int, key: str, src: Source, device: torch.device, expect_model: str | None,
-              keep: bool, decode: bool) -> None:
+              keep: bool) -> None:
+        """CPU: one block per work item (its staging is a copy for the hot tier or nothing)."""
         try:
-            what = self._stage(call, i, key, src, device, expect_model, keep, decode)
-        except BlockFormatError as e:
-            what = Loaded(key, "corrupt", error=str(e))
-        except (OSError, KvtierError, ValueError) as e:
-            what = Loaded(key, "error", error=f"{type(e).__name__}: {e}")
+            what = self._parse(key, src, expect_model, call)
+            if not isinstance(what, Loaded):
+                what = _stage_cpu(call, keep, *what)
         except _Stopped:
             return
-        except Exception as e:  # noqa: BLE001 - e.g. no pinned memory left: a miss with its reason, not a hang
-            what = Loaded(key, "error", error=f"{type(e).__name__}: {e}")
-        call.events.put(("done", i, what))
+        except Exception as e:  # noqa: BLE001 - a miss with its reason, never a hang
+            what = _failed(key, e)
+        call.events.put(([(i, what)], False))
 
-    def _stage(self, call: "_Call", i: int, key: str, src: Source, device: torch.device, expect_model: str | None,
-               keep: bool, decode: bool):
+    def _work_group(self, call: "_Call", idxs: list[int], keys: Sequence[str], sources: Sequence[Source],
+                    device: torch.device, expect_model: str | None, keep: bool) -> None:
+        """CUDA: a contiguous run of blocks parsed, then copied and hashed into one pinned slab, each block's
+        bytes sent on to a device tensor of its own (the hot tier adopts blocks one by one), one event."""
+        done: list[tuple[int, Any]] = []
+        todo = []
+        try:
+            for i in idxs:
+                try:
+                    what = self._parse(keys[i], sources[i], expect_model, call)
+                except _Stopped:
+                    raise
+                except Exception as e:  # noqa: BLE001
+                    what = _failed(keys[i], e)
+                (done.append((i, what)) if isinstance(what, Loaded) else todo.append((i, what)))
+            slot = bool(todo) and call.inflight.acquire(timeout=max(0.0, call.deadline - time.monotonic()))
+            if todo and not slot:
+                done += [(i, Loaded(keys[i], "timeout", error="no staging slot freed before the deadline"))
+                         for i, _ in todo]
+            elif todo:
+                try:
+                    done += _stage_cuda(call, device, keys, todo)
+                except BaseException:
+                    call.inflight.release()
+                    raise
+        except _Stopped:
+            return
+        call.events.put((sorted(done, key=lambda d: d[0]), slot))
+
+    def _parse(self, key: str, src: Source, expect_model: str | None, call: "_Call"):
+        """The block's header checked (key, model); a ``Loaded`` (a miss) or what to stage: (block, base codec,
+        params, payload buffers, verified). ``+zstd``: verified here, then inflated into memory this call owns."""
         if callable(src):
             src = src()
         if src is None:
@@ -184,37 +240,12 @@ class Loader:
         if expect_model is not None and block.model != expect_model:
             return Loaded(key, "model", error=f"block of model {block.model!r}, expected {expect_model!r}")
         codec, params, bufs = block.codec, block.params, block.buffers
-        inflated = codec.endswith(ZSTD_SUFFIX)
-        if inflated:  # verified before inflating; the inflated tensors belong to this call
+        if codec.endswith(ZSTD_SUFFIX):  # verified before inflating; the inflated tensors belong to this call
             if not verified:
                 _check(block, bufs, call)
             verified = True
             codec, params, bufs = entry_buffers(block, torch.device("cpu"))
-        if device.type == "cpu":  # decoded by the calling thread (``_finish``), not here: see ``_finish``
-            if not (keep and not inflated):  # nothing to copy: hashed in place, decoded from the source
-                if not verified:
-                    _check(block, bufs, call)
-                return _Staged(block, codec, params, buffers=bufs if inflated else None,
-                               decode_from=bufs if inflated else None, private=inflated and not keep)
-            host, spans, _ = _copy_in(block, bufs, None if verified else _hasher(block), False, call)
-            v = _Staged(block, codec, params, host=host, spans=spans)
-            v.buffers = v.decode_from = {n: host[a:a + s] for n, (a, s) in spans.items()}
-            return v
-        if not call.inflight.acquire(timeout=max(0.0, call.deadline - time.monotonic())):
-            return Loaded(key, "timeout", error="no staging slot freed before the deadline")
-        try:
-            # this thread launches its own H2D copies on the copy stream (streams are thread-safe; the current
-            # stream and device are per thread); the device bytes are allocated on that stream too
-            with torch.cuda.device(device), torch.cuda.stream(call.copy):
-                v = _Staged(block, codec, params)
-                v.host, v.spans, v.dev = _copy_in(block, bufs, None if verified else _hasher(block), True, call,
-                                                  device)
-                v.ready = torch.cuda.Event()
-                v.ready.record(call.copy)
-        except BaseException:
-            call.inflight.release()
-            raise
-        return v
+        return block, codec, params, bufs, verified
 
     # ---- in the calling thread ---------------------------------------------------------
     def _finish(self, key: str, v: _Staged, device: torch.device, main, keep: bool, decode: bool) -> Loaded:
@@ -223,8 +254,7 @@ class Loader:
             # spinning after the op slowed the caller's next forward 50x (a 3 ms tail took 154 ms on 2 cores)
             kv = _decode(key, v.codec, v.params, v.block, v.decode_from, device, v.private) if decode else None
             return Loaded(key, "ok", kv, v.block, v.buffers if keep else None, _nbytes(v.block))
-        main.wait_event(v.ready)  # this block's bytes are on the device (and every copy queued before them)
-        v.dev.record_stream(main)  # allocated on the copy stream, read (and freed) on the current one
+        v.dev.record_stream(main)  # (``load`` made ``main`` wait for the group's event: the bytes are there)  # allocated on the copy stream, read (and freed) on the current one
         bufs = {n: v.dev[a:a + s] for n, (a, s) in v.spans.items()}
         kv = _decode(key, v.codec, v.params, v.block, bufs, device, private=not keep) if decode else None
         return Loaded(key, "ok", kv, v.block, bufs if keep else None, _nbytes(v.block))
@@ -238,8 +268,8 @@ class Loader:
 
 @dataclass
 class _Call:
-    events: "queue.SimpleQueue"  # ("done", i, _Staged | Loaded), one per key
-    inflight: threading.Semaphore  # CUDA: staged blocks the calling thread has not taken yet (pinned memory held)
+    events: "queue.SimpleQueue"  # ([(i, _Staged | Loaded), ...], holds a staging slot), one per work item
+    inflight: threading.Semaphore  # CUDA: staged runs the calling thread has not taken yet (pinned memory held)
     stop: threading.Event
     deadline: float
     copy: Any  # CUDA: the copy stream
@@ -274,26 +304,124 @@ def _check(block: Block, bufs: Mapping[str, Any], call: _Call) -> None:
     _compare(block, h)
 
 
+def _failed(key: str, e: Exception) -> Loaded:
+    if isinstance(e, BlockFormatError):
+        return Loaded(key, "corrupt", error=str(e))
+    # OSError, KvtierError, ValueError (a read), or e.g. no pinned memory left: a miss with its reason
+    return Loaded(key, "error", error=f"{type(e).__name__}: {e}")
+
+
+def _known_size(src: Source) -> int | None:
+    """Bytes of a source in hand (None for a read still to run: a cold read is a work item of its own)."""
+    if src is None or callable(src):
+        return None
+    if isinstance(src, Block):
+        return sum(b.size for b in src.buffers.values())
+    try:
+        return memoryview(src).nbytes
+    except TypeError:
+        return None
+
+
+def _groups(sources: Sequence[Source], threads: int, group_bytes: int) -> list[list[int]]:
+    """Contiguous runs of source indices of about ``group_bytes`` each (at most total / threads, so every
+    thread gets work; one block at least); a source whose size is unknown (a read) is a run of its own."""
+    sizes = [_known_size(s) for s in sources]
+    target = max(1, min(group_bytes, sum(s for s in sizes if s) // threads))
+    out: list[list[int]] = []
+    cur: list[int] = []
+    acc = 0
+    for i, n in enumerate(sizes):
+        if n is None:
+            out += [cur, [i]] if cur else [[i]]
+            cur, acc = [], 0
+            continue
+        cur.append(i)
+        acc += n
+        if acc >= target:
+            out.append(cur)
+            cur, acc = [], 0
+    if cur:
+        out.append(cur)
+    return out
+
+
+def _stage_cpu(call: _Call, keep: bool, block: Block, codec: str, params, bufs, verified: bool) -> _Staged:
+    inflated = block.codec.endswith(ZSTD_SUFFIX)
+    if not (keep and not inflated):  # nothing to copy: hashed in place, decoded from the source
+        if not verified:
+            _check(block, bufs, call)
+        return _Staged(block, codec, params, buffers=bufs if inflated else None,
+                       decode_from=bufs if inflated else None, private=inflated and not keep)
+    host, spans, _ = _copy_in(block, bufs, None if verified else _hasher(block), False, call)
+    v = _Staged(block, codec, params, host=host, spans=spans)
+    v.buffers = v.decode_from = {n: host[a:a + s] for n, (a, s) in spans.items()}
+    return v
+
+
+def _stage_cuda(call: _Call, device: torch.device, keys: Sequence[str], todo: list) -> list[tuple[int, Any]]:
+    """``todo``'s blocks ((index, parsed) pairs) copied and hashed into one pinned slab, each sent on to its
+    own device tensor on the copy stream; one event after the last copy. A block that fails its checksum
+    is a miss (its device bytes are never decoded); the others are unaffected."""
+    layouts = [_layout(p[3]) for _, p in todo]
+    bases, off = [], 0
+    for lay in layouts:
+        off = -(-off // _ALIGN) * _ALIGN
+        bases.append(off)
+        off += max(lay[2], 1)
+    out: list[tuple[int, Any]] = []
+    # this thread launches its own H2D copies on the copy stream (streams are thread-safe; the current stream
+    # and device are per thread); the device bytes are allocated on that stream too
+    with torch.cuda.device(device), torch.cuda.stream(call.copy):
+        slab = torch.empty(off, dtype=torch.uint8, pin_memory=True)
+        for (i, (block, codec, params, bufs, verified)), lay, base in zip(todo, layouts, bases):
+            v = _Staged(block, codec, params)
+            try:
+                v.host, v.spans, v.dev = _copy_in(block, bufs, None if verified else _hasher(block), True, call,
+                                                  device, layout=lay, host=slab[base:base + max(lay[2], 1)])
+            except _Stopped:
+                raise
+            except Exception as e:  # noqa: BLE001 - this block is a miss, the rest of the run goes on
+                out.append((i, _failed(keys[i], e)))
+                continue
+            out.append((i, v))
+        ready = torch.cuda.Event()
+        ready.record(call.copy)
+    for _, v in out:
+        if isinstance(v, _Staged):
+            v.ready = ready
+    return out
+
+
+def _layout(bufs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int]], int]:
+    """(byte views of the buffers, name -> (offset, size) in sorted name order at 512-byte aligned offsets,
+    total bytes)."""
+    srcs = {n: _np(bufs[n]) for n in sorted(bufs)}
+    spans, off = {}, 0
+    for n, src in srcs.items():
+        off = -(-off // _ALIGN) * _ALIGN
+        spans[n] = (off, src.nbytes)
+        off += src.nbytes
+    return srcs, spans, off
+
+
 def _copy_in(block: Block, bufs: Mapping[str, Any], h, pin: bool, call: _Call,
-             device: torch.device | None = None) -> tuple[torch.Tensor, dict[str, tuple[int, int]], torch.Tensor | None]:
+             device: torch.device | None = None, *, layout=None,
+             host: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[str, tuple[int, int]], torch.Tensor | None]:
     """Every buffer copied into one host tensor (512-byte aligned spans, in sorted name order: the checksum's
     order), each ``copy_slice`` hashed right after its copy when ``h`` is given. With a CUDA ``device`` the
     host tensor is pinned and every ``send_slice`` staged is copied on to a device tensor at once, on the
-    current (copy) stream. Returns (host, spans, device tensor or None). Raises ``BlockFormatError`` if the
-    checksum does not match (the device bytes are then never decoded)."""
-    names = sorted(bufs)
-    srcs = {n: _np(bufs[n]) for n in names}
-    spans, off = {}, 0
-    for n in names:
-        off = -(-off // _ALIGN) * _ALIGN
-        spans[n] = (off, srcs[n].nbytes)
-        off += srcs[n].nbytes
-    host = torch.empty(max(off, 1), dtype=torch.uint8, pin_memory=pin)
+    current (copy) stream. ``host``: staging memory to use (a slice of a group's pinned slab) instead of a
+    new tensor. Returns (host, spans, device tensor or None). Raises ``BlockFormatError`` if the checksum
+    does not match (the device bytes are then never decoded)."""
+    srcs, spans, off = layout if layout is not None else _layout(bufs)
+    if host is None:
+        host = torch.empty(max(off, 1), dtype=torch.uint8, pin_memory=pin)
     dev = torch.empty(max(off, 1), dtype=torch.uint8, device=device) if device is not None else None
     dst = host.numpy()
     told, step = 0, call.copy_slice
-    for n in names:
-        src, (base, size) = srcs[n], spans[n]
+    for n, src in srcs.items():
+        base, size = spans[n]
         if h is not None:
             h.update(Block.buffer_prefix(n, size))
         for a in range(0, size, step):

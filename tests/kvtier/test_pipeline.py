@@ -137,6 +137,17 @@ def test_a_flipped_byte_is_a_miss_on_every_path(loader):
         assert g.status == "corrupt" and "checksum" in g.error and g.kv is None
 
 
+def test_cuda_work_items_are_contiguous_runs_of_about_group_bytes():
+    from kvtier.tiers.pipeline import _groups
+
+    mib = 1 << 20
+    srcs = [bytes(mib)] * 3 + [lambda: None, None] + [bytes(mib)] * 5
+    # 8 MiB over 2 threads: runs of min(3 MiB, 8/2 MiB); a read (size unknown) or a missing source stands alone
+    assert _groups(srcs, 2, 3 * mib) == [[0, 1, 2], [3], [4], [5, 6, 7], [8, 9]]
+    assert _groups(srcs, 8, 3 * mib) == [[0], [1], [2], [3], [4], [5], [6], [7], [8], [9]]  # 1 MiB per thread
+    assert _groups(srcs, 1, 0) == [[i] for i in range(10)]  # group_bytes 0: a block per work item
+
+
 def test_bad_arguments_name_the_value(loader):
     with pytest.raises(ValueError, match="2 keys and 1 sources"):
         loader.load(["a", "b"], [None], "cpu")
@@ -144,6 +155,8 @@ def test_bad_arguments_name_the_value(loader):
         loader.load([], [], "cpu", timeout_s=0)
     with pytest.raises(ValueError, match="threads=0"):
         Loader(threads=0)
+    with pytest.raises(ValueError, match="group_bytes=-1"):
+        Loader(threads=1, group_bytes=-1)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -173,6 +186,26 @@ def test_cuda_many_slices_a_flipped_byte_and_zstd_on_one_call(loader):
     assert [g.status for g in got] == ["ok", "corrupt", "ok"]
     assert torch.equal(got[0].kv.cpu(), big) and got[1].kv is None
     torch.testing.assert_close(got[2].kv.cpu(), kvtier.decompress(b2), rtol=2**-7, atol=2**-7)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_one_run_of_blocks_with_a_corrupt_one_in_the_middle():
+    items = [make(20 + i, "kivi4") for i in range(5)]
+    wires = [b.to_arrow() for _, _, b in items]
+    flipped = bytearray(wires[2].to_pybytes())
+    flipped[-3000] ^= 1
+    lo = Loader(threads=1, group_bytes=1 << 30)  # all five blocks in one work item, one pinned slab, one event
+    try:
+        got = lo.load([k for k, _, _ in items], wires[:2] + [bytes(flipped)] + wires[3:], "cuda", keep_buffers=True)
+    finally:
+        lo.close()
+    assert [g.status for g in got] == ["ok", "ok", "corrupt", "ok", "ok"] and got[2].kv is None
+    for g, (_, _, b) in zip(got, items):
+        if g.status == "ok":
+            torch.testing.assert_close(g.kv.cpu(), kvtier.decompress(b), rtol=2**-7, atol=2**-7)
+            ptrs = {t.untyped_storage().data_ptr() for t in g.buffers.values()}
+            assert len(ptrs) == 1, "each block's device buffers are one allocation of its own (the hot tier adopts it)"
+    assert len({next(iter(g.buffers.values())).untyped_storage().data_ptr() for g in got if g.buffers}) == 4
 
 
 def test_a_zstd_block_is_inflated_once_and_the_hot_tier_adopts_the_inflated_bytes(loader, monkeypatch):
