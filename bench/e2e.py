@@ -365,7 +365,8 @@ def run(args, checkpoint=lambda rows, info: None) -> tuple[list[dict], dict]:
     print("  baselines:", ", ".join(f"{k} {v:.2f} GB/s" if isinstance(v, float) else f"{k} {v}" for k, v in floors.items()))
     backend = RayTier(device, cold_root, args.chunk_tokens, args.hot_bytes, args.warm_bytes)
     lo = backend.client.loader
-    notes.append(f"load pipeline: {lo.threads} threads, copy + hash per {lo.copy_slice / 2**20:g} MiB, H2D per "
+    notes.append(f"load pipeline: {lo.threads} threads, runs of {lo.group_bytes / 2**20:g} MiB of blocks per work "
+                 f"item (CUDA), copy + hash per {lo.copy_slice / 2**20:g} MiB, H2D per "
                  f"{lo.send_slice / 2**20:g} MiB; Python's cyclic GC frozen after start-up and run between timed runs, "
                  "never inside one (as timeit does), for recompute and hits alike")
     # a full collection over the model's, Ray's and transformers' objects landed inside some timed tails (+16-30 ms
