@@ -27,6 +27,13 @@ after ``tombstone_ttl`` seconds (longer than any in-flight call: those are
 bounded by ``rpc_timeout_s``) or beyond ``max_tombstones``, oldest first, and
 never while ``listing_pending`` (a cold listing that may still report them).
 
+Change log: every time a key's warm copy stops being the one the index names
+(dropped, demoted, replaced by a newer put, forgotten, deleted, its shard gone)
+the key is appended to a bounded log under a new sequence number
+(``change_seq``); ``changes(since)`` answers which keys changed after a given
+number, so a client's cache of warm locations can check that an entry it used is
+still current without asking where every key is (``kvtier.runtime.location_cache``).
+
 Pins protect blocks under a reader; each pin belongs to a lease that expires
 after ``ttl`` seconds, so a reader that dies cannot pin a block forever.
 
@@ -38,9 +45,12 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections import OrderedDict
+from collections import OrderedDict, deque
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
+
+
+CHANGE_LOG = 1 << 16  # keys whose warm copy changed, newest last; a reader further behind is told "all" (None)
 
 
 class LRU:
@@ -163,6 +173,8 @@ class Placement:
         self.max_tombstones = max_tombstones
         self.listing_pending = False  # a cold listing may still report objects: keep every tombstone
         self.stale = 0  # copies refused because their version was not current (or deleted)
+        self.change_seq = 0  # the number of the last entry in ``_changes``
+        self._changes: deque[str] = deque(maxlen=CHANGE_LOG)
         for sid, cap in (shard_capacity or {}).items():
             self.add_shard(sid, cap)
 
@@ -248,6 +260,8 @@ class Placement:
             return refuse
         if e.shard == shard and e.gen and gen and gen < e.gen:
             return []  # an older copy of the same version, already replaced in the shard
+        if e.shard is not None:  # a newer copy of the same version in the same shard: the old handle is stale
+            self._changed(key)
         e.shard, e.gen, e.ref, e.moving = shard, gen, ref, False
         e.last_access = self.clock()
         self.shards[shard].add(key, e.size)
@@ -361,7 +375,7 @@ class Placement:
             n += 1
             if e.shard is not None:
                 orders.append(Order("drop", e.shard, (key,), (e.gen,)))
-                self.shards[e.shard].remove(key)
+                self._clear_warm(e)
             if e.cold:
                 self.cold.remove(key)
                 orders.append(Order("delete_cold", None, (key,), (e.version,)))
@@ -493,9 +507,26 @@ class Placement:
         return [Order("delete_cold", None, (key,), (e.version,))]
 
     def _clear_warm(self, e: Entry) -> None:
-        if e.shard is not None and e.shard in self.shards:
-            self.shards[e.shard].remove(e.key)
+        if e.shard is not None:
+            self._changed(e.key)
+            if e.shard in self.shards:
+                self.shards[e.shard].remove(e.key)
         e.shard, e.ref, e.moving, e.gen = None, None, False, 0
+
+    # ---- change log -----------------------------------------------------
+    def _changed(self, key: str) -> None:
+        self.change_seq += 1
+        self._changes.append(key)
+
+    def changes(self, since: int) -> list[str] | None:
+        """Keys whose warm copy changed after change number ``since`` (each at most once, any order);
+        None if the log no longer reaches back that far (the caller must then distrust everything)."""
+        if not isinstance(since, int) or since < 0 or since > self.change_seq:
+            return None  # not a number this index gave out (e.g. from a controller before a restart)
+        first = self.change_seq - len(self._changes) + 1  # the number of the oldest entry kept
+        if since + 1 < first:
+            return None
+        return list(set(itertools.islice(self._changes, since + 1 - first, None)))
 
     # ---- stats ----------------------------------------------------------
     def stats(self) -> dict[str, Any]:

@@ -82,6 +82,8 @@ class Controller:
         self._rr = 0
         self._listed_at = 0.0
         self.started = time.time()
+        # a new one per start: change numbers of an earlier controller mean nothing to this one's index
+        self.incarnation = secrets.token_hex(8)
         self.shards = {shard_name(i): _ShardInfo(shard_name(i), self._ensure_shard(i)) for i in range(self.cfg.num_shards)}
         self._reported = {"warm": 0, "cold": 0}  # drop counts already exported
         self._served = {t: {"hits": 0, "hit_tokens": 0, "misses": 0} for t in ("hot", "warm", "cold")}  # by clients
@@ -284,15 +286,26 @@ class Controller:
         return {"config": self.cfg.to_dict(), "namespace": self.namespace, "lease_s": self.lease_s,
                 "shards": [{"id": i.id, "node_id": i.node_id, "handle": i.handle} for i in self.shards.values()]}
 
-    def locate(self, keys: list[str], pin: bool = True) -> tuple[list[Location | None], int]:
+    def locate(self, keys: list[str], pin: bool = True, seq: bool = False):
         """Per key: None, or where it is (``Location``: size, shard, warm ObjectRef, in cold, version).
         One call per batch. Keys served from cold are pinned under the returned lease. Warm ones need no
         pin: the ObjectRef the reader holds keeps the bytes alive in the object store even if the shard
-        drops them meanwhile (Ray reference counting), so the common path needs no unpin call."""
+        drops them meanwhile (Ray reference counting), so the common path needs no unpin call.
+        Returns (locations, lease); with ``seq``, (locations, lease, (incarnation, change number)) of the
+        same moment, for a client's location cache (``changes``)."""
         with self._lock:
             entries, lease = self.placement.locate(keys, self.lease_s if pin else None, pin_warm=False)
-        return [None if e is None else Location(k, e.size, e.shard, e.ref[0] if e.ref else None, e.cold, e.version)
-                for k, e in zip(keys, entries)], lease
+            at = (self.incarnation, self.placement.change_seq)
+        locs = [None if e is None else Location(k, e.size, e.shard, e.ref[0] if e.ref else None, e.cold, e.version)
+                for k, e in zip(keys, entries)]
+        return (locs, lease, at) if seq else (locs, lease)
+
+    def changes(self, since: int, incarnation: str | None) -> tuple[str, int, list[str] | None]:
+        """(incarnation, change number now, keys whose warm copy changed after ``since``): None instead of
+        the keys when ``since`` is from another incarnation or older than the log reaches (distrust all)."""
+        with self._lock:
+            keys = self.placement.changes(since) if incarnation == self.incarnation else None
+            return self.incarnation, self.placement.change_seq, keys
 
     def served(self, counts: dict) -> None:
         """A client's hits since its last report, per tier (blocks, tokens, misses): the hits ``stats()``

@@ -78,7 +78,8 @@ class GetPath:
         self.metrics.miss("none", misses)
         self.metrics.get_latency(time.perf_counter() - t0, "none" if misses == len(out) else served)
         self._hot_usage()
-        self._report(force=bool(need))
+        if need:
+            self._wake.set()  # the client's sync thread reports the new counts now, off this call's path
         return out
 
     def _load(self, keys: list[str], device: torch.device, decode: bool) -> tuple[dict[str, Loaded], str]:
@@ -91,7 +92,10 @@ class GetPath:
             if p is not None:  # put by this process, not stored yet: read back at once
                 src[k] = ("hot", p.wire)
         rest = [k for k in keys if k not in src]
-        locs, lease = self._locate(rest) if rest else ({}, 0)
+        cached, down, phases = self._load_cached(rest, device, decode) if rest else ({}, False, {})
+        rest = [k for k in rest if k not in cached]
+        t0 = time.perf_counter()
+        locs, lease = self._locate(rest, down) if rest else ({}, 0)
         t1 = time.perf_counter()
         warm = [(k, locs[k]) for k in rest if locs.get(k) is not None and locs[k].tier == "warm"]
         lost: list[str] = []
@@ -114,7 +118,8 @@ class GetPath:
                  if k not in found and self._cold_candidate(locs.get(k))}  # a warm copy was bad: its cold copy
         if retry:
             found.update(self._run_load(retry, locs, device, decode, [], cold_lost, lease))
-        self.last_get = {"locate": t1 - t0, "fetch": t2 - t1, "load": time.perf_counter() - t2}
+        self.last_get = {"locate": t1 - t0 + phases.get("check", 0.0), "fetch": t2 - t1 + phases.get("fetch", 0.0),
+                         "load": time.perf_counter() - t2 + phases.get("load", 0.0)}
         try:
             if lease:
                 self.controller.unpin.remote(lease)
@@ -122,8 +127,50 @@ class GetPath:
                 self.controller.forget.remote(lost, cold_lost, [locs[k].version for k in cold_lost])
         except ray.exceptions.RayActorError:
             pass
-        tiers = {(retry.get(k) or src[k])[0] for k in found}
+        tiers = {(retry.get(k) or src[k])[0] for k in found} | ({"warm"} if cached else set())
+        found.update(cached)
         return found, "cold" if "cold" in tiers else "warm" if "warm" in tiers else "hot"
+
+    def _load_cached(self, keys: list[str], device: torch.device,
+                     decode: bool) -> tuple[dict[str, Loaded], bool, dict[str, float]]:
+        """The keys whose warm location this client cached (``location_cache``): fetched and loaded at once,
+        while one ``changes`` call (issued first) asks the controller whether those locations are still the
+        current copies; only results it confirms are used (kept in the hot tier, counted as warm hits).
+        Everything else goes the locate path. Returns (found, controller timed out, phase times)."""
+        cached, since, inc = self.locations.take(keys)
+        if not cached:
+            return {}, False, {}
+        t0 = time.perf_counter()
+        check = self.controller.changes.remote(since, inc)
+        order = list(cached)
+        try:
+            data = ray.get([cached[k].ref for k in order], timeout=self.timeout)
+        except ray.exceptions.RayError:  # a shard died, an object is lost: the locate path sorts it out
+            self.locations.drop(order)
+            return {}, False, {}
+        src = {k: d for k, d in zip(order, data) if isinstance(d, np.ndarray) and d.dtype == np.uint8 and d.ndim == 1}
+        t1 = time.perf_counter()
+        keep = bool(self.hot.capacity) and device == self.hot.device
+        results = self.loader.load(list(src), list(src.values()), device, expect_model=self.model,
+                                   keep_buffers=keep, decode=decode, timeout_s=self.timeout)
+        t2 = time.perf_counter()
+        down = False
+        try:
+            stale = self.locations.apply(*ray.get(check, timeout=self.timeout))
+        except _RPC_ERRORS as e:
+            down = isinstance(e, ray.exceptions.GetTimeoutError)  # the locate path would wait as long again
+            stale = self.locations.apply(None, 0, None)
+        found = {k: r for k, r in zip(src, results) if r.status == "ok" and stale is not None and k not in stale}
+        self.locations.drop([k for k in order if k not in found])
+        self.locations.counters["hits"] += len(found)
+        self.locations.counters["stale"] += len(order) - len(found)
+        for r in found.values():
+            if self.hot.capacity:
+                self.hot.put(r.block, r.buffers if keep else None)
+            self.metrics.transfer("object_store", r.nbytes)
+        if decode and found:
+            self._count("warm", [r.kv for r in found.values()], 0)
+        return found, down, {"check": time.perf_counter() - t2, "fetch": t1 - t0, "load": t2 - t1}
 
     def _cold_candidate(self, loc: Location | None) -> bool:
         return self.cold is not None and loc is not None and loc.cold
@@ -134,13 +181,19 @@ class GetPath:
         # its owner's, not corrupt; the load checks the model and makes it a counted miss
         return functools.partial(self.cold.get, key, version=loc.version)
 
-    def _locate(self, keys: list[str]) -> tuple[dict[str, Location | None], int]:
+    def _locate(self, keys: list[str], down: bool = False) -> tuple[dict[str, Location | None], int]:
+        """Where ``keys`` are (one controller call; its warm answers go into the location cache);
+        ``down``: the controller just timed out on this get, so the cold tier is read directly at once."""
         try:
-            locs, lease = self._call("locate", keys, timeout=self.timeout)
+            if down:
+                raise ray.exceptions.GetTimeoutError("the controller's changes call timed out in this get")
+            locs, lease, (inc, seq) = self._call("locate", keys, True, True, timeout=self.timeout)
         except _RPC_ERRORS as e:
             self._error(f"controller did not answer locate ({type(e).__name__}); reading the cold tier directly")
             return {k: Location(k, 0, None, None, True, None) for k in keys}, 0  # version None: the newest
-        return dict(zip(keys, locs)), lease
+        out = dict(zip(keys, locs))
+        self.locations.learn(out, inc, seq)
+        return out, lease
 
     def _warm_bytes(self, refs: list, lost: list[str], warm: list) -> list:
         """The warm copies' bytes (zero-copy arrays), None where not had; dead shards' keys go to ``lost``."""
@@ -235,8 +288,9 @@ class GetPath:
         self.metrics.miss(tier, misses)
 
     def _report(self, force: bool = False, wait_s: float = 0.0) -> None:
-        """Tell the controller this process's new hit counts, without waiting: with a get that called it
-        anyway, else at most once a second (hot hits alone never wait for, nor cost, a remote call each).
+        """Tell the controller this process's new hit counts, without waiting. Called by the client's sync
+        thread (at once after a get that left the hot tier, else at most once a second: hot hits alone never
+        cost a remote call each), by ``stats()`` and by ``close()``.
         ``wait_s`` > 0 waits (bounded) until the controller has them: ``stats()`` asks next, and the
         controller is a threaded actor (no order between one caller's calls), so its answer could predate
         the report (a warm hit missing from the figures, seen under load in tests/kvtier/test_runtime.py)."""

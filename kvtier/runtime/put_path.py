@@ -46,6 +46,7 @@ class PutPath:
         codec = codec or self.cfg.codec
         t0 = time.perf_counter()
         blocks = [self._block(k, kv, codec) for k, kv in zip(keys, kvs)]
+        self.locations.drop(keys)  # a cached location names the previous copy
         items = []
         for block in blocks:
             wire = block.to_arrow()  # the one serialization: hot tier, shard, cold and handoff share it

@@ -10,7 +10,7 @@ releases the GIL: numpy copies, xxhash, zstd):
 
   1. parse the Arrow structure and header; a swapped or foreign-model block is
      a miss with its reason.
-  2. copy the payload, 2 MiB at a time (``KVTIER_LOAD_SLICE_MIB``), into
+  2. copy the payload, 8 MiB at a time (``KVTIER_LOAD_SLICE_MIB``), into
      memory this call owns (pinned staging for a CUDA target, plain memory for
      a CPU hot tier) and hash each slice right after copying it, while it is in
      cache: one pass over the source instead of a checksum pass and a copy
@@ -31,7 +31,7 @@ releases the GIL: numpy copies, xxhash, zstd):
      17.6 GB/s on the H200: ~8000 GIL handoffs per 2 GB load.)
 
 On CUDA a work item is a contiguous run of blocks (about ``KVTIER_LOAD_GROUP_MIB``,
-32 MiB, at most the batch over the threads; a cold read is an item of its own):
+64 MiB, at most the batch over the threads; a cold read is an item of its own):
 parsed, then staged into one pinned slab, each block sent on to a device tensor
 of its own (the hot tier adopts blocks one by one, so it counts what it pins),
 one event for the run, one hand-off to the calling thread. At most
@@ -70,14 +70,15 @@ MAX_THREADS = 16  # copy + hash is memory-bound: 16 threads saturated the H200 h
 # Each slice costs a few GIL round trips (copy, hash, H2D launch: each releases the GIL). 1 MiB copy/hash slices
 # with the H2D launched by the calling thread per 8 MiB reached only 17.6 GB/s of 55 on the H200 (16 threads, 2 GB):
 # ~8000 GIL handoffs per load. Defaults below; ``KVTIER_LOAD_SLICE_MIB`` overrides the copy/hash slice (tuning).
-COPY_SLICE = int(float(os.environ.get("KVTIER_LOAD_SLICE_MIB", "2")) * (1 << 20))  # copied, then hashed from cache
+# 8 MiB (was 2): on the H200 a 16K rot4 load took 52.7 ms with 8 MiB slices, 62.4 with 2 (runs of 32 MiB, 16 threads)
+COPY_SLICE = int(float(os.environ.get("KVTIER_LOAD_SLICE_MIB", "8")) * (1 << 20))  # copied, then hashed
 SEND_SLICE = 8 << 20  # one H2D copy per 8 MiB staged, launched by the worker that staged it
 # CUDA: one work item stages a contiguous run of blocks of about this many bytes (at most total / threads, so
 # every thread has work) into one pinned slab and records one event. A 16K rot4 load is 63 blocks of 9 MiB:
-# one item per block cost 77 ms for 13.5 ms of GPU work on the H200, in per-block Python (staging allocation,
-# event, queue hand-off) of 16 threads taking turns on the GIL. ``KVTIER_LOAD_GROUP_MIB`` overrides it (0: one
-# block per item).
-GROUP_BYTES = int(float(os.environ.get("KVTIER_LOAD_GROUP_MIB", "32")) * (1 << 20))
+# one item per block took 77.8 ms on the H200 for 13.5 ms of GPU work (per-block Python of 16 threads taking
+# turns on the GIL); runs of 64 MiB with 8 MiB slices 49.3 ms, and a 16K `none` load 83-89 ms instead of
+# 107-117 (bench request h10-s3-1). ``KVTIER_LOAD_GROUP_MIB`` overrides it (0: one block per item).
+GROUP_BYTES = int(float(os.environ.get("KVTIER_LOAD_GROUP_MIB", "64")) * (1 << 20))
 
 
 @dataclass
@@ -155,6 +156,10 @@ class Loader:
             for group in _groups(sources, self.threads, self.group_bytes):
                 self._pool.submit(self._work_group, call, group, keys, sources, device, expect_model,
                                   keep_buffers)
+        elif len(keys) == 1 and not callable(sources[0]):
+            # one block in hand (a single warm get): staged here; handing it to a pool thread and back cost
+            # two thread switches (~0.5 ms of a 4.4 ms SmolLM2 warm get on the 2-core box)
+            self._work(call, 0, keys[0], sources[0], device, expect_model, keep_buffers)
         else:
             for i, (k, s) in enumerate(zip(keys, sources)):
                 self._pool.submit(self._work, call, i, k, s, device, expect_model, keep_buffers)

@@ -275,3 +275,57 @@ def test_issue9_3_a_delete_leaves_a_tombstone_that_outlives_in_flight_copies():
     clock.t += p.tombstone_ttl + 1
     p.expire()
     assert "j" in p.tombstones, "kept while a cold listing may still report the key"
+
+
+def test_change_log_names_every_key_whose_warm_copy_stopped_being_current():
+    import kvtier.placement as P
+
+    p, _ = make(shard_cap=300, cold_cap=10_000, shards=("s0", "s1"))
+    p.write("a", 100, "s0", 1, ref="ra")
+    p.write("b", 100, "s0", 1, ref="rb")
+    p.write("c", 100, "s1", 1, ref="rc")
+    s0 = p.change_seq
+    assert p.changes(s0) == [] and s0 == 0, "new keys change no copy a reader could hold"
+    p.write("a", 100, "s1", 2, ref="ra2")  # overwritten elsewhere: the old handle is stale
+    assert p.changes(s0) == ["a"]
+    _, orders = p.write("d", 250, "s0", 2, ref="rd")  # over s0's budget: "b" is demoted (still readable until done)
+    assert ("demote", "s0") in kinds(orders) and p.changes(s0) == ["a"]
+    p.demoted("b", "s0", 1, ok=True)
+    assert sorted(p.changes(s0)) == ["a", "b"]
+    s1 = p.change_seq
+    p.delete(["c"])
+    p.remove_shard("s0")  # "d" was there
+    assert sorted(p.changes(s1)) == ["c", "d"] and p.changes(p.change_seq) == []
+    assert p.changes(-1) is None and p.changes(p.change_seq + 1) is None and p.changes("0") is None
+    small, _ = make()
+    small._changes = P.deque(maxlen=2)
+    for i in range(3):
+        small.write("x", 10, "s0", 1 + 2 * i, ref=i)
+        small.write("x", 10, "s0", 2 + 2 * i, ref=i)
+    assert small.changes(small.change_seq - 2) == ["x"] and small.changes(small.change_seq - 3) is None, \
+        "a reader further behind than the log reaches is told to distrust everything"
+
+
+def test_location_cache_keeps_only_answers_it_can_check_and_distrusts_all_on_doubt():
+    from kvtier.runtime.location import Location
+    from kvtier.runtime.location_cache import LocationCache
+
+    warm = {k: Location(k, 10, "s0", ref=f"ref-{k}") for k in "abc"}
+    lc = LocationCache(max_entries=2)
+    lc.learn(dict(warm, d=Location("d", 10, None, cold=True), e=None), "inc1", 5)  # cold and absent: not kept
+    got, seq, inc = lc.take(list("abcde"))
+    assert set(got) == {"b", "c"} and (seq, inc) == (5, "inc1"), "bounded (LRU), warm entries only"
+    assert lc.apply("inc1", 7, ["b"]) == {"b"} and set(lc.take(list("abc"))[0]) == {"c"} and lc.seq == 7
+    lc.learn({"a": warm["a"]}, "inc1", 6)  # answered before change 7, which the cache has consumed: not kept
+    assert not lc.take(["a"])[0]
+    lc.learn({"a": warm["a"]}, "inc1", 7)
+    assert set(lc.take(["a", "c"])[0]) == {"a", "c"}
+    assert lc.apply("inc1", 9, None) is None and len(lc) == 0, "the log no longer reaches back: all distrusted"
+    lc.learn({"a": warm["a"]}, "inc1", 9)
+    assert lc.apply("inc2", 0, []) is None and len(lc) == 0, "a restarted controller: nothing learned holds"
+    lc.learn({"a": warm["a"]}, "inc1", 50)  # an answer of the old controller arriving late: resets, then kept
+    assert lc.incarnation == "inc1" and lc.take(["a"])[0]
+    lc.drop(["a"])
+    assert not lc.take(["a"])[0]
+    with pytest.raises(ValueError, match="max_entries=-1"):
+        LocationCache(-1)
