@@ -224,3 +224,41 @@ def test_a_zstd_block_is_inflated_once_and_the_hot_tier_adopts_the_inflated_byte
     assert torch.equal(hot.get_kv(key), kvtier.decompress(b))
     with pytest.raises(ValueError, match="inflated payload"):
         hot.put(g.block, {n: t[:1] for n, t in g.buffers.items()})  # not the inflated sizes: refused, not kept
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_direct_sends_from_registered_shared_memory_and_still_verifies(monkeypatch, tmp_path):
+    import mmap
+    import os
+
+    import numpy as np
+
+    import kvtier.tiers.host_register as hr
+
+    if not os.path.isdir("/dev/shm"):
+        pytest.skip("no /dev/shm on this machine")
+    monkeypatch.setattr(hr, "ENABLED", True)
+    items = [make(30 + i, codec) for i, codec in enumerate(["none", "kivi4", "none"])]
+    wires = [np.frombuffer(b.to_arrow(), np.uint8) for _, _, b in items]
+    path = f"/dev/shm/kvtier-test-{os.getpid()}"
+    with open(path, "w+b") as f:  # stands in for the object store's /dev/shm file
+        f.truncate(sum(-(-w.nbytes // 4096) * 4096 for w in wires))
+        mm = mmap.mmap(f.fileno(), 0)
+    os.unlink(path)
+    views, off = [], 0
+    for w in wires:
+        v = np.frombuffer(mm, np.uint8, w.nbytes, off)
+        v[:] = w
+        views.append(v)
+        off += -(-w.nbytes // 4096) * 4096
+    views[1][-2000] ^= 1  # in kivi4's payload: hashed in place after its DMA was queued
+    heap = np.array(wires[2])
+    assert hr.direct(views[0]) and not hr.direct(heap), "shared memory is registered, the heap never"
+    lo = Loader(threads=2)
+    try:
+        got = lo.load([k for k, _, _ in items], [views[0], views[1], heap], "cuda", keep_buffers=True)
+    finally:
+        lo.close()
+    assert [g.status for g in got] == ["ok", "corrupt", "ok"]
+    assert torch.equal(got[0].kv.cpu(), items[0][1]) and torch.equal(got[2].kv.cpu(), items[2][1])
+    del views
