@@ -100,8 +100,8 @@ class Client(PutPath, GetPath):
             self._report(force=woken)  # unforced: at most once a second (hot hits alone)
             if self.locations.sync_due(SYNC_S):
                 _, since, inc = self.locations.take(())
-                try:
-                    self.locations.apply(*self._call("changes", since, inc, timeout=self.timeout))
+                try:  # never ``_call``: a background thread must not make a stopped tier's controller again
+                    self.locations.apply(*ray.get(self.controller.changes.remote(since, inc), timeout=self.timeout))
                 except _RPC_ERRORS:
                     self.locations.apply(None, 0, None)  # unknown: nothing cached is trusted
 

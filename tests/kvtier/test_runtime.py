@@ -119,6 +119,48 @@ def test_bad_arguments_get_clear_errors(warm_only):
     assert kvtier.lookup(k) == 0, "nothing was stored by the failed puts"
 
 
+def test_cached_locations_skip_locate_and_a_changed_copy_is_never_served(warm_only, monkeypatch):
+    """A repeat warm get reads the location cache (no locate call); another writer's put or delete of a cached
+    key, seen by the changes check of the same get, makes it the new content or a miss, never the old copy;
+    the sync thread drops entries of blocks that left their shard (their ObjectRefs pin nothing after)."""
+    import ray
+
+    from kvtier.runtime.client import Client
+
+    c = api._get_client()
+    other = Client(c.controller, c.namespace, ray.get(c.controller.info.remote(), timeout=10), hot_bytes=0)
+    try:
+        k = keys_of(3, model="loccache")
+        kvs = [kv_of(40 + i) for i in range(3)]
+        kvtier.put(k, kvs)
+        c.flush()
+        assert all(torch.equal(a, b) for a, b in zip(kvtier.get(k), kvs))  # located once: cached
+        bound = c._keys(k)
+        assert all(c.locations.take([b])[0] for b in bound)
+        calls = []
+        real = c._locate
+        monkeypatch.setattr(c, "_locate", lambda keys, down=False: calls.append(list(keys)) or real(keys, down))
+        hits = c.locations.counters["hits"]
+        assert all(torch.equal(a, b) for a, b in zip(kvtier.get(k), kvs))
+        assert calls == [] and c.locations.counters["hits"] == hits + 3, "served from cached locations"
+
+        monkeypatch.setattr(c.locations, "sync_due", lambda every_s: False)  # only the get's own check below
+        new = kv_of(99)
+        other.put([k[0]], [new])  # another writer replaces k[0] and deletes k[1]; this client's cache is stale
+        other.flush()
+        assert other.delete([k[1]]) == 1
+        got = kvtier.get(k)
+        assert torch.equal(got[0], new), "the newer copy, after the changes check sent it the locate way"
+        assert got[1] is None and torch.equal(got[2], kvs[2])
+        assert calls and set(calls[-1]) == set(bound[:2])
+
+        monkeypatch.undo()
+        other.delete([k[2]])  # no get of it here: the sync thread alone drops the entry (and its ObjectRef)
+        wait_for(lambda: not c.locations.take([bound[2]])[0], timeout=10, what="sync drops a deleted key's entry")
+    finally:
+        other.close()
+
+
 def test_hot_tier_serves_repeats_and_prefetch_fills_it(ray_session):
     one = kvtier.compress(kv_of(0), "none", key=keys_of(1)[0]).nbytes
     with tier(hot_bytes=3 * one):
@@ -303,44 +345,3 @@ def test_kvtier_start_once_then_status_reads_the_running_tier(ray_session, tmp_p
     assert status.main(["--namespace", ns]) == 1, "status never creates a tier"
     assert start.main(["--config", str(tmp_path / "missing.json")]) == 2
 
-
-def test_cached_locations_skip_locate_and_a_changed_copy_is_never_served(warm_only, monkeypatch):
-    """A repeat warm get reads the location cache (no locate call); another writer's put or delete of a cached
-    key, seen by the changes check of the same get, makes it the new content or a miss, never the old copy;
-    the sync thread drops entries of blocks that left their shard (their ObjectRefs pin nothing after)."""
-    import ray
-
-    from kvtier.runtime.client import Client
-
-    c = api._get_client()
-    other = Client(c.controller, c.namespace, ray.get(c.controller.info.remote(), timeout=10), hot_bytes=0)
-    try:
-        k = keys_of(3, model="loccache")
-        kvs = [kv_of(40 + i) for i in range(3)]
-        kvtier.put(k, kvs)
-        c.flush()
-        assert all(torch.equal(a, b) for a, b in zip(kvtier.get(k), kvs))  # located once: cached
-        bound = c._keys(k)
-        assert all(c.locations.take([b])[0] for b in bound)
-        calls = []
-        real = c._locate
-        monkeypatch.setattr(c, "_locate", lambda keys, down=False: calls.append(list(keys)) or real(keys, down))
-        hits = c.locations.counters["hits"]
-        assert all(torch.equal(a, b) for a, b in zip(kvtier.get(k), kvs))
-        assert calls == [] and c.locations.counters["hits"] == hits + 3, "served from cached locations"
-
-        monkeypatch.setattr(c.locations, "sync_due", lambda every_s: False)  # only the get's own check below
-        new = kv_of(99)
-        other.put([k[0]], [new])  # another writer replaces k[0] and deletes k[1]; this client's cache is stale
-        other.flush()
-        assert other.delete([k[1]]) == 1
-        got = kvtier.get(k)
-        assert torch.equal(got[0], new), "the newer copy, after the changes check sent it the locate way"
-        assert got[1] is None and torch.equal(got[2], kvs[2])
-        assert calls and set(calls[-1]) == set(bound[:2])
-
-        monkeypatch.undo()
-        other.delete([k[2]])  # no get of it here: the sync thread alone drops the entry (and its ObjectRef)
-        wait_for(lambda: not c.locations.take([bound[2]])[0], timeout=10, what="sync drops a deleted key's entry")
-    finally:
-        other.close()
