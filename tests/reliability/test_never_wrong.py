@@ -37,6 +37,9 @@ def to_cold(ns: str, key: str, fillers: list[str], tag: str) -> None:
     """Push ``key`` down to the cold tier by putting ``fillers`` into its (one, small) shard."""
     for i, f in enumerate(fillers):
         kvtier.put(f, kv_of(tag, 100 + i))
+    # stored before the first ``where``: its locate touches ``key``, and a touch that lands before the last
+    # filler registers makes a filler the LRU victim instead (then ``key`` never leaves warm; seen under load)
+    assert kvtier.flush(30)
     wait_for(lambda: where(ns, key) == "cold", timeout=30, what=f"{key[:8]} demoted to cold")
 
 
