@@ -62,7 +62,6 @@ import torch
 from kvtier.block import Block
 from kvtier.codecs import TORCH_DTYPES, ZSTD_SUFFIX, get_codec
 from kvtier.errors import BlockFormatError, KvtierError
-from kvtier.tiers import host_register
 from kvtier.tiers.hot import as_device, entry_buffers, owned
 
 Source = Any  # bytes-like | Block | Callable[[], bytes-like | Block | None] | None
@@ -112,7 +111,6 @@ class _Staged:
     buffers: dict[str, torch.Tensor] | None = None  # CPU: what the hot tier may keep
     decode_from: Mapping[str, torch.Tensor] | None = None
     private: bool = False  # nobody else reads ``decode_from``: an output aliasing it needs no copy
-    direct: bool = False  # CUDA: sent from the source's own (registered) memory, no staging copy
 
 
 class Loader:
@@ -166,7 +164,6 @@ class Loader:
             for i, (k, s) in enumerate(zip(keys, sources)):
                 self._pool.submit(self._work, call, i, k, s, device, expect_model, keep_buffers)
         main = torch.cuda.current_stream(device) if cuda else None
-        direct: list = []  # events after H2D copies that read the caller's source memory itself
         out: list[Loaded | None] = [None] * len(keys)
         left = len(keys)
         while left:
@@ -176,11 +173,8 @@ class Loader:
                 break
             if slot:
                 call.inflight.release()
-            staged = [w for _, w in done if isinstance(w, _Staged)]
-            if cuda and staged:
-                main.wait_event(staged[0].ready)  # one event per group
-                if any(w.direct for w in staged):
-                    direct.append(staged[0].ready)
+            if cuda and any(isinstance(w, _Staged) for _, w in done):
+                main.wait_event(next(w for _, w in done if isinstance(w, _Staged)).ready)  # one event per group
             for i, what in done:
                 left -= 1
                 if isinstance(what, Loaded):
@@ -191,8 +185,6 @@ class Loader:
                 except BlockFormatError as e:
                     out[i] = Loaded(keys[i], "corrupt", error=str(e))
         call.stop.set()  # abandoned work (a timeout) stops at its next slice
-        for e in direct:  # the sources are the caller's: once it drops them their memory may hold other objects
-            e.synchronize()
         return [o if o is not None else Loaded(k, "timeout", error=f"not read and verified within {timeout_s}s")
                 for k, o in zip(keys, out)]
 
@@ -377,67 +369,33 @@ def _stage_cuda(call: _Call, device: torch.device, keys: Sequence[str], todo: li
     own device tensor on the copy stream; one event after the last copy. A block that fails its checksum
     is a miss (its device bytes are never decoded); the others are unaffected."""
     layouts = [_layout(p[3]) for _, p in todo]
-    direct = [host_register.ENABLED and all(host_register.direct(a) for a in lay[0].values()) for lay in layouts]
     bases, off = [], 0
-    for lay, d in zip(layouts, direct):
+    for lay in layouts:
         off = -(-off // _ALIGN) * _ALIGN
         bases.append(off)
-        off += 0 if d else max(lay[2], 1)
+        off += max(lay[2], 1)
     out: list[tuple[int, Any]] = []
     # this thread launches its own H2D copies on the copy stream (streams are thread-safe; the current stream
     # and device are per thread); the device bytes are allocated on that stream too
     with torch.cuda.device(device), torch.cuda.stream(call.copy):
-        slab = torch.empty(max(off, 1), dtype=torch.uint8, pin_memory=True) if off else None
-        try:
-            for (i, (block, codec, params, bufs, verified)), lay, base, d in zip(todo, layouts, bases, direct):
-                v = _Staged(block, codec, params, direct=d)
-                h = None if verified else _hasher(block)
-                try:
-                    if d:
-                        v.spans, v.dev = _send_direct(block, h, call, device, lay)
-                    else:
-                        v.host, v.spans, v.dev = _copy_in(block, bufs, h, True, call, device, layout=lay,
-                                                          host=slab[base:base + max(lay[2], 1)])
-                except _Stopped:
-                    raise
-                except Exception as e:  # noqa: BLE001 - this block is a miss, the rest of the run goes on
-                    out.append((i, _failed(keys[i], e)))
-                    continue
-                out.append((i, v))
-        except _Stopped:
-            if any(direct):  # abandoned: this thread holds the sources until the copies that read them are done
-                call.copy.synchronize()
-            raise
+        slab = torch.empty(off, dtype=torch.uint8, pin_memory=True)
+        for (i, (block, codec, params, bufs, verified)), lay, base in zip(todo, layouts, bases):
+            v = _Staged(block, codec, params)
+            try:
+                v.host, v.spans, v.dev = _copy_in(block, bufs, None if verified else _hasher(block), True, call,
+                                                  device, layout=lay, host=slab[base:base + max(lay[2], 1)])
+            except _Stopped:
+                raise
+            except Exception as e:  # noqa: BLE001 - this block is a miss, the rest of the run goes on
+                out.append((i, _failed(keys[i], e)))
+                continue
+            out.append((i, v))
         ready = torch.cuda.Event()
         ready.record(call.copy)
-        if any(direct) and call.stop.is_set():
-            ready.synchronize()  # the caller may have gone (a timeout): it no longer keeps the sources alive
     for _, v in out:
         if isinstance(v, _Staged):
             v.ready = ready
     return out
-
-
-def _send_direct(block: Block, h, call: _Call, device: torch.device,
-                 layout) -> tuple[dict[str, tuple[int, int]], torch.Tensor]:
-    """The payload sent to a device tensor straight from the source's registered memory (no staging copy),
-    on the current (copy) stream, then hashed in place while the DMA runs (the source is immutable while the
-    caller holds it). Raises ``BlockFormatError`` on a checksum mismatch: the device bytes are never decoded."""
-    srcs, spans, off = layout
-    dev = torch.empty(max(off, 1), dtype=torch.uint8, device=device)
-    for n, src in srcs.items():
-        base, size = spans[n]
-        if size:
-            dev[base:base + size].copy_(_u8(src), non_blocking=True)
-    if h is not None:
-        for n, src in srcs.items():
-            h.update(Block.buffer_prefix(n, src.nbytes))
-            for a in range(0, src.nbytes, call.send_slice):
-                if call.stop.is_set():
-                    raise _Stopped
-                h.update(src[a:a + call.send_slice])
-        _compare(block, h)
-    return spans, dev
 
 
 def _layout(bufs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int]], int]:
