@@ -1,7 +1,10 @@
-"""The client's get path: hot tier, store queue, one locate, one ray.get, one pipelined load.
+"""The client's get path: hot tier, store queue, cached locations or one locate, one ray.get, one pipelined load.
 
 get: this process's hot tier (decoded from its device copy), then its store
-queue, then one ``locate`` call to the controller for the whole batch (answers
+queue, then the locations this client cached from earlier answers
+(``location_cache``: fetched and loaded at once, used only once one
+``changes`` call, overlapped with that work, confirms they are still current),
+then one ``locate`` call to the controller for the rest of the batch (answers
 are ``Location``s), one ``ray.get`` of every warm copy (zero-copy from the
 object store on the same node), and one batched, pipelined load
 (``kvtier.tiers.pipeline``) of all of them plus the cold reads (the object of the
