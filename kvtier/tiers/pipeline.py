@@ -259,7 +259,8 @@ class Loader:
             # spinning after the op slowed the caller's next forward 50x (a 3 ms tail took 154 ms on 2 cores)
             kv = _decode(key, v.codec, v.params, v.block, v.decode_from, device, v.private) if decode else None
             return Loaded(key, "ok", kv, v.block, v.buffers if keep else None, _nbytes(v.block))
-        v.dev.record_stream(main)  # (``load`` made ``main`` wait for the group's event: the bytes are there)  # allocated on the copy stream, read (and freed) on the current one
+        # ``load`` made ``main`` wait for the group's event: the bytes are there
+        v.dev.record_stream(main)  # allocated on the copy stream, read (and freed) on the current one
         bufs = {n: v.dev[a:a + s] for n, (a, s) in v.spans.items()}
         kv = _decode(key, v.codec, v.params, v.block, bufs, device, private=not keep) if decode else None
         return Loaded(key, "ok", kv, v.block, bufs if keep else None, _nbytes(v.block))
