@@ -16,7 +16,10 @@ one-token response), so until the tier holds ``n`` chunks, or ``handoff_wait_s``
 passes, ``matched`` returns ``None`` ("ask again later": vLLM skips the request
 this step and asks on the next). It never waits inside the call; re-lookups are
 spaced ``HANDOFF_POLL_S`` apart. When the bound passes it offers what is there
-and vLLM recomputes the rest.
+and vLLM recomputes the rest. Where prefill's worker has a NIXL arena its params
+also carry its endpoint (``"source"``), which decode's load plan passes on to its
+worker: it pulls the chunks from that arena and the tier serves what the arena
+does not (``handoff.py``).
 
 After vLLM allocates blocks for an offered hit it plans one synchronous load
 (done by the worker before the step's forward). Each step it plans saves of the
@@ -34,6 +37,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from kvtier.vllm import handoff
 from kvtier.vllm.identity import request_keys
 
 log = logging.getLogger("kvtier.vllm")
@@ -56,6 +60,7 @@ class LoadSpec:
     req_id: str
     keys: list[str]
     block_ids: list[list[int]]
+    source: dict[str, Any] | None = None  # the prefill's arena endpoint (a direct handoff), else the tier
 
 
 @dataclass
@@ -77,13 +82,18 @@ class _Req:
     wait_until: float = 0.0       # when the wait for them ends
     next_poll: float = 0.0
     handoff: bool = False         # a prefill whose decode runs elsewhere (vLLM's do_remote_decode)
+    source: dict[str, Any] | None = None  # the remote prefill's arena endpoint, from its params
 
 
-def handoff_params(keys: Sequence[str], stored: int) -> dict[str, Any] | None:
-    """The ``kv_transfer_params`` a prefill returns: the count and last key of the chunks it saved or found."""
+def handoff_params(keys: Sequence[str], stored: int, source: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The ``kv_transfer_params`` a prefill returns: the count and last key of the chunks it saved or found,
+    and where its worker's arena is (``source``, when it has one: decode may pull them from there)."""
     if stored <= 0 or stored > len(keys):
         return None
-    return {HANDOFF_KEY: {"chunks": int(stored), "key": keys[stored - 1]}}
+    h: dict[str, Any] = {"chunks": int(stored), "key": keys[stored - 1]}
+    if source is not None:
+        h["source"] = source
+    return {HANDOFF_KEY: h}
 
 
 def expected_chunks(params: Any, keys: Sequence[str]) -> int:
@@ -110,6 +120,10 @@ class SchedulerSide:
     block_ids_of: Callable[[str], Sequence[int]]
     handoff_wait_s: float = 5.0
     ready: Callable[[], bool] = lambda: True  # this process reaches the tier (until then lookups are misses)
+    # this engine's worker's arena endpoint (vLLM's handshake metadata; None: no arena, or transport "tier").
+    # A prefill hands it to decode; decode loads from a request's source only when it has one itself
+    source: dict[str, Any] | None = None
+    direct: bool = True  # decode side: plan direct pulls from a source (False: transport "tier")
     reqs: dict[str, _Req] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: {"lookups": 0, "hit_tokens": 0, "saved_chunks": 0,
                                                              "lookup_errors": 0, "skipped_lookups": 0,
@@ -131,6 +145,7 @@ class SchedulerSide:
             st = self.reqs[request.request_id] = _Req(keys, len(prompt))
             st.handoff = bool(params.get("do_remote_decode"))
             st.expect = expected_chunks(params, keys)
+            st.source = handoff.source_of(params) if st.expect and self.direct else None
             st.wait_until = self.clock() + self.handoff_wait_s
         return st
 
@@ -204,7 +219,7 @@ class SchedulerSide:
                             request.request_id, len(block_ids), c, (c + 1) * per)
                 return
             rows.append(row)
-        st.load = LoadSpec(request.request_id, st.keys[c0:c1], rows)
+        st.load = LoadSpec(request.request_id, st.keys[c0:c1], rows, st.source)
         st.stored = max(st.stored, c1)
         self.counters["hit_tokens"] += ext
 
@@ -243,4 +258,4 @@ class SchedulerSide:
         params = getattr(request, "kv_transfer_params", None)
         if st is None or not (isinstance(params, dict) and params.get("do_remote_decode")) or not self.ready():
             return None  # not connected: the worker dropped this prefill's saves, decode must not wait for them
-        return handoff_params(st.keys, st.stored)
+        return handoff_params(st.keys, st.stored, self.source)
