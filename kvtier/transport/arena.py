@@ -37,6 +37,7 @@ from __future__ import annotations
 import base64
 import logging
 import struct
+import sys
 import threading
 import time
 import uuid
@@ -65,6 +66,8 @@ POLL_S = 0.01              # a poll is ~1 us; a new peer's first read took 66-20
 _ENTRY = np.dtype([("seq", "<u8"), ("off", "<u8"), ("len", "<u8"), ("xxh", "<u8"), ("klen", "<u2"),
                    ("key", "V%d" % MAX_KEY)])  # SLOT's fields and the key: one index slot
 assert _ENTRY.itemsize == SLOT_BYTES
+RECV_POOL = 2  # free receive buffers kept (each as large as the largest pull that needed a new one)
+_POOL_REFS = 2  # sys.getrefcount of a pooled buffer nothing else holds: its pool entry and the call itself
 _SPIN = 2000               # polls of a transfer before sleeping between them (small reads finish within these)
 
 
@@ -81,6 +84,14 @@ def _new_agent(name: str):
     if "UCX" not in agent.backends:
         raise TierUnavailableError(f"NIXL UCX backend did not load (plugins: {agent.get_plugin_list()})")
     return agent
+
+
+def _touched(n: int) -> np.ndarray:
+    """A buffer whose pages are faulted in now, once: the receive pool's buffers are reused, so later READs
+    into them touch no fresh page (faulting 90 MiB in took 58-450 ms on this loaded box)."""
+    buf = np.empty(n, dtype=np.uint8)
+    buf[::4096] = 0
+    return buf
 
 
 def check_endpoint(ep: Any) -> dict[str, Any]:
@@ -117,14 +128,15 @@ class Arena:
         self._data0 = self._index_bytes
         self._reg = self.agent.register_memory([(self._mem.ctypes.data, self._mem.size, 0, "")], "DRAM")
         self._lock = threading.Lock()        # the ring (source)
-        self._read_lock = threading.Lock()   # peers and the index scratch (sink)
+        self._agent_lock = threading.Lock()  # every call into the agent after start-up, and the sink's state
         self._head, self._seq = 0, 0
         self._live: OrderedDict[int, tuple[int, int]] = OrderedDict()  # slot -> (offset, aligned length), oldest first
         self._peers: dict[str, str] = {}     # agent name -> the metadata it was added with
         self._scratch: dict[int, tuple[np.ndarray, Any]] = {}  # index size -> registered local buffer
+        self._pool: list[list] = []  # [receive buffer, its registration] (see _recv_buffer)
         self.counters = {"written_blocks": 0, "written_bytes": 0, "evicted_blocks": 0, "too_big": 0,
                          "read_blocks": 0, "read_bytes": 0, "read_misses": 0, "torn_blocks": 0,
-                         "read_errors": 0, "read_timeouts": 0, "peers_added": 0}
+                         "read_errors": 0, "read_timeouts": 0, "peers_added": 0, "recv_buffers": 0}
         self._closed = threading.Event()
         self._poller = threading.Thread(target=self._poll_loop, args=(poll_s,), name="kvtier-arena-poll", daemon=True)
         self._poller.start()
@@ -132,8 +144,10 @@ class Arena:
     # ---- source ------------------------------------------------------------
     def endpoint(self) -> dict[str, Any]:
         """What a peer needs to read this arena (JSON-able, ~0.7 KB; the same for the process's life)."""
-        return {"agent": self.name, "meta": base64.b64encode(self.agent.get_agent_metadata()).decode(),
-                "addr": self._mem.ctypes.data, "slots": self.slots, "capacity": self.capacity}
+        with self._agent_lock:
+            meta = self.agent.get_agent_metadata()
+        return {"agent": self.name, "meta": base64.b64encode(meta).decode(), "addr": self._mem.ctypes.data,
+                "slots": self.slots, "capacity": self.capacity}
 
     def write(self, key: str, data: Any) -> bool:
         """Copy one serialized block into the ring under ``key``; False if it can never fit."""
@@ -187,21 +201,29 @@ class Arena:
 
     def _poll_loop(self, period: float) -> None:
         while not self._closed.wait(period):
+            # the agent is not safe to drive from two threads at once: polling it while this process's own
+            # read was in flight hung that read every time (3 MiB blocks, the 2nd-6th read). A read in
+            # flight progresses the worker itself, so the poll just skips that round
+            if not self._agent_lock.acquire(blocking=False):
+                continue
             try:
                 self.agent.get_new_notifs()  # progresses the UCX worker: new peers' connections wire up
             except Exception:  # noqa: BLE001 - never let the poller die silently
                 log.exception("kvtier arena poll failed; retrying")
+            finally:
+                self._agent_lock.release()
 
     def close(self) -> None:
         self._closed.set()
         self._poller.join(timeout=1.0)
-        with self._read_lock:
+        with self._agent_lock:
             for peer in list(self._peers):
                 self._forget(peer)
-            for _, reg in self._scratch.values():
+            for _, reg in [*self._scratch.values(), *self._pool]:
                 self.agent.deregister_memory(reg)
             self._scratch.clear()
-        self.agent.deregister_memory(self._reg)
+            self._pool.clear()
+            self.agent.deregister_memory(self._reg)
 
     # ---- sink --------------------------------------------------------------
     def _peer(self, ep: dict[str, Any]) -> str:
@@ -261,9 +283,30 @@ class Arena:
 
     def _index_buffer(self, size: int) -> np.ndarray:
         if size not in self._scratch:
-            buf = np.zeros(size, dtype=np.uint8)
+            buf = _touched(size)
             self._scratch[size] = (buf, self.agent.register_memory([(buf.ctypes.data, size, 0, "")], "DRAM"))
         return self._scratch[size][0]
+
+    def _recv_buffer(self, n: int) -> np.ndarray:
+        """A registered, touched receive buffer of at least ``n`` bytes that nothing outside the pool holds.
+
+        A read returns slices of its buffer (zero-copy, and a ``none`` block decodes to a view of them), so a
+        buffer is reused only once every slice, Block and tensor over it is gone (its reference count says
+        so): a block still in use is never overwritten. Fresh pages cost 58-450 ms per 90 MiB to fault in on
+        this loaded box (the READ itself ~4-27 ms), so buffers are kept: at most ``RECV_POOL`` free ones."""
+        free = [e for e in self._pool if sys.getrefcount(e[0]) <= _POOL_REFS]
+        fit = [e for e in free if e[0].size >= n]
+        if fit:
+            return min(fit, key=lambda e: e[0].size)[0]
+        while len(free) >= RECV_POOL:  # make room: the smallest free one goes
+            e = min(free, key=lambda e: e[0].size)
+            free = [f for f in free if f is not e]  # by identity: == on entries compares their arrays
+            self._pool = [f for f in self._pool if f is not e]
+            self.agent.deregister_memory(e[1])
+        buf = _touched(max(n, 1 << 20))
+        self._pool.append([buf, self.agent.register_memory([(buf.ctypes.data, buf.size, 0, "")], "DRAM")])
+        self.counters["recv_buffers"] += 1
+        return buf
 
     def read(self, ep: Any, keys: Sequence[str], timeout_s: float = 2.0) -> list[pa.Buffer | None]:
         """The bytes the peer at ``ep`` holds for each of ``keys`` (None where it holds none, or they did not come
@@ -273,7 +316,7 @@ class Arena:
         if not keys:
             return out
         deadline = time.monotonic() + timeout_s
-        with self._read_lock:
+        with self._agent_lock:
             try:
                 peer = self._peer(ep)
                 size = HEADER_BYTES + ep["slots"] * SLOT_BYTES
@@ -290,14 +333,10 @@ class Arena:
                 for _, _, n, _ in found:
                     offs.append(total)
                     total += -(-n // _ALIGN) * _ALIGN
-                recv = np.empty(total, dtype=np.uint8)
-                reg = self.agent.register_memory([(recv.ctypes.data, total, 0, "")], "DRAM")
-                try:
-                    base, data0 = recv.ctypes.data, ep["addr"] + size
-                    ok = self._read_into(peer, [(base + o, f[2]) for o, f in zip(offs, found)],
-                                         [(data0 + f[1], f[2]) for f in found], deadline)
-                finally:
-                    self.agent.deregister_memory(reg)
+                recv = self._recv_buffer(total)
+                base, data0 = recv.ctypes.data, ep["addr"] + size
+                ok = self._read_into(peer, [(base + o, f[2]) for o, f in zip(offs, found)],
+                                     [(data0 + f[1], f[2]) for f in found], deadline)
             except Exception as e:  # nixlRemoteDisconnectError and kin: a dead peer is a miss
                 if isinstance(e, ValueError):
                     raise
@@ -310,7 +349,7 @@ class Arena:
             self.counters["read_errors"] += 1
             self.counters["read_misses"] += len(keys)
             return out
-        whole = pa.py_buffer(recv)
+        whole = pa.py_buffer(recv[:total])
         for (i, _, n, digest), o in zip(found, offs):
             piece = whole.slice(o, n)
             if xxhash.xxh3_64_intdigest(piece) != digest:

@@ -8,8 +8,9 @@ endpoint reaches the prefill's scheduler through vLLM's handshake metadata
 (``scheduler.handoff_params``); decode's scheduler puts it on the request's
 ``LoadSpec.source``. Decode's worker then loads a spec with a source from that
 arena first (``Handoff.get``: one index read and one block read, bounded by
-``PULL_TIMEOUT_S``), verifies every block (``Block.from_arrow`` with the expected
-key and model: a corrupt, torn or foreign block is a miss), and gets whatever the
+``PULL_TIMEOUT_S``), verifies and decodes the blocks in the tier's own load
+pipeline (``kvtier.tiers.pipeline.Loader``: checksum, key and model checked, a
+corrupt, torn or foreign block is a miss), and gets whatever the
 arena did not give from the tier; what the tier misses too the worker reports
 as a load error, and vLLM recomputes it.
 
@@ -34,8 +35,9 @@ from typing import Any, Callable, Sequence
 import torch
 
 from kvtier.block import Block
-from kvtier.codecs import compress, decompress
-from kvtier.errors import BlockFormatError, CodecError, TierUnavailableError
+from kvtier.codecs import compress
+from kvtier.errors import TierUnavailableError
+from kvtier.tiers.pipeline import Loader
 from kvtier.transport.arena import DEFAULT_BYTES, Arena, check_endpoint
 from kvtier.vllm.identity import TRANSPORTS
 
@@ -89,6 +91,7 @@ class Handoff:
         self.arena, self._get, self._put = arena, get, put
         self.codec, self.model_id, self.device = codec, model_id, torch.device(device)
         self.pull_timeout_s = pull_timeout_s
+        self.loader = Loader()
         self.counters = {"arena_saved_chunks": 0, "arena_pulled_chunks": 0, "arena_missed_chunks": 0,
                          "arena_bad_chunks": 0, "tier_chunks": 0, "arena_pull_us": 0}
 
@@ -135,20 +138,23 @@ class Handoff:
         except ValueError as e:
             log.warning("kvtier: handoff source unusable (%s); loading %d chunks through the tier", e, len(keys))
             raw = [None] * len(keys)
+        # the tier's own load pipeline: verify (checksum, key, model) and inflate in its pool, decode; a corrupt,
+        # torn or foreign block is a miss with its reason, never data
         out: list[torch.Tensor | None] = []
-        for key, buf in zip(keys, raw):
-            kv = None
-            if buf is not None:
-                try:
-                    kv = decompress(Block.from_arrow(buf, expect_key=key, expect_model=self.model_id), self.device)
-                except (BlockFormatError, CodecError) as e:  # corrupt, or another key's/model's block: a miss, never data
-                    log.warning("kvtier: handoff block %s from the arena is unusable, loading it from the tier: %s",
-                                key[:16], e)
+        for got in self.loader.load(keys, raw, self.device, expect_model=self.model_id,
+                                    timeout_s=self.pull_timeout_s):
+            if got.status == "ok":
+                self.counters["arena_pulled_chunks"] += 1
+            else:
+                self.counters["arena_missed_chunks"] += 1
+                if got.status != "missing":
                     self.counters["arena_bad_chunks"] += 1
-            self.counters["arena_pulled_chunks" if kv is not None else "arena_missed_chunks"] += 1
-            out.append(kv)
+                    log.warning("kvtier: handoff block %s from the arena is %s (%s); loading it from the tier",
+                                got.key[:16], got.status, got.error)
+            out.append(got.kv if got.status == "ok" else None)
         self.counters["arena_pull_us"] += int((time.perf_counter() - t0) * 1e6)
         return out
 
     def close(self) -> None:
+        self.loader.close()
         self.arena.close()
