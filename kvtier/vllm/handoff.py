@@ -92,6 +92,7 @@ class Handoff:
         self.codec, self.model_id, self.device = codec, model_id, torch.device(device)
         self.pull_timeout_s = pull_timeout_s
         self.loader = Loader()
+        self._seen: set[str] = set()  # peers pulled from so far
         self.counters = {"arena_saved_chunks": 0, "arena_pulled_chunks": 0, "arena_missed_chunks": 0,
                          "arena_bad_chunks": 0, "tier_chunks": 0, "arena_pull_us": 0}
 
@@ -152,7 +153,12 @@ class Handoff:
                     log.warning("kvtier: handoff block %s from the arena is %s (%s); loading it from the tier",
                                 got.key[:16], got.status, got.error)
             out.append(got.kv if got.status == "ok" else None)
-        self.counters["arena_pull_us"] += int((time.perf_counter() - t0) * 1e6)
+        dt = time.perf_counter() - t0
+        self.counters["arena_pull_us"] += int(dt * 1e6)
+        if src["agent"] not in self._seen:  # once per peer: that direct handoffs work (or do not) is in the log
+            self._seen.add(src["agent"])
+            log.info("kvtier: first handoff from arena %s: %d of %d chunks pulled in %.1f ms", src["agent"],
+                     sum(kv is not None for kv in out), len(keys), dt * 1e3)
         return out
 
     def close(self) -> None:
