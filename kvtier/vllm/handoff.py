@@ -155,10 +155,13 @@ class Handoff:
             out.append(got.kv if got.status == "ok" else None)
         dt = time.perf_counter() - t0
         self.counters["arena_pull_us"] += int(dt * 1e6)
+        got = sum(kv is not None for kv in out)
+        if got < len(keys):  # released from its ring (a late decode), never written, or unreadable: worth knowing
+            log.warning("kvtier: arena %s gave %d of %d chunks; the tier serves the rest", src["agent"], got, len(keys))
         if src["agent"] not in self._seen:  # once per peer: that direct handoffs work (or do not) is in the log
             self._seen.add(src["agent"])
-            log.info("kvtier: first handoff from arena %s: %d of %d chunks pulled in %.1f ms", src["agent"],
-                     sum(kv is not None for kv in out), len(keys), dt * 1e3)
+            log.info("kvtier: first handoff from arena %s: %d of %d chunks pulled in %.1f ms", src["agent"], got,
+                     len(keys), dt * 1e3)
         return out
 
     def close(self) -> None:
