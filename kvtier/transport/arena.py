@@ -233,9 +233,13 @@ class Arena:
         if name in self._peers:  # same name, new metadata: a restarted peer
             self._forget(name)
         try:
-            got = self.agent.add_remote_agent(base64.b64decode(meta, validate=True))
-        except Exception as e:  # bad base64, metadata NIXL cannot parse
-            raise ValueError(f"arena endpoint of {name!r} has unusable NIXL metadata: {type(e).__name__}: {e}") from None
+            raw = base64.b64decode(meta, validate=True)
+        except ValueError as e:
+            raise ValueError(f"arena endpoint of {name!r} has metadata that is not base64: {e}") from None
+        try:
+            got = self.agent.add_remote_agent(raw)
+        except Exception as e:  # metadata NIXL cannot parse, or a peer UCX cannot reach (a dead one): a miss
+            raise TierUnavailableError(f"arena {name!r} cannot be added: {type(e).__name__}: {e}") from None
         got = got.decode() if isinstance(got, bytes) else str(got)
         if got != name:
             self.agent.remove_remote_agent(got)
@@ -307,6 +311,35 @@ class Arena:
         self._pool.append([buf, self.agent.register_memory([(buf.ctypes.data, buf.size, 0, "")], "DRAM")])
         self.counters["recv_buffers"] += 1
         return buf
+
+    def holds(self, ep: Any, keys: Sequence[str], timeout_s: float = 0.5) -> int | None:
+        """How many leading ``keys`` the peer at ``ep`` holds now: one READ of its index, no block bytes;
+        None if it cannot be read within ``timeout_s`` (dead, stalled). A prefill's decode asks this before
+        it loads."""
+        ep = check_endpoint(ep)
+        if not keys:
+            return 0
+        deadline = time.monotonic() + timeout_s
+        with self._agent_lock:
+            try:
+                peer = self._peer(ep)
+                size = HEADER_BYTES + ep["slots"] * SLOT_BYTES
+                index = self._index_buffer(size)
+                if not self._read_into(peer, [(index.ctypes.data, size)], [(ep["addr"], size)], deadline):
+                    self.counters["read_errors"] += 1
+                    return None
+                have = {i for i, *_ in self._find(index, ep, keys)}
+            except Exception as e:  # noqa: BLE001 - as in read: a dead peer holds nothing
+                if isinstance(e, ValueError):
+                    raise
+                self.counters["read_errors"] += 1
+                log.warning("NIXL arena index read from %s failed: %s: %s", ep["agent"], type(e).__name__, e)
+                self._forget(ep["agent"])
+                return None
+        n = 0
+        while n < len(keys) and n in have:
+            n += 1
+        return n
 
     def read(self, ep: Any, keys: Sequence[str], timeout_s: float = 2.0) -> list[pa.Buffer | None]:
         """The bytes the peer at ``ep`` holds for each of ``keys`` (None where it holds none, or they did not come

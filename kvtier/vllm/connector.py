@@ -108,16 +108,20 @@ class KVTierConnector(KVConnectorBase_V1):
         self._sched: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
         self._handoff: handoff.Handoff | None = None
+        self._probe_arena = None  # scheduler role: asks remote prefills' arenas (see _probe)
         if role == KVConnectorRole.SCHEDULER:
             # the folder (or hub) name, not served_model_name: an alias must not split one model's cache
             ident = model_identity(str(mc.model).rstrip("/").rsplit("/", 1)[-1], mc.get_num_layers(vllm_config.parallel_config),
                                    mc.get_num_kv_heads(vllm_config.parallel_config), mc.get_head_size(), self.kv_dtype,
                                    weights_digest(mc.model, mc.revision or ""), self.page_format)
             self.identity = ident
+            # a small agent of its own to ask a remote prefill's arena whether its chunks are there yet
+            self._probe_arena = handoff.make_arena(self.settings.transport, 1 << 20)
             self._sched = SchedulerSide(ident, self.tier_cfg.chunk_tokens, self.block_size, self.tier_cfg.tenant,
                                         lookup=self._lookup, block_ids_of=self._block_ids_of,
                                         handoff_wait_s=self.settings.handoff_wait_s, ready=tier.ready,
-                                        direct=self.settings.transport != "tier")
+                                        direct=self.settings.transport != "tier",
+                                        probe=self._probe if self._probe_arena is not None else None)
             log.info("kvtier connector (scheduler): %s, %d-token chunks, codec %s", ident,
                      self.tier_cfg.chunk_tokens, self.tier_cfg.codec)
 
@@ -126,6 +130,10 @@ class KVTierConnector(KVConnectorBase_V1):
         return False  # a best-effort cache: a dropped save is a later miss
 
     # ---- scheduler side -----------------------------------------------------
+    def _probe(self, source: dict[str, Any], keys: list[str]) -> int | None:
+        # on vLLM's scheduling loop: one ~0.2 ms index READ (a new peer's first one wires UCX up, 66-200 ms)
+        return self._probe_arena.holds(source, keys, handoff.PROBE_TIMEOUT_S)
+
     def _lookup(self, keys: list[str]) -> int:
         return kvtier.lookup(keys) if tier.ready() else 0
 
@@ -210,6 +218,8 @@ class KVTierConnector(KVConnectorBase_V1):
             self._worker.close()
         if self._handoff is not None:
             self._handoff.close()
+        if self._probe_arena is not None:
+            self._probe_arena.close()
 
 
 def _check_pattern(lay: pages.PageLayout, device: torch.device) -> None:

@@ -14,11 +14,11 @@ corrupt, torn or foreign block is a miss), and gets whatever the
 arena did not give from the tier; what the tier misses too the worker reports
 as a load error, and vLLM recomputes it.
 
-Decode still waits for prefill's chunks to be indexed in the tier before it
-loads (``SchedulerSide.matched``): the tier's copy is the fallback, and its
-lookup is the readiness signal the scheduler process can ask for. What the
-arena saves is the get: the bytes come straight from the prefill's memory
-instead of from a warm shard.
+Decode's scheduler waits (bounded, ``handoff_wait_s``) until prefill's chunks
+are in the tier or in the source's arena (its own small agent reads the peer's
+index: ``Arena.holds``), so with an arena neither the tier's put nor its get is
+on the handoff's path: the bytes come straight from the prefill's memory. The
+tier's copy lands behind it and is the fallback.
 
 ``transport`` (a connector setting): ``"tier"`` never makes an arena; ``"nixl"``
 needs one (start-up fails, naming why, if NIXL cannot start); ``"auto"`` makes
@@ -47,6 +47,9 @@ log = logging.getLogger("kvtier.vllm")
 # peer's first read wires its UCX connection up (66-200 ms here). 2 s is a dead or stalled source, after
 # which the tier (bounded by the worker's load_timeout_s) serves the load
 PULL_TIMEOUT_S = 2.0
+# decode's scheduler asks the source's arena whether the chunks are there on vLLM's loop: bounded well below a
+# step's worth of patience; a source that does not answer within it is left to the tier
+PROBE_TIMEOUT_S = 0.5
 
 
 def make_arena(transport: str, capacity_bytes: int = DEFAULT_BYTES) -> Arena | None:

@@ -17,9 +17,11 @@ passes, ``matched`` returns ``None`` ("ask again later": vLLM skips the request
 this step and asks on the next). It never waits inside the call; re-lookups are
 spaced ``HANDOFF_POLL_S`` apart. When the bound passes it offers what is there
 and vLLM recomputes the rest. Where prefill's worker has a NIXL arena its params
-also carry its endpoint (``"source"``), which decode's load plan passes on to its
-worker: it pulls the chunks from that arena and the tier serves what the arena
-does not (``handoff.py``).
+also carry its endpoint (``"source"``): decode then also asks that arena (one
+index READ, ``probe``) and stops waiting once the arena or the tier holds the
+chunks, and its load plan passes the source on to its worker, which pulls the
+chunks from the arena while the tier serves what the arena does not
+(``handoff.py``).
 
 After vLLM allocates blocks for an offered hit it plans one synchronous load
 (done by the worker before the step's forward). Each step it plans saves of the
@@ -124,10 +126,14 @@ class SchedulerSide:
     # A prefill hands it to decode; decode loads from a request's source only when it has one itself
     source: dict[str, Any] | None = None
     direct: bool = True  # decode side: plan direct pulls from a source (False: transport "tier")
+    # decode side: how many leading keys a source's arena holds now (one index READ, bounded), None if it
+    # cannot be read. With it decode stops waiting once the arena has prefill's chunks, not the tier
+    probe: Callable[[dict[str, Any], list[str]], int | None] | None = None
     reqs: dict[str, _Req] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: {"lookups": 0, "hit_tokens": 0, "saved_chunks": 0,
                                                              "lookup_errors": 0, "skipped_lookups": 0,
-                                                             "handoff_waits": 0, "handoff_timeouts": 0})
+                                                             "handoff_waits": 0, "handoff_timeouts": 0,
+                                                             "arena_probes": 0})
     clock: Callable[[], float] = time.monotonic
     _down_until: float = 0.0
 
@@ -177,6 +183,8 @@ class SchedulerSide:
         if self.clock() - t0 > SLOW_LOOKUP_S:
             log.warning("kvtier: a lookup took %.1f s; every lookup is a miss for %.0f s", self.clock() - t0, BACKOFF_S)
             self._down_until = self.clock() + BACKOFF_S
+        if st.expect and found < st.expect and st.source is not None and self.probe is not None:
+            found += self._probe(request, st, st.keys[found:st.expect])
         if st.expect and found < st.expect:
             now = self.clock()
             # a lookup that failed or was slow is a sick tier: recompute now rather than wait on it
@@ -196,6 +204,21 @@ class SchedulerSide:
         ext = max(0, usable - num_computed_tokens)
         st.offer = (num_computed_tokens, ext)
         return ext, False
+
+    def _probe(self, request: Any, st: _Req, keys: list[str]) -> int:
+        """Leading ``keys`` in the request's source arena; a source that cannot be read is dropped (its load
+        goes through the tier) rather than asked again on every step of vLLM's loop."""
+        try:
+            n = self.probe(st.source, keys)
+        except Exception as e:  # noqa: BLE001 - a bad source is the tier's job, never an engine error
+            log.warning("kvtier: request %s: its source arena cannot be asked (%s: %s)", request.request_id,
+                        type(e).__name__, e)
+            n = None
+        self.counters["arena_probes"] += 1
+        if n is None:
+            st.source = None
+            return 0
+        return int(n)
 
     def after_alloc(self, request: Any, block_ids: Sequence[int], num_external_tokens: int) -> None:
         """vLLM's ``update_state_after_alloc``: plan the load of the offered tokens into ``block_ids``."""

@@ -4,7 +4,7 @@ Blocks read back byte for byte in one index read and one block read; a peer is a
 once, however many reads follow; the ring keeps its byte bound by releasing the oldest
 blocks first; a block corrupted or overwritten in the ring, a key the source never held,
 a malformed endpoint, a source that is stopped (SIGSTOP) or dead is a miss or an error
-naming the bad value, within the read's bound. No Ray.
+naming the bad value, within the read's bound; ``holds`` answers from the index alone. No Ray.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def test_blocks_read_back_exactly_and_a_peer_is_added_once(sink):
             got = sink.read(ep, ["k3", "nope", "k0", "k4"], 5.0)
             assert [bytes(g) if g is not None else None for g in got] == [payload(3), None, payload(0), payload(4)]
         assert sink.counters["peers_added"] == before + 1  # metadata added once, not per read
+        assert sink.holds(ep, ["k0", "k1", "nope", "k3"]) == 2 and sink.holds(ep, ["nope"]) == 0  # index only
         src.write("k0", payload(99))  # a key written again: the newest entry wins
         assert bytes(sink.read(ep, ["k0"], 5.0)[0]) == payload(99)
     finally:
@@ -92,8 +93,12 @@ def test_a_corrupted_block_and_a_bad_endpoint_are_refused(sink):
         for field, bad in (("addr", -1), ("slots", "16"), ("agent", None), ("capacity", 1 << 41)):
             with pytest.raises(ValueError, match="arena endpoint"):
                 sink.read({**ep, field: bad}, ["c1"], 1.0)
-        with pytest.raises(ValueError, match="unusable NIXL metadata"):
-            sink.read({**ep, "agent": "someone-else", "meta": "bm90IG1ldGFkYXRh"}, ["c1"], 1.0)
+        with pytest.raises(ValueError, match="not base64"):
+            sink.read({**ep, "meta": "not base64!"}, ["c1"], 1.0)
+        errors = sink.counters["read_errors"]  # metadata NIXL cannot use: as a dead peer's, a miss
+        assert sink.read({**ep, "agent": "someone-else", "meta": "bm90IG1ldGFkYXRh"}, ["c1"], 1.0) == [None]
+        assert sink.holds({**ep, "agent": "someone-else", "meta": "bm90IG1ldGFkYXRh"}, ["c1"]) is None
+        assert sink.counters["read_errors"] == errors + 2
         with pytest.raises(ValueError, match="its metadata is agent"):
             sink.read({**ep, "agent": "someone-else"}, ["c1"], 1.0)
     finally:
@@ -129,7 +134,8 @@ def test_a_stalled_or_dead_source_is_a_miss_within_the_bound(sink):
         p.wait(10)
         t0 = time.monotonic()
         assert sink.read(ep, ["d0"], 2.0) == [None]
-        assert time.monotonic() - t0 < 4.0
+        assert sink.holds(ep, ["d0"], 0.5) is None  # dead: nothing to ask, not "holds none"
+        assert time.monotonic() - t0 < 5.0
     finally:
         if p.poll() is None:
             os.kill(p.pid, signal.SIGCONT)

@@ -303,6 +303,48 @@ def test_a_prefills_arena_endpoint_rides_to_decodes_load_plan(fake):
         assert load.keys == keys[:4] and load.source == want, (direct, bad)
 
 
+def test_decode_stops_waiting_once_the_source_arena_holds_the_chunks(fake):
+    from kvtier.vllm import scheduler as sm
+
+    now = [0.0]
+    ids = list(range(300))
+    keys = request_keys(ids, "m|x", CHUNK, "", None)
+    arena: set[str] = set()
+    asked = []
+
+    def probe(source, want):
+        asked.append(list(want))
+        if source["agent"] == "dead":
+            return None  # its index could not be read in time
+        n = 0
+        while n < len(want) and want[n] in arena:
+            n += 1
+        return n
+
+    decode = fake_side(fake, now)
+    decode.probe = probe
+    params = sm.handoff_params(keys, 4, SOURCE)
+    fake.keys.update(keys[:1])  # the tier has the first chunk (prefill found it there), the arena the rest
+    arena.update(keys[1:3])
+    req = make_request("a1", ids, params=params)
+    assert decode.matched(req, 0) == (None, False) and asked == [keys[1:4]]
+    arena.add(keys[3])
+    now[0] += sm.HANDOFF_POLL_S
+    assert decode.matched(req, 0) == (4 * CHUNK, False)  # none of prefill's puts has landed in the tier
+    decode.after_alloc(req, list(range(1, 11)), 4 * CHUNK)
+    assert decode.build({}, {})[0][0].source == SOURCE
+    # a source that cannot be asked is dropped: the request waits for the tier alone, and loads through it
+    req2 = make_request("a2", ids, params=sm.handoff_params(keys, 4, {**SOURCE, "agent": "dead"}))
+    assert decode.matched(req2, 0) == (None, False) and decode.reqs["a2"].source is None
+    now[0] += sm.HANDOFF_POLL_S
+    assert decode.matched(req2, 0) == (None, False) and len(asked) == 3  # not asked again
+    fake.keys.update(keys)
+    now[0] += sm.HANDOFF_POLL_S
+    assert decode.matched(req2, 0) == (4 * CHUNK, False)
+    decode.after_alloc(req2, list(range(1, 11)), 4 * CHUNK)
+    assert decode.build({}, {})[0][0].source is None
+
+
 def test_vllm_holds_a_waiting_decode_and_loads_it_once_the_chunks_land(fake):
     import time
 
