@@ -15,13 +15,12 @@ life, so a peer adds it once (``add_remote_agent``, ~10 ms) and caches it: no
 metadata fetch per pull (the old per-handoff registration spent ~102 ms of a
 118-129 ms pull on it, bench/results/handoff-cpu.md), and no listener thread.
 
-Sink side: ``read(endpoint, keys, timeout_s)`` READs the peer's whole header and
-index (one transfer, 128 KiB at 1024 slots), finds the keys, READs their blocks
-(one transfer) into a fresh buffer and checks each entry's xxh3-64. A block that
-the source overwrote while it was read (the ring moved on), a torn index entry, a
-dead peer (UCX reports the disconnect) or one that does not answer within
-``timeout_s`` is a miss (``None``); callers still verify the block itself
-(``Block.from_arrow(expect_key=...)``) before using a byte.
+Sink side: ``read(endpoint, keys, timeout_s)`` READs the peer's header and index
+(one 128 KiB transfer at 1024 slots), finds the keys, READs their blocks (one
+transfer) into a pooled receive buffer and checks each entry's xxh3-64;
+``holds`` reads the index alone. A block the ring overwrote while it was read, a
+torn entry, a dead peer or one silent past ``timeout_s`` is a miss (``None``);
+callers still verify each block (key, model, checksum) before using a byte.
 
 UCX wires up a new peer's connection only while the source's worker makes
 progress, and the agent's own progress thread spins ~40% of a core while idle on
@@ -285,11 +284,15 @@ class Arena:
             except Exception as e:  # an unfinished READ cannot always be released; nixl keeps it on its leak list
                 log.error("NIXL transfer handle release failed: %s", e)
 
-    def _index_buffer(self, size: int) -> np.ndarray:
+    def _read_index(self, ep: dict[str, Any], deadline: float) -> tuple[str, np.ndarray] | None:
+        """(peer name, a copy of its header and index) in one READ, or None; under ``_agent_lock``."""
+        peer, size = self._peer(ep), HEADER_BYTES + ep["slots"] * SLOT_BYTES
         if size not in self._scratch:
             buf = _touched(size)
             self._scratch[size] = (buf, self.agent.register_memory([(buf.ctypes.data, size, 0, "")], "DRAM"))
-        return self._scratch[size][0]
+        index = self._scratch[size][0]
+        return (peer, index) if self._read_into(peer, [(index.ctypes.data, size)], [(ep["addr"], size)],
+                                                deadline) else None
 
     def _recv_buffer(self, n: int) -> np.ndarray:
         """A registered, touched receive buffer of at least ``n`` bytes that nothing outside the pool holds.
@@ -322,13 +325,11 @@ class Arena:
         deadline = time.monotonic() + timeout_s
         with self._agent_lock:
             try:
-                peer = self._peer(ep)
-                size = HEADER_BYTES + ep["slots"] * SLOT_BYTES
-                index = self._index_buffer(size)
-                if not self._read_into(peer, [(index.ctypes.data, size)], [(ep["addr"], size)], deadline):
+                got = self._read_index(ep, deadline)
+                if got is None:
                     self.counters["read_errors"] += 1
                     return None
-                have = {i for i, *_ in self._find(index, ep, keys)}
+                have = {i for i, *_ in self._find(got[1], ep, keys)}
             except Exception as e:  # noqa: BLE001 - as in read: a dead peer holds nothing
                 if isinstance(e, ValueError):
                     raise
@@ -351,13 +352,12 @@ class Arena:
         deadline = time.monotonic() + timeout_s
         with self._agent_lock:
             try:
-                peer = self._peer(ep)
-                size = HEADER_BYTES + ep["slots"] * SLOT_BYTES
-                index = self._index_buffer(size)
-                if not self._read_into(peer, [(index.ctypes.data, size)], [(ep["addr"], size)], deadline):
+                got = self._read_index(ep, deadline)
+                if got is None:
                     self.counters["read_errors"] += 1
                     self.counters["read_misses"] += len(keys)
                     return out
+                peer, index = got
                 found = self._find(index, ep, keys)
                 if not found:
                     self.counters["read_misses"] += len(keys)
@@ -367,7 +367,7 @@ class Arena:
                     offs.append(total)
                     total += -(-n // _ALIGN) * _ALIGN
                 recv = self._recv_buffer(total)
-                base, data0 = recv.ctypes.data, ep["addr"] + size
+                base, data0 = recv.ctypes.data, ep["addr"] + index.size
                 ok = self._read_into(peer, [(base + o, f[2]) for o, f in zip(offs, found)],
                                      [(data0 + f[1], f[2]) for f in found], deadline)
             except Exception as e:  # nixlRemoteDisconnectError and kin: a dead peer is a miss
