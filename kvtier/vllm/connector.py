@@ -115,13 +115,11 @@ class KVTierConnector(KVConnectorBase_V1):
                                    mc.get_num_kv_heads(vllm_config.parallel_config), mc.get_head_size(), self.kv_dtype,
                                    weights_digest(mc.model, mc.revision or ""), self.page_format)
             self.identity = ident
-            # a small agent of its own to ask a remote prefill's arena whether its chunks are there yet
-            self._probe_arena = handoff.make_arena(self.settings.transport, 1 << 20)
             self._sched = SchedulerSide(ident, self.tier_cfg.chunk_tokens, self.block_size, self.tier_cfg.tenant,
                                         lookup=self._lookup, block_ids_of=self._block_ids_of,
                                         handoff_wait_s=self.settings.handoff_wait_s, ready=tier.ready,
                                         direct=self.settings.transport != "tier",
-                                        probe=self._probe if self._probe_arena is not None else None)
+                                        probe=self._probe if self.settings.transport != "tier" else None)
             log.info("kvtier connector (scheduler): %s, %d-token chunks, codec %s", ident,
                      self.tier_cfg.chunk_tokens, self.tier_cfg.codec)
 
@@ -131,6 +129,13 @@ class KVTierConnector(KVConnectorBase_V1):
 
     # ---- scheduler side -----------------------------------------------------
     def _probe(self, source: dict[str, Any], keys: list[str]) -> int | None:
+        """How many leading ``keys`` a remote prefill's arena holds, read by a small agent of this process's
+        own, made at the first handoff (an engine that never decodes one runs no agent here)."""
+        if self._probe_arena is None:
+            self._probe_arena = handoff.make_arena(self.settings.transport, 1 << 20)
+            if self._probe_arena is None:  # "auto" without NIXL: the tier alone answers
+                self._sched.probe = None
+                return 0
         # on vLLM's scheduling loop: one ~0.2 ms index READ (a new peer's first one wires UCX up, 66-200 ms)
         return self._probe_arena.holds(source, keys, handoff.PROBE_TIMEOUT_S)
 
