@@ -16,10 +16,11 @@ This backend uses that hook to
 
 Prefill/decode request shaping is Ray's default protocol (prefill runs with
 ``max_tokens=1`` and ``do_remote_decode``; decode gets prefill's
-``kv_transfer_params``): the KV itself travels through the tier, keyed by the
-tokens; prefill's params only say how many chunks it saved (and the last
-one's key), so decode's connector waits, bounded, until the tier has them
-(``kvtier.vllm.scheduler``).
+``kv_transfer_params``): prefill's params say how many chunks it saved (and
+the last one's key), so decode's connector waits, bounded, until the tier has
+them (``kvtier.vllm.scheduler``); where NIXL is installed they also carry the
+prefill worker's arena endpoint and decode pulls the blocks from there, the
+tier serving what the arena does not (``kvtier.vllm.handoff``).
 
 This module is not the connector (``kvtier.vllm``) and holds no KV.
 """

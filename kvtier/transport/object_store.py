@@ -7,14 +7,13 @@ as long as someone holds the descriptor (Ray's reference counting follows the
 refs through the Ray calls that carry it), and ``pull`` drops the descriptor's
 refs as soon as it has fetched them, so a handoff is freed the moment the sink
 is done with the bytes it pulled (zero-copy views of plasma on the same node),
-not after a lease. A sink that dies drops its references with it.
+not after a timeout. A sink that dies drops its references with it.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-import uuid
 from typing import Any, Sequence
 
 import numpy as np
@@ -30,17 +29,16 @@ class ObjectStoreTransport(Transport):
 
     name = "object_store"
 
-    def publish(self, items: Sequence[tuple[str, Any]], lease_s: float | None = None) -> dict[str, Any]:
+    def publish(self, items: Sequence[tuple[str, Any]]) -> dict[str, Any]:
         import ray
 
         checked = _check_items(items)
         # uint8 arrays travel out-of-band (no pickling of the bytes) and come back zero-copy
         refs = [ray.put(np.frombuffer(buf, dtype=np.uint8)) for _, buf in checked]
-        # no lease: the descriptor's refs alone keep the objects alive (see the module docstring)
-        lease = uuid.uuid4().hex
+        # the descriptor's refs alone keep the objects alive (see the module docstring)
         self.counters["published_blocks"] += len(checked)
         self.counters["published_bytes"] += sum(b.size for _, b in checked)
-        return {"transport": self.name, "lease": lease, "refs": refs,
+        return {"transport": self.name, "refs": refs,
                 "blocks": [{"key": k, "len": b.size} for k, b in checked]}
 
     def fetch_raw(self, desc: dict[str, Any], timeout_s: float) -> list[pa.Buffer | None]:

@@ -26,10 +26,10 @@ import torch
 
 import kvtier
 from vllm.distributed.kv_transfer.kv_connector.v1.base import (
-    KVConnectorBase_V1, KVConnectorMetadata, KVConnectorRole)
+    KVConnectorBase_V1, KVConnectorHandshakeMetadata, KVConnectorMetadata, KVConnectorRole)
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
-from kvtier.vllm import pages, tier
+from kvtier.vllm import handoff, pages, tier
 from kvtier.vllm.identity import ConnectorSettings, model_identity, weights_digest
 from kvtier.vllm.scheduler import LoadSpec, SaveSpec, SchedulerSide
 from kvtier.vllm.worker import WorkerSide
@@ -45,6 +45,14 @@ log = logging.getLogger("kvtier.vllm")
 class KVTierMetadata(KVConnectorMetadata):
     loads: list[LoadSpec] = field(default_factory=list)
     saves: list[SaveSpec] = field(default_factory=list)
+
+
+@dataclass
+class KVTierHandshake(KVConnectorHandshakeMetadata):
+    """A worker's arena endpoint, sent once to its own scheduler (vLLM's handshake hook): a prefill's
+    scheduler puts it in its handoffs' params."""
+
+    endpoint: dict[str, Any]
 
 
 def _cpu_isa(dtype: torch.dtype, block_size: int, head_dim: int, cache_dtype: str) -> str:
@@ -99,6 +107,8 @@ class KVTierConnector(KVConnectorBase_V1):
         tier.start(self.settings.address, self.settings.namespace, self.tier_cfg, self.settings.connect_timeout_s)
         self._sched: SchedulerSide | None = None
         self._worker: WorkerSide | None = None
+        self._handoff: handoff.Handoff | None = None
+        self._probe_arena = None  # scheduler role: asks remote prefills' arenas (see _probe)
         if role == KVConnectorRole.SCHEDULER:
             # the folder (or hub) name, not served_model_name: an alias must not split one model's cache
             ident = model_identity(str(mc.model).rstrip("/").rsplit("/", 1)[-1], mc.get_num_layers(vllm_config.parallel_config),
@@ -107,7 +117,9 @@ class KVTierConnector(KVConnectorBase_V1):
             self.identity = ident
             self._sched = SchedulerSide(ident, self.tier_cfg.chunk_tokens, self.block_size, self.tier_cfg.tenant,
                                         lookup=self._lookup, block_ids_of=self._block_ids_of,
-                                        handoff_wait_s=self.settings.handoff_wait_s, ready=tier.ready)
+                                        handoff_wait_s=self.settings.handoff_wait_s, ready=tier.ready,
+                                        direct=self.settings.transport != "tier",
+                                        probe=self._probe if self.settings.transport != "tier" else None)
             log.info("kvtier connector (scheduler): %s, %d-token chunks, codec %s", ident,
                      self.tier_cfg.chunk_tokens, self.tier_cfg.codec)
 
@@ -116,6 +128,17 @@ class KVTierConnector(KVConnectorBase_V1):
         return False  # a best-effort cache: a dropped save is a later miss
 
     # ---- scheduler side -----------------------------------------------------
+    def _probe(self, source: dict[str, Any], keys: list[str]) -> int | None:
+        """How many leading ``keys`` a remote prefill's arena holds, read by a small agent of this process's
+        own, made at the first handoff (an engine that never decodes one runs no agent here)."""
+        if self._probe_arena is None:
+            self._probe_arena = handoff.make_arena(self.settings.transport, 1 << 20)
+            if self._probe_arena is None:  # "auto" without NIXL: the tier alone answers
+                self._sched.probe = None
+                return 0
+        # on vLLM's scheduling loop: one ~0.2 ms index READ (a new peer's first one wires UCX up, 66-200 ms)
+        return self._probe_arena.holds(source, keys, handoff.PROBE_TIMEOUT_S)
+
     def _lookup(self, keys: list[str]) -> int:
         return kvtier.lookup(keys) if tier.ready() else 0
 
@@ -155,10 +178,26 @@ class KVTierConnector(KVConnectorBase_V1):
             raise ValueError(f"kvtier: pages are in format {lay.format!r}, the engine's config says "
                              f"{self.page_format!r}; refused")
         _check_pattern(lay, layers[0].device)
+        arena = handoff.make_arena(self.settings.transport, self.settings.handoff_arena_bytes)
+        if arena is not None:
+            self._handoff = handoff.Handoff(arena, kvtier.get, kvtier.put, self.tier_cfg.codec,
+                                            self.tier_cfg.model_id, layers[0].device)
         self._worker = WorkerSide(layers, lay, self.tier_cfg.chunk_tokens, self.tier_cfg.codec,
                                   self.settings.save_queue, self.settings.load_timeout_s,
-                                  get=kvtier.get, put=kvtier.put, ready=tier.ready)
-        log.info("kvtier connector (worker): %d layers, page format %s checked", len(layers), lay.format)
+                                  get=kvtier.get, put=kvtier.put, ready=tier.ready, handoff=self._handoff)
+        log.info("kvtier connector (worker): %d layers, page format %s checked; handoffs %s", len(layers),
+                 lay.format, f"over NIXL (arena {arena.name})" if arena is not None else "through the tier")
+
+    def get_handshake_metadata(self) -> KVTierHandshake | None:
+        return KVTierHandshake(self._handoff.endpoint()) if self._handoff is not None else None
+
+    def set_xfer_handshake_metadata(self, metadata: dict[int, KVConnectorHandshakeMetadata]) -> None:
+        # one worker (tp 1) holds every page: its arena is the source of this engine's handoffs. With more
+        # workers each holds a shard of the heads that kvtier's chunks do not split: handoffs use the tier
+        eps = [m.endpoint for m in metadata.values() if isinstance(m, KVTierHandshake)]
+        if self._sched is not None and len(metadata) == 1 and len(eps) == 1:
+            self._sched.source = eps[0]
+            log.info("kvtier connector (scheduler): handoffs name arena %s", eps[0]["agent"])
 
     def start_load_kv(self, forward_context, **kwargs: Any) -> None:
         meta = self._get_connector_metadata()
@@ -182,6 +221,10 @@ class KVTierConnector(KVConnectorBase_V1):
     def shutdown(self) -> None:
         if self._worker is not None:
             self._worker.close()
+        if self._handoff is not None:
+            self._handoff.close()
+        if self._probe_arena is not None:
+            self._probe_arena.close()
 
 
 def _check_pattern(lay: pages.PageLayout, device: torch.device) -> None:

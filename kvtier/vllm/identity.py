@@ -23,7 +23,9 @@ from kvtier.config import TierConfig
 from kvtier.keys import chunk_keys, model_fingerprint
 
 # the connector's own settings; everything else in extra_config is a TierConfig field
-_OWN = {"address", "namespace", "save_queue", "load_timeout_s", "connect_timeout_s", "handoff_wait_s"}
+_OWN = {"address", "namespace", "save_queue", "load_timeout_s", "connect_timeout_s", "handoff_wait_s", "transport",
+        "handoff_arena_bytes"}
+TRANSPORTS = ("auto", "nixl", "tier")  # the ``transport`` setting (kvtier.vllm.handoff)
 _FULL_HASH_BYTES = 2 << 30  # weight files up to 2 GiB in all are hashed whole (~1-2 s); larger ones sampled
 _SAMPLE = 4 << 20
 
@@ -38,6 +40,11 @@ class ConnectorSettings:
     # how long decode asks vLLM to hold a request whose prefill's saves are not in the tier yet; they land
     # ~0.1-1 s after prefill's response here (codec none, 5 chunks of 64 tokens, 2 loaded cores)
     handoff_wait_s: float = 5.0
+    # how decode gets a remote prefill's chunks: "nixl" pulls them from the prefill worker's arena (a NIXL
+    # agent per worker; start-up fails if NIXL cannot start), "tier" through the tier, "auto" over NIXL where
+    # it imports and both sides have an arena. Either way the tier holds a copy and is the fallback
+    transport: str = "auto"
+    handoff_arena_bytes: int = 256 << 20  # each worker's ring of recent handoff blocks (touched as written)
     tier: dict = field(default_factory=dict)   # TierConfig fields given explicitly
 
     @classmethod
@@ -57,6 +64,11 @@ class ConnectorSettings:
             raise ValueError(f"namespace={s.namespace!r} must be a non-empty string")
         if not isinstance(s.save_queue, int) or isinstance(s.save_queue, bool) or s.save_queue < 1:
             raise ValueError(f"save_queue={s.save_queue!r} must be an int >= 1")
+        if s.transport not in TRANSPORTS:
+            raise ValueError(f"transport={s.transport!r} is not one of {list(TRANSPORTS)}")
+        b = s.handoff_arena_bytes
+        if not isinstance(b, int) or isinstance(b, bool) or not 1 << 20 <= b <= 1 << 40:
+            raise ValueError(f"handoff_arena_bytes={b!r} must be an int from 1 MiB to 1 TiB")
         for name in ("load_timeout_s", "connect_timeout_s", "handoff_wait_s"):
             v = getattr(s, name)
             if not isinstance(v, (int, float)) or isinstance(v, bool) or not 0 < v < 86400:

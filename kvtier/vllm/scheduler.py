@@ -16,7 +16,12 @@ one-token response), so until the tier holds ``n`` chunks, or ``handoff_wait_s``
 passes, ``matched`` returns ``None`` ("ask again later": vLLM skips the request
 this step and asks on the next). It never waits inside the call; re-lookups are
 spaced ``HANDOFF_POLL_S`` apart. When the bound passes it offers what is there
-and vLLM recomputes the rest.
+and vLLM recomputes the rest. Where prefill's worker has a NIXL arena its params
+also carry its endpoint (``"source"``): decode then also asks that arena (one
+index READ, ``probe``) and stops waiting once the arena or the tier holds the
+chunks, and its load plan passes the source on to its worker, which pulls the
+chunks from the arena while the tier serves what the arena does not
+(``handoff.py``).
 
 After vLLM allocates blocks for an offered hit it plans one synchronous load
 (done by the worker before the step's forward). Each step it plans saves of the
@@ -34,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
+from kvtier.vllm import handoff
 from kvtier.vllm.identity import request_keys
 
 log = logging.getLogger("kvtier.vllm")
@@ -56,6 +62,7 @@ class LoadSpec:
     req_id: str
     keys: list[str]
     block_ids: list[list[int]]
+    source: dict[str, Any] | None = None  # the prefill's arena endpoint (a direct handoff), else the tier
 
 
 @dataclass
@@ -77,13 +84,18 @@ class _Req:
     wait_until: float = 0.0       # when the wait for them ends
     next_poll: float = 0.0
     handoff: bool = False         # a prefill whose decode runs elsewhere (vLLM's do_remote_decode)
+    source: dict[str, Any] | None = None  # the remote prefill's arena endpoint, from its params
 
 
-def handoff_params(keys: Sequence[str], stored: int) -> dict[str, Any] | None:
-    """The ``kv_transfer_params`` a prefill returns: the count and last key of the chunks it saved or found."""
+def handoff_params(keys: Sequence[str], stored: int, source: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """The ``kv_transfer_params`` a prefill returns: the count and last key of the chunks it saved or found,
+    and where its worker's arena is (``source``, when it has one: decode may pull them from there)."""
     if stored <= 0 or stored > len(keys):
         return None
-    return {HANDOFF_KEY: {"chunks": int(stored), "key": keys[stored - 1]}}
+    h: dict[str, Any] = {"chunks": int(stored), "key": keys[stored - 1]}
+    if source is not None:
+        h["source"] = source
+    return {HANDOFF_KEY: h}
 
 
 def expected_chunks(params: Any, keys: Sequence[str]) -> int:
@@ -110,10 +122,18 @@ class SchedulerSide:
     block_ids_of: Callable[[str], Sequence[int]]
     handoff_wait_s: float = 5.0
     ready: Callable[[], bool] = lambda: True  # this process reaches the tier (until then lookups are misses)
+    # this engine's worker's arena endpoint (vLLM's handshake metadata; None: no arena, or transport "tier").
+    # A prefill hands it to decode; decode loads from a request's source only when it has one itself
+    source: dict[str, Any] | None = None
+    direct: bool = True  # decode side: plan direct pulls from a source (False: transport "tier")
+    # decode side: how many leading keys a source's arena holds now (one index READ, bounded), None if it
+    # cannot be read. With it decode stops waiting once the arena has prefill's chunks, not the tier
+    probe: Callable[[dict[str, Any], list[str]], int | None] | None = None
     reqs: dict[str, _Req] = field(default_factory=dict)
     counters: dict[str, int] = field(default_factory=lambda: {"lookups": 0, "hit_tokens": 0, "saved_chunks": 0,
                                                              "lookup_errors": 0, "skipped_lookups": 0,
-                                                             "handoff_waits": 0, "handoff_timeouts": 0})
+                                                             "handoff_waits": 0, "handoff_timeouts": 0,
+                                                             "arena_probes": 0})
     clock: Callable[[], float] = time.monotonic
     _down_until: float = 0.0
 
@@ -131,6 +151,7 @@ class SchedulerSide:
             st = self.reqs[request.request_id] = _Req(keys, len(prompt))
             st.handoff = bool(params.get("do_remote_decode"))
             st.expect = expected_chunks(params, keys)
+            st.source = handoff.source_of(params) if st.expect and self.direct else None
             st.wait_until = self.clock() + self.handoff_wait_s
         return st
 
@@ -162,6 +183,8 @@ class SchedulerSide:
         if self.clock() - t0 > SLOW_LOOKUP_S:
             log.warning("kvtier: a lookup took %.1f s; every lookup is a miss for %.0f s", self.clock() - t0, BACKOFF_S)
             self._down_until = self.clock() + BACKOFF_S
+        if st.expect and found < st.expect and st.source is not None and self.probe is not None:
+            found += self._probe(request, st, st.keys[found:st.expect])
         if st.expect and found < st.expect:
             now = self.clock()
             # a lookup that failed or was slow is a sick tier: recompute now rather than wait on it
@@ -181,6 +204,21 @@ class SchedulerSide:
         ext = max(0, usable - num_computed_tokens)
         st.offer = (num_computed_tokens, ext)
         return ext, False
+
+    def _probe(self, request: Any, st: _Req, keys: list[str]) -> int:
+        """Leading ``keys`` in the request's source arena; a source that cannot be read is dropped (its load
+        goes through the tier) rather than asked again on every step of vLLM's loop."""
+        try:
+            n = self.probe(st.source, keys)
+        except Exception as e:  # noqa: BLE001 - a bad source is the tier's job, never an engine error
+            log.warning("kvtier: request %s: its source arena cannot be asked (%s: %s)", request.request_id,
+                        type(e).__name__, e)
+            n = None
+        self.counters["arena_probes"] += 1
+        if n is None:
+            st.source = None
+            return 0
+        return int(n)
 
     def after_alloc(self, request: Any, block_ids: Sequence[int], num_external_tokens: int) -> None:
         """vLLM's ``update_state_after_alloc``: plan the load of the offered tokens into ``block_ids``."""
@@ -204,7 +242,7 @@ class SchedulerSide:
                             request.request_id, len(block_ids), c, (c + 1) * per)
                 return
             rows.append(row)
-        st.load = LoadSpec(request.request_id, st.keys[c0:c1], rows)
+        st.load = LoadSpec(request.request_id, st.keys[c0:c1], rows, st.source)
         st.stored = max(st.stored, c1)
         self.counters["hit_tokens"] += ext
 
@@ -243,4 +281,4 @@ class SchedulerSide:
         params = getattr(request, "kv_transfer_params", None)
         if st is None or not (isinstance(params, dict) and params.get("do_remote_decode")) or not self.ready():
             return None  # not connected: the worker dropped this prefill's saves, decode must not wait for them
-        return handoff_params(st.keys, st.stored)
+        return handoff_params(st.keys, st.stored, self.source)

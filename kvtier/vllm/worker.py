@@ -44,8 +44,9 @@ class WorkerSide:
     def __init__(self, layers: Sequence[torch.Tensor], layout: pages.PageLayout, chunk_tokens: int,
                  codec: str | None, save_queue: int, load_timeout_s: float,
                  get: Callable[[list[str]], list], put: Callable[[list[str], list, str | None], None],
-                 ready: Callable[[float], bool]) -> None:
+                 ready: Callable[[float], bool], handoff=None) -> None:
         self.layers = list(layers)
+        self._handoff = handoff  # kvtier.vllm.handoff.Handoff: direct P/D pulls and arena saves (None: tier only)
         self.layout = layout
         self.chunk_tokens = chunk_tokens
         self.codec = codec
@@ -86,7 +87,8 @@ class WorkerSide:
         # the scheduler offered these chunks, so its process reached the tier; this one connects at the same
         # time and is ready within seconds: wait for it (bounded) rather than fail a hit on an engine's first step
         if self._ready(min(self.load_timeout_s, 15.0)):
-            fut = self._load_pool.submit(self._get, keys)
+            fut = (self._load_pool.submit(self._get, keys) if self._handoff is None
+                   else self._load_pool.submit(self._handoff.get, specs, keys))  # arena first, then the tier
             try:
                 got = list(fut.result(timeout=self.load_timeout_s))
             except FutureTimeout:
@@ -171,7 +173,8 @@ class WorkerSide:
                     for i, (key, kv) in enumerate(zip(keys, chunks.unbind(0))):
                         if not (handoff or self._wait_idle(deadline)):
                             raise _Declined(len(keys) - i)
-                        self._put([key], [kv], self.codec)  # one chunk at a time: each ~40-150 ms of work
+                        put = self._handoff.save if handoff and self._handoff is not None else self._put
+                        put([key], [kv], self.codec)  # one chunk at a time: each ~40-150 ms of work
                         self.counters["saved_chunks"] += 1
                 except _Declined as d:
                     self.counters["dropped_saves"] += d.chunks

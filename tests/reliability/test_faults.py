@@ -189,7 +189,7 @@ class PrefillLike:
         kvs = [t.from_numpy(x.copy()) for x in kvs]
         kt.put(keys, kvs)
         assert kt.flush(60), "the puts are stored (in the background) before the reads below"
-        self.transport = ObjectStoreTransport(lease_s=300)  # far beyond the test: only its death frees it
+        self.transport = ObjectStoreTransport()  # only its death frees what it published
         blocks = [kt.compress(x, "none", key=k) for k, x in zip(keys, kvs)]
         desc = self.transport.publish([(b.key, b.to_arrow()) for b in blocks])
         # a get in flight: the controller pins the cold-only blocks under a lease that this process never releases

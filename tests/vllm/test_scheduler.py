@@ -273,6 +273,78 @@ def test_decode_does_not_wait_for_params_that_name_other_chunks_or_a_tier_that_f
     assert side.matched(make_request("o-down", ids, params=sm.handoff_params(keys, 4)), 0) == (0, False)
 
 
+SOURCE = {"agent": "kvtier-arena-p", "meta": "bWV0YQ==", "addr": 1 << 40, "slots": 1024, "capacity": 256 << 20}
+
+
+def test_a_prefills_arena_endpoint_rides_to_decodes_load_plan(fake):
+    from kvtier.vllm import scheduler as sm
+
+    now = [0.0]
+    ids = list(range(300))
+    keys = request_keys(ids, "m|x", CHUNK, "", None)
+    prefill = fake_side(fake, now)
+    prefill.source = SOURCE  # its worker's handshake metadata (connector.set_xfer_handshake_metadata)
+    req = make_request("p", ids, params={"do_remote_decode": True})
+    prefill.matched(req, 0)
+    prefill.reqs["p"].stored = 4
+    params = prefill.finished(req)
+    assert params == {"kvtier": {"chunks": 4, "key": keys[3], "source": SOURCE}}
+    fake.keys.update(keys)
+    for direct, bad, want in ((True, False, SOURCE), (False, False, None), (True, True, None)):
+        decode = fake_side(fake, now)
+        decode.direct = direct  # transport "tier": never pull from a source
+        p = json.loads(json.dumps(params))  # the params cross processes as JSON (Ray Serve's proxy)
+        if bad:
+            p["kvtier"]["source"]["addr"] = -5  # malformed: ignored, the handoff goes through the tier
+        r = make_request(f"d{direct}{bad}", ids, params=p)
+        assert decode.matched(r, 0) == (4 * CHUNK, False)
+        decode.after_alloc(r, list(range(1, 11)), 4 * CHUNK)
+        (load,) = decode.build({}, {})[0]
+        assert load.keys == keys[:4] and load.source == want, (direct, bad)
+
+
+def test_decode_stops_waiting_once_the_source_arena_holds_the_chunks(fake):
+    from kvtier.vllm import scheduler as sm
+
+    now = [0.0]
+    ids = list(range(300))
+    keys = request_keys(ids, "m|x", CHUNK, "", None)
+    arena: set[str] = set()
+    asked = []
+
+    def probe(source, want):
+        asked.append(list(want))
+        if source["agent"] == "dead":
+            return None  # its index could not be read in time
+        n = 0
+        while n < len(want) and want[n] in arena:
+            n += 1
+        return n
+
+    decode = fake_side(fake, now)
+    decode.probe = probe
+    params = sm.handoff_params(keys, 4, SOURCE)
+    fake.keys.update(keys[:1])  # the tier has the first chunk (prefill found it there), the arena the rest
+    arena.update(keys[1:3])
+    req = make_request("a1", ids, params=params)
+    assert decode.matched(req, 0) == (None, False) and asked == [keys[1:4]]
+    arena.add(keys[3])
+    now[0] += sm.HANDOFF_POLL_S
+    assert decode.matched(req, 0) == (4 * CHUNK, False)  # none of prefill's puts has landed in the tier
+    decode.after_alloc(req, list(range(1, 11)), 4 * CHUNK)
+    assert decode.build({}, {})[0][0].source == SOURCE
+    # a source that cannot be asked is dropped: the request waits for the tier alone, and loads through it
+    req2 = make_request("a2", ids, params=sm.handoff_params(keys, 4, {**SOURCE, "agent": "dead"}))
+    assert decode.matched(req2, 0) == (None, False) and decode.reqs["a2"].source is None
+    now[0] += sm.HANDOFF_POLL_S
+    assert decode.matched(req2, 0) == (None, False) and len(asked) == 3  # not asked again
+    fake.keys.update(keys)
+    now[0] += sm.HANDOFF_POLL_S
+    assert decode.matched(req2, 0) == (4 * CHUNK, False)
+    decode.after_alloc(req2, list(range(1, 11)), 4 * CHUNK)
+    assert decode.build({}, {})[0][0].source is None
+
+
 def test_vllm_holds_a_waiting_decode_and_loads_it_once_the_chunks_land(fake):
     import time
 
@@ -360,6 +432,11 @@ def test_settings_name_bad_values():
         ConnectorSettings.parse({"save_queue": 0})
     with pytest.raises(ValueError, match="handoff_wait_s=-1"):
         ConnectorSettings.parse({"handoff_wait_s": -1})
+    with pytest.raises(ValueError, match="transport='ucx' is not one of"):
+        ConnectorSettings.parse({"transport": "ucx"})
+    with pytest.raises(ValueError, match="handoff_arena_bytes=1024 must be"):
+        ConnectorSettings.parse({"handoff_arena_bytes": 1024})
+    assert ConnectorSettings.parse({}).transport == "auto"
     with pytest.raises(ValueError, match="multiple of vLLM's block_size=32"):
         ConnectorSettings.parse({"chunk_tokens": 48}).tier_config(32)
     assert ConnectorSettings.parse({}).tier_config(128).chunk_tokens == 256
