@@ -265,6 +265,55 @@ def test_sink_tokens_are_found_from_the_chunk_and_kept_exact():
     assert detect_sinks(nrm) == [0, 9] and detect_sinks(nrm[..., :1]) == []
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_zstd_entropy_layout_is_lossless_recorded_and_folds_3_bit_codes(toy_profile, dtype):
+    from kvtier.codecs.mix import LAYOUT, entropy_layout, layout_widths
+
+    kv = kv_like((4, 2, 3, 64, 64), dtype=dtype, seed=16)
+    kv[:, :, :, 0] *= 6.0  # a sink: its rows are byte-shuffled too
+    plain = compress(kv, "q1", model_id=TOY)
+    zb = compress(kv, "q1+zstd", model_id=TOY)
+    assert zb.params["layout"] == LAYOUT and "layout" not in plain.params
+    assert torch.equal(decompress(Block.from_arrow(zb.to_arrow())), decompress(plain))
+    # the folded low plane is the distance from the centre 3.5 (0 nearest): codes 3 and 4 both fold to 0
+    q = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7] * 8])
+    from kernels.pack import pack_torch
+
+    lo, hi = pack_torch(q, 3)
+    folded = entropy_layout({"q3": lo.reshape(-1), "q3h": hi.reshape(-1)}, {})
+    from kernels.pack import unpack_torch
+
+    assert unpack_torch([folded["q3"].reshape(1, -1), torch.zeros_like(hi)], 3, 64).tolist() == \
+        [[3, 2, 1, 0, 0, 1, 2, 3] * 8]
+    u8 = {n: torch.frombuffer(bytearray(b), dtype=torch.uint8) for n, b in plain.buffers.items()}
+    there = entropy_layout(u8, layout_widths(dtype))
+    assert not torch.equal(there["scale"], u8["scale"]) and not torch.equal(there["q3"], u8["q3"])
+    back = entropy_layout(there, layout_widths(dtype), inverse=True)
+    assert all(torch.equal(back[n], u8[n]) for n in u8)
+    with pytest.raises(BlockFormatError, match="layout"):
+        decompress(_rebuild(zb, params=dict(zb.params, layout="other")))
+
+
+def test_the_entropy_layout_gets_zstd_near_the_3_bit_codes_entropy():
+    # Gaussian rows (what a Hadamard-rotated row looks like) at 3 bits: the codes' order-0 entropy is ~2.5
+    # bits; zstd on the split planes got ~3.0 (nothing), on the folded planes it must get within 0.1 of it
+    import zstandard
+    from kernels.pack import pack_torch
+    from kvtier.codecs.mix import entropy_layout
+
+    y = torch.randn(4096, 64, generator=torch.Generator().manual_seed(3))
+    s = y.abs().amax(-1, keepdim=True) / 3.5
+    q = (y / s + 3.5).floor().clamp(0, 7).to(torch.int32)
+    p = torch.bincount(q.reshape(-1), minlength=8).double() / q.numel()
+    h = float(-(p[p > 0] * p[p > 0].log2()).sum())
+    lo, hi = pack_torch(q, 3)
+    z = zstandard.ZstdCompressor(level=3)
+    size = lambda planes: 8 * sum(len(z.compress(t.numpy().tobytes())) for t in planes) / q.numel()
+    folded = entropy_layout({"q3": lo.reshape(-1), "q3h": hi.reshape(-1)}, {})
+    assert size([lo, hi]) > h + 0.3
+    assert size(folded.values()) < h + 0.1, (size(folded.values()), h)
+
+
 def test_a_registered_profile_sets_the_bits_and_is_named_by_digest(toy_profile):
     kv = kv_like((4, 2, 3, 32, 64), seed=13)
     block = compress(kv, "q1", model_id="toy|L4|H3|D64|float32")  # any KV dtype of the same model
