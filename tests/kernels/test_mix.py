@@ -156,3 +156,18 @@ def test_width_slabs_and_payload_bits():
     assert mix.payload_bits((2, 2, 3, 10, 64), [2, 3, 4, 8]) == 30 * 64 * 17 + 4 * 30 * 16
     per_head = [2, 3, 4, 5, 6, 8, 2, 2, 2, 2, 2, 2]
     assert mix.payload_bits((2, 2, 3, 10, 64), per_head) == 10 * 64 * sum(per_head) + 12 * 10 * 16
+
+
+def test_codec_refuses_keys_whose_weighted_values_leave_fp16():
+    # the codec's check() bounds |kv|, the kernels round kv * w to fp16: an overflow must be an error, not inf
+    from kvtier.codecs.mix import MixCodec
+    from kvtier.errors import CodecError
+
+    shape = (2, 2, 3, 16, 64)
+    kv = _kv(shape, torch.bfloat16, seed=3)
+    kv[1, 0, 2, 5, 7] = 3000.0
+    w = torch.ones(2, 3, 64, dtype=torch.float16)
+    MixCodec("q5").encode(kv, bits=[4] * 4, key_weights=w)  # in range: fine
+    w[1, 2, 7] = 30.0  # 3000 * 30 = 90000 > 65504
+    with pytest.raises(CodecError, match="keys times their weights exceed the fp16 range"):
+        MixCodec("q5").encode(kv, bits=[4] * 4, key_weights=w)
