@@ -28,10 +28,9 @@ rotation, then a symmetric 2/3/4/8-bit quantizer with one fp16 scale per row
   less. On SmolLM2 it cut KL by 9-34 % at equal bits (bench/results/quality.md, notes). The
   weights travel in the block (``kw`` buffer, fp16 [L, H, D]: 11.5 KiB, 1.2 %
   of a 256-token q5 chunk, counted in every ratio), so decoding still reads
-  nothing else. The weighting is a torch multiply around the Triton kernels
-  (encode from an fp16 copy, decode to fp16 then divide): extra passes over
-  the chunk on the GPU until it is fused into the kernels
-  (bench/results/qcodec-h200.md).
+  nothing else. The kernels apply them (``kernels/mix.py``: no extra pass
+  over the chunk; as torch operations around the kernels they cost 3-3.5x,
+  bench/results/qcodec-h200.md).
 
 **Entropy layout** (``+zstd`` only; measured on SmolLM2 chunks, bits per code
 element): zstd's Huffman works on bytes. 2-, 4- and 8-bit codes pack whole
@@ -57,7 +56,6 @@ else, so no other profile can ever be applied to it.
 
 from __future__ import annotations
 
-import math
 from typing import Any, Mapping
 
 import torch
@@ -66,7 +64,7 @@ from kernels import mix as M
 from kernels.pack import plane_bytes
 from kvtier.codecs import Codec, register_codec
 from kvtier.codecs import profile as P
-from kvtier.codecs.kivi import FP16_MAX, check_fp16_range, expect_names, int_param, is_pow2, on_device, take
+from kvtier.codecs.kivi import expect_names, int_param, is_pow2, on_device, take
 from kvtier.codecs.rot import MAX_D, MIN_D, ROTATION, SEED, check_rotatable
 from kvtier.errors import CodecError
 
@@ -151,26 +149,27 @@ class MixCodec(Codec):
             bits, digest, key_weights = self.bits(tuple(kv.shape), model_id)
         else:
             digest = None
-        x = kv
+        w = None
         if key_weights is not None:
             L, _, H, _, D = kv.shape
             w = key_weights.to(device=kv.device, dtype=torch.float16)
             if tuple(w.shape) != (L, H, D) or not bool(((w > 0) & torch.isfinite(w)).all()):
                 raise CodecError(f"codec {self.name!r}: key weights of shape {tuple(w.shape)} must be positive "
                                  f"and [{L}, {H}, {D}] for a chunk of shape {tuple(kv.shape)}")
-            # fp16, not fp32: the kernels' fp32 input path skips the tensor cores (H200: encode 3.5 ms vs 0.76
-            # for 512 MiB); the product rounds to 2**-11 relative, 4x finer than the bf16 the KV came in.
-            # check() bounded |kv| by FP16_MAX/sqrt(D), so the cast is finite; the product is checked below.
-            x = kv.to(torch.float16) if kv.dtype != torch.float32 else kv.clone()
-            x[:, 0] *= w[:, :, None].to(x.dtype)
-            check_fp16_range(x, self.name, FP16_MAX / math.sqrt(D))
         enc = M.encode_triton if kv.is_cuda else M.encode_torch
         with on_device(kv.device):
-            bufs = enc(x, bits, self.seed)
-            sinks = detect_sinks(bufs.pop("nrm"))
+            # the kernels weight the K rows (kernels/mix.py): x * w rounded to fp16 (fp32 for fp32 KV), 2**-11
+            # relative, 4x finer than the bf16 the KV came in
+            bufs = enc(kv, bits, self.seed, w)
+            nrm = bufs.pop("nrm")
+            # check() bounded |kv|, not |kv * w|: an fp16 overflow shows as a non-finite row norm or scale
+            if w is not None and not bool(torch.isfinite(nrm).all() & torch.isfinite(bufs["scale"]).all()):
+                raise CodecError(f"codec {self.name!r}: keys times their weights exceed the fp16 range; use 'fp8' "
+                                 f"or 'none' for such values")
+            sinks = detect_sinks(nrm)
         if sinks:
             bufs["sink"] = kv[:, :, :, sinks].contiguous()
-        if key_weights is not None:
+        if w is not None:
             bufs["kw"] = w.contiguous()
         return bufs, {"bits": bits, "seed": self.seed, "rotation": ROTATION, "sinks": sinks, "profile": digest,
                       "kw": key_weights is not None}
@@ -228,13 +227,7 @@ class MixCodec(Codec):
                 raise ValueError("key weights must be positive and finite")
         dec = M.decode_triton if device.type == "cuda" else M.decode_torch
         with on_device(device):
-            if weighted:  # fp16 (fp32 for fp32 KV) then one divide of the K half: 2**-11 relative, finer than bf16
-                mid = torch.float32 if dtype == torch.float32 else torch.float16
-                out = dec(bufs, shape, mid, bits, seed)
-                out[:, 0] /= w[:, :, None].to(mid)
-                out = out.to(dtype)
-            else:
-                out = dec(bufs, shape, dtype, bits, seed)
+            out = dec(bufs, shape, dtype, bits, seed, w if weighted else None)  # the kernels divide by w
             if sinks:
                 out[:, :, :, sinks] = take(buffers, "sink", dtype, (L, 2, H, len(sinks), D))
         return out
