@@ -38,9 +38,10 @@ codes into a byte and zstd gets their empirical entropy (2-bit 1.46 of 1.46,
 4-bit 3.63 of 3.62, 8-bit 7.68 of 7.65), but a 3-bit code is split into a
 low-2-bit and a high-bit plane (``kernels.pack``), and the low bits of a code
 symmetric about 3.5 are near uniform until the high bit is known: zstd got
-2.99 bits where the codes hold 2.55. ``entropy_layout`` stores the low plane
-*folded* (XOR 3 where the high bit is 0: the distance from the centre, the
-high bit becomes the sign): 2.55-2.58 bits. fp16 scales and weights and the
+2.99 bits where the codes hold 2.55. ``entropy_layout`` stores split codes
+(3, 5, 6 bits) *folded*: a code below the centre is XORed with 2**(b-1) - 1,
+so the top bit is the sign and the rest the distance from the centre, and the
+low plane is skewed on its own: 3-bit 2.55-2.58 bits. fp16 scales and weights and the
 sink rows are byte-shuffled (high bytes together: 14 -> 11.7 bits a scale).
 Both are lossless byte permutations and XORs, recorded as ``layout`` in the
 params and undone by ``decode`` (on the device, for a hot tier that holds the
@@ -61,14 +62,14 @@ from typing import Any, Mapping
 import torch
 
 from kernels import mix as M
-from kernels.pack import plane_bytes
+from kernels.pack import PLANES, pack_torch, plane_bytes, unpack_torch
 from kvtier.codecs import Codec, register_codec
 from kvtier.codecs import profile as P
 from kvtier.codecs.kivi import expect_names, int_param, is_pow2, on_device, take
 from kvtier.codecs.rot import MAX_D, MIN_D, ROTATION, SEED, check_rotatable
 from kvtier.errors import CodecError
 
-LAYOUT = "fold3-shuffle"  # params["layout"] of a block stored in ``entropy_layout``
+LAYOUT = "fold-shuffle"  # params["layout"] of a block stored in ``entropy_layout``
 SINK_TAU = 0.8
 MAX_SINKS = 8  # 8 of 256 tokens would add 0.5 bit/elem; the sink is one token, the cap bounds a pathological chunk
 # fallback widths without a profile: the smallest uniform width that met each budget on both texts in
@@ -90,13 +91,17 @@ def detect_sinks(nrm: torch.Tensor) -> list[int]:
     return sorted(int(t) for s, t in zip(top.values.tolist(), top.indices.tolist()) if s > SINK_TAU)
 
 
-def _fold_mask(hi: torch.Tensor) -> torch.Tensor:
-    """For a 3-bit high-bit plane (bit i of byte k: code 8k+i), the low-plane bytes (byte j: codes 4j..4j+3,
-    2 bits each) holding 3 in each field whose code's high bit is 0. Flat over rows: D is a multiple of 8."""
-    shifts = torch.arange(8, device=hi.device, dtype=torch.int32)
-    m = ((hi.to(torch.int32).unsqueeze(-1) >> shifts) & 1 ^ 1) * 3  # [n, 8]: 3 where the high bit is 0
-    m = m.reshape(-1, 2, 4) << (2 * torch.arange(4, device=hi.device, dtype=torch.int32))
-    return m.sum(-1).to(torch.uint8).reshape(-1)  # [2n]: the fields are disjoint, the sum is an or
+def fold(planes: list[torch.Tensor], b: int) -> list[torch.Tensor]:
+    """The flat planes of ``b``-bit codes (``kernels.pack`` layout) with each code q below the centre
+    (top bit 0) XORed with 2**(b-1) - 1: the top bit is the sign, the rest the distance from the centre
+    (0 nearest). The top bit is kept, so it is its own inverse."""
+    per = PLANES[b]  # bytes of each plane per 8 codes (D is a multiple of 8): rows of 8 codes, flat over rows
+    if len(planes) != len(per) or any(p.numel() % n for p, n in zip(planes, per)) \
+            or len({p.numel() // n for p, n in zip(planes, per)}) != 1:
+        raise ValueError(f"{b}-bit planes of {[p.numel() for p in planes]} bytes do not hold the same codes")
+    q = unpack_torch([p.reshape(-1, n) for p, n in zip(planes, per)], b, 8)
+    q = q ^ (((q >> (b - 1)) ^ 1) * ((1 << (b - 1)) - 1))
+    return [t.reshape(-1) for t in pack_torch(q, b)]
 
 
 def _shuffle(b: torch.Tensor, width: int, inverse: bool) -> torch.Tensor:
@@ -107,17 +112,18 @@ def _shuffle(b: torch.Tensor, width: int, inverse: bool) -> torch.Tensor:
 
 def entropy_layout(bufs: Mapping[str, torch.Tensor], widths: Mapping[str, int], inverse: bool = False) -> dict[str, torch.Tensor]:
     """The entropy layout of a block's uint8 buffers (module docstring), or with ``inverse`` back from it.
-    ``widths``: the element size in bytes of each buffer to byte-shuffle; every 3-bit plane pair is folded."""
+    ``widths``: the element size in bytes of each buffer to byte-shuffle; the planes of every split width
+    (3, 5, 6 bits) are folded."""
     out = dict(bufs)
     for name, w in widths.items():
         if name in out and w > 1:
             out[name] = _shuffle(out[name], w, inverse)
-    lo, hi = M.plane_names(3)
-    if lo in out:
-        if hi not in out or out[lo].numel() != 2 * out[hi].numel():
-            raise ValueError(f"3-bit planes {lo!r}/{hi!r} of {out[lo].numel()}/{out.get(hi, torch.empty(0)).numel()} "
-                             f"bytes: the low plane must be twice the high one")
-        out[lo] = out[lo] ^ _fold_mask(out[hi])  # an XOR with what the high plane says: its own inverse
+    for b in M.WIDTHS:
+        names = M.plane_names(b)
+        if len(names) == 2 and names[0] in out:  # split codes; a whole code in a byte field needs nothing
+            if names[1] not in out:
+                raise ValueError(f"buffer {names[1]!r} is missing (have {sorted(out)})")
+            out.update(zip(names, fold([out[n] for n in names], b)))
     return out
 
 
@@ -199,9 +205,10 @@ class MixCodec(Codec):
             raise ValueError(f"{self.name} block rotation {params.get('rotation')!r}; this kvtier reads {ROTATION!r}")
         seed = int_param(params, "seed", lambda s: 0 <= s < 2**64)
         bits = params.get("bits")
-        if (not isinstance(bits, list) or len(bits) != 2 * L
+        if (not isinstance(bits, list) or len(bits) not in (2 * L, 2 * L * H)
                 or not all(isinstance(b, int) and not isinstance(b, bool) and b in M.WIDTHS for b in bits)):
-            raise ValueError(f"bad bit table {str(bits)[:120]} for {L} layers (widths {M.WIDTHS})")
+            raise ValueError(f"bad bit table {str(bits)[:120]} for {L} layers, {H} heads (per layer or per head; "
+                             f"widths {M.WIDTHS})")
         sinks = params.get("sinks")
         if (not isinstance(sinks, list) or len(sinks) > MAX_SINKS
                 or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < T for t in sinks)
@@ -215,8 +222,8 @@ class MixCodec(Codec):
             raise ValueError(f"bad key-weights flag {weighted!r}")
         names = {"scale"} | ({"sink"} if sinks else set()) | ({"kw"} if weighted else set())
         bufs = {}
-        for b, slabs in M.width_slabs(bits).items():
-            for name, nbytes in zip(M.plane_names(b), plane_bytes(len(slabs) * H * T, D, b)):
+        for b, rows in M.plane_rows(shape, bits).items():
+            for name, nbytes in zip(M.plane_names(b), plane_bytes(rows, D, b)):
                 bufs[name] = take(buffers, name, torch.uint8, (nbytes,))
                 names.add(name)
         expect_names(buffers, names)

@@ -266,28 +266,31 @@ def test_sink_tokens_are_found_from_the_chunk_and_kept_exact():
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_the_zstd_entropy_layout_is_lossless_recorded_and_folds_3_bit_codes(toy_profile, dtype):
+def test_the_zstd_entropy_layout_is_lossless_recorded_and_folds_split_codes(toy_profile, dtype):
     from kvtier.codecs.mix import LAYOUT, entropy_layout, layout_widths
 
+    P.register(P.Profile(model=TOY, layers=4, kv_heads=3, head_dim=64, info={},
+                         budgets={"q1": [4, 2, 8, 3, 5, 3, 6, 4]}))  # every kind of plane: split and whole
     kv = kv_like((4, 2, 3, 64, 64), dtype=dtype, seed=16)
     kv[:, :, :, 0] *= 6.0  # a sink: its rows are byte-shuffled too
     plain = compress(kv, "q1", model_id=TOY)
     zb = compress(kv, "q1+zstd", model_id=TOY)
     assert zb.params["layout"] == LAYOUT and "layout" not in plain.params
     assert torch.equal(decompress(Block.from_arrow(zb.to_arrow())), decompress(plain))
-    # the folded low plane is the distance from the centre 3.5 (0 nearest): codes 3 and 4 both fold to 0
-    q = torch.tensor([[0, 1, 2, 3, 4, 5, 6, 7] * 8])
-    from kernels.pack import pack_torch
+    from kernels.pack import pack_torch, unpack_torch
+    from kvtier.codecs.mix import fold
 
-    lo, hi = pack_torch(q, 3)
-    folded = entropy_layout({"q3": lo.reshape(-1), "q3h": hi.reshape(-1)}, {})
-    from kernels.pack import unpack_torch
-
-    assert unpack_torch([folded["q3"].reshape(1, -1), torch.zeros_like(hi)], 3, 64).tolist() == \
-        [[3, 2, 1, 0, 0, 1, 2, 3] * 8]
+    for b in (3, 5, 6):  # a folded code is sign (top bit, kept) and distance from the centre (0 nearest)
+        q = torch.arange(1 << b).repeat(max(1, 64 >> b))[None, :64]
+        planes = [t.reshape(-1) for t in pack_torch(q, b)]
+        f = unpack_torch([t.reshape(1, -1) for t in fold(planes, b)], b, 64)
+        c = ((1 << b) - 1) / 2
+        assert torch.equal(f & ((1 << (b - 1)) - 1), ((q - c).abs() - 0.5).long()), b
+        assert torch.equal(f >> (b - 1), q >> (b - 1)) and all(map(torch.equal, fold(fold(planes, b), b), planes))
     u8 = {n: torch.frombuffer(bytearray(b), dtype=torch.uint8) for n, b in plain.buffers.items()}
     there = entropy_layout(u8, layout_widths(dtype))
-    assert not torch.equal(there["scale"], u8["scale"]) and not torch.equal(there["q3"], u8["q3"])
+    assert all(not torch.equal(there[n], u8[n]) for n in ("scale", "sink", "q3", "q5", "q6", "q6h"))
+    assert all(torch.equal(there[n], u8[n]) for n in ("q2", "q4", "q8", "q3h", "q5h"))  # a sign plane stays
     back = entropy_layout(there, layout_widths(dtype), inverse=True)
     assert all(torch.equal(back[n], u8[n]) for n in u8)
     with pytest.raises(BlockFormatError, match="layout"):
@@ -331,7 +334,7 @@ def test_a_block_decodes_from_its_header_alone_and_checks_it(toy_profile):
     out = decompress(block)
     P.unregister(TOY)  # no profile is consulted on decode: nothing else can be applied to the block
     assert torch.equal(decompress(Block.from_arrow(block.to_arrow())), out)
-    bad = {"bits": [4, 2, 8, 3, 3, 3, 2, 5], "sinks": [3, 3], "profile": "xyz", "rotation": "dct"}
+    bad = {"bits": [4, 2, 8, 3, 3, 3, 2, 7], "sinks": [3, 3], "profile": "xyz", "rotation": "dct"}
     for key, value in bad.items():
         with pytest.raises(BlockFormatError, match={"bits": "bit table", "sinks": "sink token list",
                                                     "profile": "profile digest", "rotation": "rotation"}[key]):
@@ -346,8 +349,11 @@ def test_profile_json_digest_and_validation(toy_profile):
     assert again.digest == toy_profile.digest and again.budgets == toy_profile.budgets
     other = P.Profile(**{**toy_profile.__dict__, "budgets": {"q1": [4] * 8}})
     assert other.digest != toy_profile.digest
-    with pytest.raises(CodecError, match="must list 8 bit widths"):
-        P.Profile(**{**toy_profile.__dict__, "budgets": {"q1": [5] * 8}}).validate()
+    with pytest.raises(CodecError, match="must list 8 \(per layer\) or 24 \(per head\) bit widths"):
+        P.Profile(**{**toy_profile.__dict__, "budgets": {"q1": [7] * 8}}).validate()
+    with pytest.raises(CodecError, match="bit widths"):
+        P.Profile(**{**toy_profile.__dict__, "budgets": {"q1": [4] * 9}}).validate()
+    P.Profile(**{**toy_profile.__dict__, "budgets": {"q1": [5] * 8, "q5": [6] * 24}}).validate()  # per head
     with pytest.raises(CodecError, match="not a kvtier codec profile"):
         P.Profile.from_json(b'{"format": "x"}')
     with pytest.raises(CodecError, match="not JSON"):
