@@ -464,6 +464,21 @@ def test_calibration_fits_a_monotone_curve_to_noisy_dppl():
     assert monotone([1.0, 3.0, 2.0], increasing=True) == pytest.approx([1.0, 2.5, 2.5])
 
 
+def test_allocation_spends_bits_after_zstd_where_sensitivity_is_and_stays_in_budget():
+    from kvtier.codecs.calibrate import ZSTD_BITS, allocate
+
+    assert set(ZSTD_BITS) == set(M.WIDTHS)  # every width the kernels pack has a cost
+    sens = [0.001, 0.1, 0.01, 0.5, 0.0, 0.05]
+    for avg in (1.6, 2.0, 3.0, 4.5, 7.65):
+        bits = allocate(sens, avg)
+        spent = sum(ZSTD_BITS[b] for b in bits) / len(bits)
+        assert ZSTD_BITS[2] <= spent <= max(avg, ZSTD_BITS[2]) + 1e-9, (avg, bits)
+        order = sorted(range(6), key=lambda i: sens[i])
+        assert all(bits[a] <= bits[b] for a, b in zip(order, order[1:])), bits  # more sensitive, never fewer bits
+    assert allocate(sens, 1.0) == [2] * 6 and allocate(sens, 8.0) == [8] * 6
+    assert 5 in allocate(sens, 3.5) or 6 in allocate(sens, 3.5)  # the widths between 4 and 8 get used
+
+
 def test_key_weights_follow_the_query_to_key_energy_ratio():
     from kvtier.codecs.calibrate import weights_from
 
