@@ -2,15 +2,22 @@
 
 Ask for a quality budget, not a scheme: ``q1`` is "the smallest KV this
 model's calibration kept within +1 % Δppl", ``q2`` within +2 %, ``q5`` within +5 %, ``q0.5``
-within +0.5 % (and >= 97 % top-1 agreement on the calibration text).
+within +0.5 % (and >= 97 % top-1 agreement on the calibration text). Picking one: state
+the worst Δppl you accept and take the largest budget under it (the name is the
+bound); for a target ratio, take the smallest budget whose ratio in the model's
+``bench/results/quality.md`` row meets it (the profile's ``info.measured`` gives
+each budget's code bits after zstd, ``zstd_bits``: ratio ~ 16 / (zstd_bits + ~0.25)
+for bf16 KV at head_dim 64, the rest being scales, key weights and sinks). Add
+``+zstd`` unless the get path must not inflate on the CPU.
 
 Per row (one token of one head of K or V): ``rot``'s randomized Hadamard
-rotation, then a symmetric 2/3/4/8-bit quantizer with one fp16 scale per row
+rotation, then a symmetric 2/3/4/5/6/8-bit quantizer with one fp16 scale per row
 (``kernels/mix.py``; 16/D bits per element of overhead, half of rot's). What is new, each measured on SmolLM2-135M
 (kernels/NOTES.md, "issue 13"):
-- **a bit width per slab** (the K or the V of one layer) from a per-model
-  profile (``profile.py``, written by ``calibrate.py``): slabs differ in how
-  much a 2-bit slab hurts by more than 10x, so bits go where they matter;
+- **a bit width per slab** (the K or the V of one layer, or of one head of
+  it) from a per-model profile (``profile.py``, written by ``calibrate.py``):
+  slabs differ in how much a 2-bit slab hurts by more than 10x, so bits go
+  where they matter;
 - **sink tokens kept exact**: the first token of a sequence takes a large
   share of attention; quantizing it cost rot3 half its Δppl (+3.4 % -> +1.6 %
   with it exact). The chunk does not know its position, so the codec finds
