@@ -344,6 +344,22 @@ def test_a_block_decodes_from_its_header_alone_and_checks_it(toy_profile):
         decompress(_rebuild(block, params=fewer))
 
 
+def test_a_per_head_bit_table_gives_each_head_its_width(weighted_profile):
+    prof, _ = weighted_profile
+    per_head = [2, 8, 4] * 8  # (layer * 2 + kv) * 3 + head: head 1 near-exact, head 0 coarse, everywhere
+    kv = kv_like((4, 2, 3, 64, 64), seed=17)
+    for weights in (None, prof.key_weights):
+        P.register(P.Profile(**{**prof.__dict__, "budgets": {"q1": per_head}, "key_weights": weights}))
+        for codec in ("q1", "q1+zstd"):
+            block = compress(kv, codec, model_id=TOY)
+            assert block.params["bits"] == per_head and block.params["kw"] is (weights is not None)
+            out = decompress(Block.from_arrow(block.to_arrow()))
+            kvs = (0, 1) if weights is None else (1,)  # weighted keys: the error moves to low-weight channels
+            err = [((out[:, kvs, h].float() - kv[:, kvs, h].float()).norm() / kv[:, kvs, h].float().norm()).item()
+                   for h in range(3)]
+            assert err[1] < 0.01 < err[2] < 0.12 < err[0] < 0.6, err  # 8, 4 and 2 bits, as the table says
+
+
 def test_profile_json_digest_and_validation(toy_profile):
     again = P.Profile.from_json(toy_profile.to_json())
     assert again.digest == toy_profile.digest and again.budgets == toy_profile.budgets
