@@ -52,7 +52,7 @@ from kvtier import hf  # noqa: E402
 from kvtier.model import load_model, model_id_for  # noqa: E402
 
 DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "eval-text"
-ZSTD_DEFAULT = ("fp8+zstd", "kivi4+zstd", "rot3+zstd", "q0.5+zstd", "q1+zstd", "q5+zstd")
+ZSTD_DEFAULT = ("fp8+zstd", "kivi4+zstd", "q0.5+zstd", "q1+zstd", "q2+zstd", "q5+zstd")
 # issue 13: (min ratio vs bf16, max Δppl %) on every text; the default: max Δppl 0.5 %, min top-1 97 %
 AIMS = [(5.0, 1.0), (7.0, 5.0)]
 DEFAULT_RULE = (0.5, 97.0)

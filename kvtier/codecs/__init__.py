@@ -5,7 +5,7 @@ payload buffers plus JSON-able parameters, and back. ``compress`` wraps that in
 a ``Block`` (header + checksum); ``decompress`` verifies the block's shape/dtype
 against the codec and rebuilds the tensor on the requested device.
 
-A ``+zstd`` suffix on any codec name (``"kivi2+zstd"``) adds a lossless zstd
+A ``+zstd`` suffix on any codec name (``"kivi4+zstd"``) adds a lossless zstd
 stage over every payload buffer; the raw length of each buffer is recorded in
 the block's parameters and enforced on decompression (no zip bombs).
 
