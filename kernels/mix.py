@@ -1,8 +1,10 @@
 """Rotation + per-row quantization with a bit width per slab: Triton kernel + torch reference.
 
-The ``q*`` codecs (``kvtier.codecs.mix``) store each slab — the K or the V of
-one layer, ``kv_heads * tokens`` rows of ``D`` values, contiguous in a
-``[L, 2, H, T, D]`` chunk — at its own bit width. Per row: the randomized
+The ``q*`` codecs (``kvtier.codecs.mix``) store each slab at its own bit
+width. A slab is a contiguous row range of a ``[L, 2, H, T, D]`` chunk: the K
+or the V of one layer (``H * T`` rows; a bit table of ``2 * L`` entries, index
+``layer * 2 + kv``) or of one head of one layer (``T`` rows; ``2 * L * H``
+entries, index ``(layer * 2 + kv) * H + head``). Per row: the randomized
 Hadamard rotation of ``kernels.rot`` (signs from the stored seed),
 ``y = x @ E / sqrt(D)``, then a *symmetric* quantizer with one fp16 scale
 ``s = max|y| / (qmax/2)`` (qmax = 2**bits - 1) and the implicit zero
@@ -12,31 +14,46 @@ is near-Gaussian around ~0, so a stored per-row zero (rot's) buys little: it
 costs 16/D bits (0.25 bit/elem at D=64, 8 % of a 3-bit budget), which buys more
 as code bits in the slabs that need them.
 
-Error bound per rotated coordinate: |y - y^| <= s/2 + (qmax/2) * fp16 rounding
-of s (the range can fall short of max|y| by that), and ||x - x^|| <= sqrt(D)
-times that per row (the rotation is orthonormal), plus the output rounding.
+Optional key weights ``w`` (fp16 ``[L, H, D]``, positive): every K row of
+layer l, head h is multiplied by ``w[l, h]`` before the rotation and divided by
+it after decoding (``kvtier.codecs.mix`` says why). Fused into the kernels: a
+block of rows lies in one (layer, K/V, head), so it loads its weight row once
+(V rows load 1.0). Encode rounds ``x * w`` to fp16 (fp32 for fp32 input) before
+the rotation, so the tensor cores take it; decode multiplies the fp32 result by
+``1 / w`` (fp32, IEEE division) before the one rounding to the output dtype.
+(As torch operations around the kernels this cost 3-3.5x the kernel time on an
+H200: bench/results/qcodec-h200.md.)
 
-Layout for slab bit widths ``bits[s]`` (s = layer * 2 + kv):
+Error bound per rotated coordinate (of the weighted row): |y - y^| <= s/2 +
+(qmax/2) * fp16 rounding of s (the range can fall short of max|y| by that), and
+||xw - xw^|| <= sqrt(D) times that per row (the rotation is orthonormal), plus
+the rounding of ``x * w`` to fp16 and of the output; channel c of a K row is off
+by that error divided by w[c].
+
+Layout for slab bit widths ``bits[s]``:
 - ``scale``: fp16 ``[L, 2, H, T]``, every row in chunk order;
 - for each width ``b`` present, the codes of the slabs of that width, in slab
-  order, as one packed ``[n_b * H * T, D*b/8]`` plane (two, low 2 bits and high
-  bit, for b = 3: ``kernels.pack`` layout).
-One launch per width present (<= 4): each block of rows lies in one slab of
+  order, as one packed ``[rows_b, D*b/8]`` plane (two, low and high bits, for
+  b = 3, 5, 6: ``kernels.pack`` layout). A per-layer table and its per-head
+  expansion (each entry repeated H times) give the same bytes.
+One launch per width present (<= 7): each block of rows lies in one slab of
 the width, found through the slab table (one scalar load per block), so nothing
 is gathered or copied (a gather would move the input twice and halve the
-kernel's TB/s) and each block's rows are contiguous on both sides.
+kernel's TB/s) and each block's rows are contiguous on both sides. Per-layer
+tables without weights launch over per-layer slabs (fewer partial blocks when
+T is not a multiple of the block's rows); otherwise over per-head slabs.
 
 Both paths compute per row what ``kernels.rot`` computes; codes agree up to one
 step where y lies within fp32 rounding of a rounding boundary (the reference
 rotates in float64, the kernel sums in fp32 on the tensor cores), scales by one
 fp16 ulp likewise (tests/kernels/test_mix.py counts them). Decoders agree bit
 for bit on the same buffers, on the GPU too: both compute
-``(s * ((q - qmax/2) @ E.T)) * (1/sqrt(D))``, where the centred product is exact
-and the two products round once each. (Decoding rot's way, ``(s * (q @ E.T) +
-z * c) / sqrt(D)``, did not: with 8-bit codes ``s * t`` needs 11 + 16 bits, so
-it rounds, and whether the GPU fuses it with ``+ z * c`` into an FMA changes the
-result, and the large cancellation at index 0 amplifies it: 4.8e-4 of fp32
-values > 1 ulp from torch on the H200.)
+``((s * ((q - qmax/2) @ E.T)) * (1/sqrt(D))) * (1/w)``, where the centred
+product is exact and each further product rounds once. (Decoding rot's way,
+``(s * (q @ E.T) + z * c) / sqrt(D)``, did not: with 8-bit codes ``s * t`` needs
+11 + 16 bits, so it rounds, and whether the GPU fuses it with ``+ z * c`` into
+an FMA changes the result, and the large cancellation at index 0 amplifies it:
+4.8e-4 of fp32 values > 1 ulp from torch on the H200.)
 """
 
 from __future__ import annotations
@@ -51,8 +68,19 @@ from kernels import rot as RT
 from kernels.kivi import quantize, scale_params
 from kernels.pack import PLANES, load_codes, out_value, out_view, pack_torch, store_codes, unpack_torch
 
-# 1 bit with a per-row range was useless in screening; 5..7 would need new pack planes; 8 is the near-lossless step
-WIDTHS = (2, 3, 4, 8)
+# 1 bit with a per-row range was useless in screening; 7 would need a 4+2+1 packing; 8 is the near-lossless step
+WIDTHS = (2, 3, 4, 5, 6, 8)
+
+
+def slab_rows(shape, bits: list[int]) -> int:
+    """Rows per slab of a bit table for a chunk of ``shape``: H * T (per layer) or T (per head)."""
+    L, _, H, T, _ = shape
+    if len(bits) == 2 * L:
+        return H * T
+    if len(bits) == 2 * L * H:
+        return T
+    raise ValueError(f"bit table of {len(bits)} entries for {L} layers, {H} heads: expected {2 * L} (per layer) "
+                     f"or {2 * L * H} (per head)")
 
 
 def width_slabs(bits: list[int]) -> dict[int, list[int]]:
@@ -64,17 +92,42 @@ def width_slabs(bits: list[int]) -> dict[int, list[int]]:
 
 
 def plane_names(b: int) -> tuple[str, ...]:
-    return (f"q{b}", f"q{b}h") if b == 3 else (f"q{b}",)
+    return (f"q{b}", f"q{b}h") if len(PLANES[b]) == 2 else (f"q{b}",)
+
+
+def plane_rows(shape, bits: list[int]) -> dict[int, int]:
+    """{width: rows in that width's planes} (what decode must find: kernels.pack.plane_bytes of these)."""
+    rps = slab_rows(shape, bits)
+    return {b: len(slabs) * rps for b, slabs in width_slabs(bits).items()}
+
+
+def _check_weights(w: torch.Tensor, shape) -> None:
+    L, _, H, _, D = shape
+    if w.dtype != torch.float16 or tuple(w.shape) != (L, H, D):
+        raise ValueError(f"key weights {w.dtype} {tuple(w.shape)}: expected float16 [{L}, {H}, {D}]")
 
 
 # ---------------------------------------------------------------- torch reference
-def encode_torch(kv: torch.Tensor, bits: list[int], seed: int) -> dict[str, torch.Tensor]:
-    """Also returns ``nrm``: fp32 [L, 2, H, T] squared row norms (for sink detection; not stored)."""
+def weighted_input(kv: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
+    """What the encoders rotate: ``kv`` with K rows times ``w``, rounded to fp16 (fp32 for fp32 input)."""
+    if w is None:
+        return kv
+    x = kv.float().clone()
+    x[:, 0] *= w.float()[:, :, None, :]  # an 8/11-bit value times an 11-bit weight: exact in fp32
+    return x if kv.dtype == torch.float32 else x.to(torch.float16)
+
+
+def encode_torch(kv: torch.Tensor, bits: list[int], seed: int, w: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Also returns ``nrm``: fp32 [L, 2, H, T] squared norms of the rotated (weighted) rows (for sink
+    detection; not stored)."""
     L, _, H, T, D = kv.shape
+    rps = slab_rows(kv.shape, bits)
+    if w is not None:
+        _check_weights(w, kv.shape)
     e, _ = RT.rotation(D, seed, torch.float64, kv.device)
-    x = kv.reshape(L * 2, H * T, D)
-    scale = torch.empty(L * 2, H * T, dtype=torch.float16, device=kv.device)
-    nrm = torch.empty(L * 2, H * T, dtype=torch.float32, device=kv.device)
+    x = weighted_input(kv, w).reshape(-1, rps, D)
+    scale = torch.empty(x.shape[:2], dtype=torch.float16, device=kv.device)
+    nrm = torch.empty(x.shape[:2], dtype=torch.float32, device=kv.device)
     out: dict[str, torch.Tensor] = {}
     for b, slabs in width_slabs(bits).items():
         idx = torch.tensor(slabs, device=kv.device)
@@ -97,19 +150,29 @@ def implicit_zero(s32: torch.Tensor, qmax: int) -> torch.Tensor:
     return -(qmax * 0.5) * s32
 
 
-def decode_torch(bufs: dict[str, torch.Tensor], shape, dtype: torch.dtype, bits: list[int], seed: int) -> torch.Tensor:
-    """``x^ = (s * ((q - qmax/2) @ E.T)) / sqrt(D)``: the product of centred codes is exact (half-integers,
-    sums <= 127.5 * 256 < 2**15), then two fp32 roundings, the kernel's exactly (see the module docstring)."""
+def decode_torch(bufs: dict[str, torch.Tensor], shape, dtype: torch.dtype, bits: list[int], seed: int,
+                 w: torch.Tensor | None = None) -> torch.Tensor:
+    """``x^ = ((s * ((q - qmax/2) @ E.T)) * (1/sqrt(D))) * (1/w)``: the product of centred codes is exact
+    (half-integers, sums <= 127.5 * 256 < 2**15), then fp32 products that round once each, the kernel's
+    exactly (see the module docstring)."""
     L, _, H, T, D = shape
-    out = torch.empty(L * 2, H * T, D, dtype=dtype, device=bufs["scale"].device)
-    scale = bufs["scale"].reshape(L * 2, H * T)
+    rps = slab_rows(shape, bits)
+    out = torch.empty(L * 2 * H * T // rps, rps, D, dtype=dtype, device=bufs["scale"].device)
+    scale = bufs["scale"].reshape(-1, rps)
     e, _ = RT.rotation(D, seed, torch.float32, out.device)
+    invw = None
+    if w is not None:
+        _check_weights(w, shape)
+        invw = torch.ones(L, 2, H, 1, D, dtype=torch.float32, device=out.device)
+        invw[:, 0, :, 0] = 1.0 / w.float().to(out.device)
+        invw = invw.expand(L, 2, H, T, D).reshape(-1, rps, D)
     for b, slabs in width_slabs(bits).items():
         idx = torch.tensor(slabs, device=out.device)
-        planes = [bufs[n].reshape(len(slabs) * H * T, -1) for n in plane_names(b)]  # stored flat
-        q = unpack_torch(planes, b, D).float().reshape(len(slabs), H * T, D) - ((1 << b) - 1) * 0.5
+        planes = [bufs[n].reshape(len(slabs) * rps, -1) for n in plane_names(b)]  # stored flat
+        q = unpack_torch(planes, b, D).float().reshape(len(slabs), rps, D) - ((1 << b) - 1) * 0.5
         s = scale[idx].float().unsqueeze(-1)
-        out[idx] = ((s * (q @ e.T)) * RT.inv_sqrt(D)).to(dtype)
+        x = (s * (q @ e.T)) * RT.inv_sqrt(D)
+        out[idx] = (x if invw is None else x * invw[idx]).to(dtype)
     return out.reshape(shape)
 
 
@@ -124,27 +187,39 @@ _TABLES: dict = {}
 
 @triton.jit
 def _slab_block(slab_ptr, blk, BPS, RPS, R: tl.constexpr):
-    """Block ``blk`` of this width's rows: (chunk rows, rows in the width's planes, mask). A block never
-    straddles two slabs, so both row ranges are contiguous (one scalar table load per block): loads and
+    """Block ``blk`` of this width's rows: (slab id, chunk rows, rows in the width's planes, mask). A block
+    never straddles two slabs, so both row ranges are contiguous (one scalar table load per block): loads and
     stores vectorize as in kernels/rot.py. (A per-row table lookup and a division by the runtime row count
     per slab lost that: q-mix encode/decode 0.80 / 0.91 TB/s on an H200 against rot4's 2.38 / 1.85.)"""
     si = blk // BPS
     r = (blk % BPS) * R + tl.arange(0, R)
     slab = tl.load(slab_ptr + si).to(tl.int64)
-    return slab * RPS + r, si.to(tl.int64) * RPS + r, r < RPS
+    return slab, slab * RPS + r, si.to(tl.int64) * RPS + r, r < RPS
 
 
 @triton.jit
-def _mix_encode_kernel(x_ptr, e_ptr, slab_ptr, pa, pb, s_ptr, n_ptr, n_blocks, BPS, RPS, rs,
+def _slab_weights(w_ptr, slab, H, i, D: tl.constexpr):
+    """fp32 key weights of a per-head slab ``(layer * 2 + kv) * H + head``: w[layer, head, :] for K, 1 for V."""
+    is_k = (slab // H) % 2 == 0
+    wrow = (slab // (2 * H)) * H + slab % H
+    w = tl.load(w_ptr + wrow * D + i).to(tl.float32)  # V's (layer, head) row exists too: no mask needed
+    return tl.where(is_k, w, 1.0)
+
+
+@triton.jit
+def _mix_encode_kernel(x_ptr, e_ptr, slab_ptr, w_ptr, pa, pb, s_ptr, n_ptr, n_blocks, BPS, RPS, H, rs,
                        D: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr, SPLIT: tl.constexpr,
-                       UPCAST: tl.constexpr):
+                       UPCAST: tl.constexpr, HAS_W: tl.constexpr):
     # kernels/rot.py's encode loop, over this width's slabs only
     i = tl.arange(0, D)
     E = RT.load_rotation(e_ptr, D, False)
     QMAX: tl.constexpr = (1 << BITS) - 1
     for blk in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
-        src, v, vmask = _slab_block(slab_ptr, blk, BPS, RPS, R)
+        slab, src, v, vmask = _slab_block(slab_ptr, blk, BPS, RPS, R)
         x = tl.load(x_ptr + src[:, None] * D + i[None, :], mask=vmask[:, None], other=0.0)
+        if HAS_W:  # the product is exact in fp32; rounded to fp16 for the tensor cores (fp32 input: SPLIT)
+            xw = x.to(tl.float32) * _slab_weights(w_ptr, slab, H, i, D)[None, :]
+            x = xw if SPLIT else xw.to(tl.float16)
         y = RT.rotate_rows(x, E, UPCAST, SPLIT) * rs
         sh, s, inv = scale_params(tl.max(tl.abs(y), axis=1), QMAX * 0.5)
         z = -(QMAX * 0.5) * s
@@ -155,18 +230,22 @@ def _mix_encode_kernel(x_ptr, e_ptr, slab_ptr, pa, pb, s_ptr, n_ptr, n_blocks, B
 
 
 @triton.jit
-def _mix_decode_kernel(pa, pb, s_ptr, e_ptr, slab_ptr, o_ptr, n_blocks, BPS, RPS, rs,
-                       D: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr, BF16: tl.constexpr):
+def _mix_decode_kernel(pa, pb, s_ptr, e_ptr, slab_ptr, w_ptr, o_ptr, n_blocks, BPS, RPS, H, rs,
+                       D: tl.constexpr, R: tl.constexpr, BITS: tl.constexpr, BF16: tl.constexpr,
+                       HAS_W: tl.constexpr):
     i = tl.arange(0, D)
     Et = RT.load_rotation(e_ptr, D, True)
     QMAX: tl.constexpr = (1 << BITS) - 1
     for blk in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
-        src, v, vmask = _slab_block(slab_ptr, blk, BPS, RPS, R)
+        slab, src, v, vmask = _slab_block(slab_ptr, blk, BPS, RPS, R)
         q = load_codes(pa, pb, v, vmask, D, R, D, BITS)
         # centred codes q - qmax/2: half-integers, exact in fp16; their sums <= 127.5 * 256 exact in fp32
         t = tl.dot((q.to(tl.float32) - QMAX * 0.5).to(tl.float16), Et)
         s = tl.load(s_ptr + src, mask=vmask, other=0.0).to(tl.float32)
         x = (s[:, None] * t) * rs  # two roundings, as decode_torch: no FMA can fuse a product of products
+        if HAS_W:  # 1/w once per block (D IEEE divisions), then a product: decode_torch's rounding exactly
+            invw = tl.div_rn(tl.full((D,), 1.0, tl.float32), _slab_weights(w_ptr, slab, H, i, D))
+            x = x * invw[None, :]
         tl.store(o_ptr + src[:, None] * D + i[None, :], out_value(x, BF16, o_ptr.dtype.element_ty),
                  mask=vmask[:, None])
 
@@ -189,47 +268,68 @@ def _launch_shape(slabs: list[int], rps: int, d: int, dev: torch.device):
     return _TABLES[key], r, bps, n_blocks, grid
 
 
-def encode_triton(kv: torch.Tensor, bits: list[int], seed: int) -> dict[str, torch.Tensor]:
+def _launch_table(shape, bits: list[int], weighted: bool) -> tuple[list[int], int]:
+    """(bit table the kernels walk, rows per slab): per-head when weighted (a block must lie in one head to
+    load one weight row) or when the table is per head; per-layer tables expand to the same bytes."""
+    L, _, H, T, _ = shape
+    rps = slab_rows(shape, bits)
+    if weighted and rps == H * T:
+        return [b for b in bits for _ in range(H)], T
+    return bits, rps
+
+
+def encode_triton(kv: torch.Tensor, bits: list[int], seed: int, w: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     L, _, H, T, D = kv.shape
     x = kv.contiguous()
     dev = x.device
-    rps = H * T
-    e, _ = RT.rotation(D, seed, torch.float16 if x.dtype == torch.float16 else torch.bfloat16, dev)
+    if w is not None:
+        _check_weights(w, kv.shape)
+        w = w.to(dev).contiguous()
+    table, rps = _launch_table(kv.shape, bits, w is not None)
+    # the rotation's operand dtype: weighted rows are rounded to fp16 (fp32 input: split into bf16 parts)
+    fp16_op = x.dtype == torch.float16 or (w is not None and x.dtype != torch.float32)
+    e, _ = RT.rotation(D, seed, torch.float16 if fp16_op else torch.bfloat16, dev)
     out = {"scale": torch.empty(L, 2, H, T, dtype=torch.float16, device=dev)}
     out["nrm"] = torch.empty(L, 2, H, T, dtype=torch.float32, device=dev)
-    for b, slabs in width_slabs(bits).items():
+    for b, slabs in width_slabs(table).items():
         n = len(slabs) * rps
         planes = [torch.empty(n, D * pb // 8, dtype=torch.uint8, device=dev) for pb in PLANES[b]]
         out.update(zip(plane_names(b), planes))
-        table, r, bps, n_blocks, grid = _launch_shape(slabs, rps, D, dev)
-        _mix_encode_kernel[(grid,)](x, e, table, planes[0], planes[-1], out["scale"], out["nrm"], n_blocks, bps,
-                                    rps, RT.inv_sqrt(D), D=D, R=r, BITS=b, SPLIT=x.dtype == torch.float32,
-                                    UPCAST=RT._interpreting() and x.dtype != torch.float16, num_warps=NUM_WARPS)
-    return out
-
-
-def decode_triton(bufs: dict[str, torch.Tensor], shape, dtype: torch.dtype, bits: list[int], seed: int) -> torch.Tensor:
-    L, _, H, T, D = shape
-    dev = bufs["scale"].device
-    rps = H * T
-    out = torch.empty(shape, dtype=dtype, device=dev)
-    e, _ = RT.rotation(D, seed, torch.float16, dev)
-    for b, slabs in width_slabs(bits).items():
-        names = plane_names(b)
-        pa = bufs[names[0]].contiguous()
-        pb = bufs[names[-1]].contiguous()
-        table, r, bps, n_blocks, grid = _launch_shape(slabs, rps, D, dev)
-        _mix_decode_kernel[(grid,)](pa, pb, bufs["scale"], e, table, out_view(out), n_blocks, bps, rps,
-                                    RT.inv_sqrt(D), D=D, R=r, BITS=b, BF16=dtype == torch.bfloat16,
+        tab, r, bps, n_blocks, grid = _launch_shape(slabs, rps, D, dev)
+        _mix_encode_kernel[(grid,)](x, e, tab, out["scale"] if w is None else w, planes[0], planes[-1],
+                                    out["scale"], out["nrm"], n_blocks, bps, rps, H, RT.inv_sqrt(D), D=D, R=r,
+                                    BITS=b, SPLIT=x.dtype == torch.float32,
+                                    UPCAST=RT._interpreting() and not fp16_op, HAS_W=w is not None,
                                     num_warps=NUM_WARPS)
     return out
 
 
-def payload_bits(shape, bits: list[int]) -> int:
-    """Stored bits of codes + the per-row fp16 scale (sinks and framing not included)."""
+def decode_triton(bufs: dict[str, torch.Tensor], shape, dtype: torch.dtype, bits: list[int], seed: int,
+                  w: torch.Tensor | None = None) -> torch.Tensor:
     L, _, H, T, D = shape
-    return sum(b * H * T * D + 16 * H * T for b in bits)
+    dev = bufs["scale"].device
+    if w is not None:
+        _check_weights(w, shape)
+        w = w.to(dev).contiguous()
+    table, rps = _launch_table(shape, bits, w is not None)
+    out = torch.empty(shape, dtype=dtype, device=dev)
+    e, _ = RT.rotation(D, seed, torch.float16, dev)
+    for b, slabs in width_slabs(table).items():
+        names = plane_names(b)
+        pa = bufs[names[0]].contiguous()
+        pb = bufs[names[-1]].contiguous()
+        tab, r, bps, n_blocks, grid = _launch_shape(slabs, rps, D, dev)
+        _mix_decode_kernel[(grid,)](pa, pb, bufs["scale"], e, tab, bufs["scale"] if w is None else w,
+                                    out_view(out), n_blocks, bps, rps, H, RT.inv_sqrt(D), D=D, R=r, BITS=b,
+                                    BF16=dtype == torch.bfloat16, HAS_W=w is not None, num_warps=NUM_WARPS)
+    return out
 
 
-__all__ = ["WIDTHS", "width_slabs", "plane_names", "encode_torch", "decode_torch", "encode_triton",
-           "decode_triton", "payload_bits"]
+def payload_bits(shape, bits: list[int]) -> int:
+    """Stored bits of codes + the per-row fp16 scale (sinks, key weights and framing not included)."""
+    L, _, H, T, D = shape
+    return sum(b * rows * D for b, rows in plane_rows(shape, bits).items()) + 16 * L * 2 * H * T
+
+
+__all__ = ["WIDTHS", "slab_rows", "width_slabs", "plane_names", "plane_rows", "weighted_input", "encode_torch",
+           "decode_torch", "encode_triton", "decode_triton", "payload_bits"]

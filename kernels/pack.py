@@ -1,12 +1,13 @@
 """Bit packing of quantization codes: the layout every uniform codec stores.
 
 Codes are small unsigned integers ``q`` of shape ``[rows, D]`` packed along the
-last (head_dim) axis, little end first: for ``bits`` in {1, 2, 4} byte ``j`` of
-a row holds codes ``j*k .. j*k+k-1`` (``k = 8 // bits``), code ``i`` of the byte
-in bits ``i*bits .. i*bits+bits-1``. Three-bit codes are stored as two bit
-planes so that every plane is a power-of-two packing: plane ``q`` holds the low
-two bits (2-bit packing, D/4 bytes a row) and plane ``q1`` the high bit (1-bit
-packing, D/8 bytes a row): 3 bits/elem exactly, with no byte straddling.
+last (head_dim) axis, little end first: for ``bits`` in {1, 2, 4, 8} byte ``j``
+of a row holds codes ``j*k .. j*k+k-1`` (``k = 8 // bits``), code ``i`` of the
+byte in bits ``i*bits .. i*bits+bits-1``. Three-, five- and six-bit codes are
+stored as two bit planes so that every plane is a power-of-two packing: the
+first plane holds the low bits (2 for 3-bit codes, 4 for 5 and 6), the second
+the high bits (1, 1, 2): e.g. 3 bits = a 2-bit plane of D/4 bytes a row + a
+1-bit plane of D/8 bytes, exactly 3 bits/elem with no byte straddling.
 
 Here are the torch reference (``pack_torch``/``unpack_torch``), the Triton
 device helpers that the codec kernels inline (``pack_tile``/``unpack_tile``),
@@ -21,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-PLANES = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}  # bits -> bits of each stored plane
+PLANES = {1: (1,), 2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}  # bits -> bits of each plane
 PLANE_NAMES = ("q", "q1")
 
 
@@ -56,15 +57,17 @@ def _unpack_plane(b: torch.Tensor, bits: int, d: int) -> torch.Tensor:
 def pack_torch(q: torch.Tensor, bits: int) -> list[torch.Tensor]:
     """Integer codes ``[..., D]`` in ``[0, 2**bits)`` -> list of uint8 planes ``[..., D*b/8]``."""
     check_packable(q.shape[-1], bits)
-    if bits == 3:
-        return [_pack_plane(q & 3, 2), _pack_plane(q >> 2, 1)]
+    if len(PLANES[bits]) == 2:
+        lo, hi = PLANES[bits]
+        return [_pack_plane(q & ((1 << lo) - 1), lo), _pack_plane(q >> lo, hi)]
     return [_pack_plane(q, bits)]
 
 
 def unpack_torch(planes: list[torch.Tensor], bits: int, d: int) -> torch.Tensor:
     """Inverse of ``pack_torch``: int32 codes ``[..., d]``."""
-    if bits == 3:
-        return _unpack_plane(planes[0], 2, d) | (_unpack_plane(planes[1], 1, d) << 2)
+    if len(PLANES[bits]) == 2:
+        lo, hi = PLANES[bits]
+        return _unpack_plane(planes[0], lo, d) | (_unpack_plane(planes[1], hi, d) << lo)
     return _unpack_plane(planes[0], bits, d)
 
 
@@ -87,44 +90,55 @@ def _unpack_plane_tile(b, R: tl.constexpr, BD: tl.constexpr, B: tl.constexpr):
 
 
 @triton.jit
+def _store_plane(q, p, row_off, row_mask, D, R: tl.constexpr, BD: tl.constexpr, B: tl.constexpr):
+    PER: tl.constexpr = 8 // B
+    packed = _pack_plane_tile(q, R, BD, B)
+    cp = tl.arange(0, BD // PER)
+    tl.store(p + row_off[:, None] * (D // PER) + cp[None, :], packed.to(tl.uint8),
+             mask=row_mask[:, None] & (cp[None, :] < D // PER))
+
+
+@triton.jit
+def _load_plane(p, row_off, row_mask, D, R: tl.constexpr, BD: tl.constexpr, B: tl.constexpr):
+    PER: tl.constexpr = 8 // B
+    cp = tl.arange(0, BD // PER)
+    b = tl.load(p + row_off[:, None] * (D // PER) + cp[None, :],
+                mask=row_mask[:, None] & (cp[None, :] < D // PER), other=0).to(tl.int32)
+    return _unpack_plane_tile(b, R, BD, B)
+
+
+@triton.jit
 def store_codes(q, pa, pb, row_off, cols, row_mask, D, R: tl.constexpr, BD: tl.constexpr, BITS: tl.constexpr):
     """Pack int32 codes ``q`` [R, BD] and store them at plane pointers ``pa``
-    (and ``pb`` for 3 bits). ``row_off`` [R] is the row index of each tile row,
-    ``cols`` = arange(BD); columns >= D and rows outside ``row_mask`` are skipped."""
+    (and ``pb``, the high-bit plane of 3/5/6 bits: ``PLANES``). ``row_off`` [R] is
+    the row index of each tile row, ``cols`` = arange(BD); columns >= D and rows
+    outside ``row_mask`` are skipped."""
+    # one branch per two-plane width (constexpr: resolved at compile time), the split as in PLANES
     if BITS == 3:
-        lo = _pack_plane_tile(q & 3, R, BD, 2)
-        hi = _pack_plane_tile(q >> 2, R, BD, 1)
-        c4 = tl.arange(0, BD // 4)
-        c8 = tl.arange(0, BD // 8)
-        tl.store(pa + row_off[:, None] * (D // 4) + c4[None, :], lo.to(tl.uint8),
-                 mask=row_mask[:, None] & (c4[None, :] < D // 4))
-        tl.store(pb + row_off[:, None] * (D // 8) + c8[None, :], hi.to(tl.uint8),
-                 mask=row_mask[:, None] & (c8[None, :] < D // 8))
+        _store_plane(q & 3, pa, row_off, row_mask, D, R, BD, 2)
+        _store_plane(q >> 2, pb, row_off, row_mask, D, R, BD, 1)
+    elif BITS == 5:
+        _store_plane(q & 15, pa, row_off, row_mask, D, R, BD, 4)
+        _store_plane(q >> 4, pb, row_off, row_mask, D, R, BD, 1)
+    elif BITS == 6:
+        _store_plane(q & 15, pa, row_off, row_mask, D, R, BD, 4)
+        _store_plane(q >> 4, pb, row_off, row_mask, D, R, BD, 2)
     else:
-        PER: tl.constexpr = 8 // BITS
-        p = _pack_plane_tile(q, R, BD, BITS)
-        cp = tl.arange(0, BD // PER)
-        tl.store(pa + row_off[:, None] * (D // PER) + cp[None, :], p.to(tl.uint8),
-                 mask=row_mask[:, None] & (cp[None, :] < D // PER))
+        _store_plane(q, pa, row_off, row_mask, D, R, BD, BITS)
 
 
 @triton.jit
 def load_codes(pa, pb, row_off, row_mask, D, R: tl.constexpr, BD: tl.constexpr, BITS: tl.constexpr):
     """Load and unpack the int32 codes [R, BD] of rows ``row_off`` (0 where masked)."""
     if BITS == 3:
-        c4 = tl.arange(0, BD // 4)
-        c8 = tl.arange(0, BD // 8)
-        lo = tl.load(pa + row_off[:, None] * (D // 4) + c4[None, :],
-                     mask=row_mask[:, None] & (c4[None, :] < D // 4), other=0).to(tl.int32)
-        hi = tl.load(pb + row_off[:, None] * (D // 8) + c8[None, :],
-                     mask=row_mask[:, None] & (c8[None, :] < D // 8), other=0).to(tl.int32)
-        return _unpack_plane_tile(lo, R, BD, 2) | (_unpack_plane_tile(hi, R, BD, 1) << 2)
+        q = _load_plane(pa, row_off, row_mask, D, R, BD, 2) | (_load_plane(pb, row_off, row_mask, D, R, BD, 1) << 2)
+    elif BITS == 5:
+        q = _load_plane(pa, row_off, row_mask, D, R, BD, 4) | (_load_plane(pb, row_off, row_mask, D, R, BD, 1) << 4)
+    elif BITS == 6:
+        q = _load_plane(pa, row_off, row_mask, D, R, BD, 4) | (_load_plane(pb, row_off, row_mask, D, R, BD, 2) << 4)
     else:
-        PER: tl.constexpr = 8 // BITS
-        cp = tl.arange(0, BD // PER)
-        b = tl.load(pa + row_off[:, None] * (D // PER) + cp[None, :],
-                    mask=row_mask[:, None] & (cp[None, :] < D // PER), other=0).to(tl.int32)
-        return _unpack_plane_tile(b, R, BD, BITS)
+        q = _load_plane(pa, row_off, row_mask, D, R, BD, BITS)
+    return q
 
 
 @triton.jit

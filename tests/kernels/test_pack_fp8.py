@@ -14,7 +14,7 @@ from tritondev import tri
 DTYPES = [torch.bfloat16, torch.float16, torch.float32]
 
 
-@pytest.mark.parametrize("bits", [1, 2, 3, 4])
+@pytest.mark.parametrize("bits", [1, 2, 3, 4, 5, 6, 8])
 @pytest.mark.parametrize("d", [64, 40])  # 40: not a power of two, masked columns in the kernel
 def test_pack_triton_matches_torch_and_round_trips(bits, d):
     g = torch.Generator().manual_seed(bits * 100 + d)
@@ -35,13 +35,22 @@ def test_pack_layout_is_little_end_first():
     lo, hi = pack.pack_torch(q, 3)
     assert lo.tolist() == [[1 | 2 << 2 | 3 << 4 | 0 << 6, 1 | 2 << 2 | 3 << 4 | 0 << 6]]
     assert hi.tolist() == [[0b01111000]]
+    # 5 and 6 bits: a nibble plane (low 4 bits) + a 1- or 2-bit plane (the high bits)
+    q = torch.tensor([[17, 2, 31, 4, 16, 6, 7, 0]], dtype=torch.int32)
+    lo, hi = pack.pack_torch(q, 5)
+    assert lo.tolist() == [[0x21, 0x4F, 0x60, 0x07]] and hi.tolist() == [[0b00010101]]
+    q = torch.tensor([[63, 1, 32, 16]], dtype=torch.int32)
+    lo, hi = pack.pack_torch(torch.cat([q, q], 1), 6)
+    assert lo.tolist() == [[0x1F, 0x00, 0x1F, 0x00]] and hi.tolist() == [[0b01100011, 0b01100011]]
 
 
 def test_pack_rejects_unpackable_head_dim():
     with pytest.raises(ValueError, match="multiple of 8"):
         pack.pack_torch(torch.zeros(2, 12, dtype=torch.int32), 3)
-    with pytest.raises(ValueError, match="5-bit"):
-        pack.check_packable(64, 5)
+    with pytest.raises(ValueError, match="7-bit"):
+        pack.check_packable(64, 7)
+    with pytest.raises(ValueError, match="multiple of 8"):  # 5 bits: a 1-bit plane
+        pack.check_packable(36, 5)
 
 
 def _fp8_input(shape, dtype, seed):
