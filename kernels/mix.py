@@ -58,6 +58,7 @@ an FMA changes the result, and the large cancellation at index 0 amplifies it:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -250,10 +251,10 @@ def _mix_decode_kernel(pa, pb, s_ptr, e_ptr, slab_ptr, w_ptr, o_ptr, n_blocks, B
                  mask=vmask[:, None])
 
 
-def _launch_shape(slabs: list[int], rps: int, d: int, dev: torch.device):
+def _launch_shape(slabs: tuple[int, ...], rps: int, d: int, dev: torch.device):
     """(slab table on ``dev`` (cached: a host-to-device copy per call would stall the stream), rows per
     block, blocks per slab, blocks, grid)."""
-    key = (tuple(slabs), str(dev))
+    key = (slabs, str(dev))
     if key not in _TABLES:
         if len(_TABLES) > 256:  # bounded: bit tables come from a handful of profiles
             _TABLES.clear()
@@ -268,14 +269,21 @@ def _launch_shape(slabs: list[int], rps: int, d: int, dev: torch.device):
     return _TABLES[key], r, bps, n_blocks, grid
 
 
-def _launch_table(shape, bits: list[int], weighted: bool) -> tuple[list[int], int]:
-    """(bit table the kernels walk, rows per slab): per-head when weighted (a block must lie in one head to
-    load one weight row) or when the table is per head; per-layer tables expand to the same bytes."""
+def _launch_table(shape, bits: list[int], weighted: bool) -> tuple[int, tuple[tuple[int, tuple[int, ...]], ...]]:
+    """(rows per slab, ((width, slab ids), ...)) that the kernels walk: per-head slabs when weighted (a block
+    must lie in one head to load one weight row) or when the table is per head; a per-layer table expands to
+    the same bytes. Cached: a per-head table has 2 * L * H entries (512 for Llama-8B), and this Python would
+    cost a 256-token chunk's launch more than its kernels take."""
     L, _, H, T, _ = shape
-    rps = slab_rows(shape, bits)
+    return _plan(tuple(bits), L, H, T, weighted)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(bits: tuple[int, ...], L: int, H: int, T: int, weighted: bool):
+    rps = slab_rows((L, 2, H, T, 0), list(bits))
     if weighted and rps == H * T:
-        return [b for b in bits for _ in range(H)], T
-    return bits, rps
+        bits, rps = tuple(b for b in bits for _ in range(H)), T
+    return rps, tuple((b, tuple(slabs)) for b, slabs in width_slabs(list(bits)).items())
 
 
 def encode_triton(kv: torch.Tensor, bits: list[int], seed: int, w: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -285,13 +293,13 @@ def encode_triton(kv: torch.Tensor, bits: list[int], seed: int, w: torch.Tensor 
     if w is not None:
         _check_weights(w, kv.shape)
         w = w.to(dev).contiguous()
-    table, rps = _launch_table(kv.shape, bits, w is not None)
+    rps, plan = _launch_table(kv.shape, bits, w is not None)
     # the rotation's operand dtype: weighted rows are rounded to fp16 (fp32 input: split into bf16 parts)
     fp16_op = x.dtype == torch.float16 or (w is not None and x.dtype != torch.float32)
     e, _ = RT.rotation(D, seed, torch.float16 if fp16_op else torch.bfloat16, dev)
     out = {"scale": torch.empty(L, 2, H, T, dtype=torch.float16, device=dev)}
     out["nrm"] = torch.empty(L, 2, H, T, dtype=torch.float32, device=dev)
-    for b, slabs in width_slabs(table).items():
+    for b, slabs in plan:
         n = len(slabs) * rps
         planes = [torch.empty(n, D * pb // 8, dtype=torch.uint8, device=dev) for pb in PLANES[b]]
         out.update(zip(plane_names(b), planes))
@@ -311,10 +319,10 @@ def decode_triton(bufs: dict[str, torch.Tensor], shape, dtype: torch.dtype, bits
     if w is not None:
         _check_weights(w, shape)
         w = w.to(dev).contiguous()
-    table, rps = _launch_table(shape, bits, w is not None)
+    rps, plan = _launch_table(shape, bits, w is not None)
     out = torch.empty(shape, dtype=dtype, device=dev)
     e, _ = RT.rotation(D, seed, torch.float16, dev)
-    for b, slabs in width_slabs(table).items():
+    for b, slabs in plan:
         names = plane_names(b)
         pa = bufs[names[0]].contiguous()
         pb = bufs[names[-1]].contiguous()
