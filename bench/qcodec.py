@@ -31,7 +31,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # the checkout's kernels package, not bench/kernels.py
 
 from kernels import mix as M  # noqa: E402
-from kvtier.codecs.mix import MixCodec  # noqa: E402
+from kvtier.codecs.mix import MixCodec, detect_sinks  # noqa: E402
 
 AIM_TBPS = 1.0  # issue 13: encode and decode of the q codecs at >= 1 TB/s of bf16 input on the H200
 
@@ -66,6 +66,9 @@ def rows_for(shape, reps: int, seed: int):
         bufs = M.encode_triton(kv, bits, seed_, kw)
         rows.append((label, timed(lambda: M.encode_triton(kv, bits, seed_, kw), reps),
                      timed(lambda: M.decode_triton(bufs, shape, torch.bfloat16, bits, seed_, kw), reps)))
+    nrm = M.encode_triton(kv, bits, seed_, w)["nrm"]
+    rows.append(("sink detection alone (detect_sinks on the row norms: part of the codec path)",
+                 timed(lambda: detect_sinks(nrm), reps), None))
     for label, kw in (("codec path, unweighted", None), ("codec path, key weights", w)):
         bufs, params = codec.encode(kv, bits=bits, key_weights=kw)
         u8 = {k: v.contiguous().view(-1).view(torch.uint8) for k, v in bufs.items()}
@@ -96,9 +99,12 @@ def profile(codec, kv, w, bits) -> list[str]:
             codec.encode(kv, bits=bits, key_weights=w)
             codec.decode(u8, params, shape, torch.bfloat16, torch.device("cuda"))
         torch.cuda.synchronize()
-    t = p.key_averages().table(sort_by="self_cuda_time_total", row_limit=15, max_name_column_width=60)
+    ka = p.key_averages()
+    by_dev = ka.table(sort_by="self_device_time_total", row_limit=14, max_name_column_width=60)
+    by_cpu = ka.table(sort_by="cpu_time_total", row_limit=10, max_name_column_width=60)
     return ["### Profile: 5 weighted codec encode + decode calls of the 512 MiB set (torch.profiler)", "",
-            "```", t.strip(), "```", ""]
+            "By self GPU time:", "", "```", by_dev.strip(), "```", "", "By CPU time (incl. children):", "",
+            "```", by_cpu.strip(), "```", ""]
 
 
 def main(argv: list[str] | None = None) -> int:
