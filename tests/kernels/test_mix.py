@@ -171,3 +171,17 @@ def test_codec_refuses_keys_whose_weighted_values_leave_fp16():
     w[1, 2, 7] = 30.0  # 3000 * 30 = 90000 > 65504
     with pytest.raises(CodecError, match="keys times their weights exceed the fp16 range"):
         MixCodec("q5").encode(kv, bits=[4] * 4, key_weights=w)
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy says what the test makes happen
+def test_an_fp16_overflow_marks_the_row_norm_infinite_on_both_paths():
+    # x * w = 64000 fits fp16 (the product is checked by nothing else), but the row's rotated max 512000 gives
+    # a 2-bit scale of 341333 > 65504: the row's norm must say so (the codec's one overflow check reads it)
+    shape = (1, 2, 2, 16, 64)
+    kv = _kv(shape, torch.bfloat16, seed=4)
+    kv[0, 0, 1, 3] = 8000.0
+    w = torch.ones(1, 2, 64, dtype=torch.float16)
+    w[0, 1] = 8.0
+    for enc in (mix.encode_torch, lambda *a: tri_(mix.encode_triton, *a)):
+        nrm = enc(kv, [2, 2], SEED, w)["nrm"]
+        assert torch.isinf(nrm[0, 0, 1, 3]) and int(torch.isinf(nrm).sum()) == 1

@@ -282,7 +282,7 @@ def test_a_block_decodes_from_its_header_alone_and_checks_it(toy_profile):
     out = decompress(block)
     P.unregister(TOY)  # no profile is consulted on decode: nothing else can be applied to the block
     assert torch.equal(decompress(Block.from_arrow(block.to_arrow())), out)
-    bad = {"bits": [4, 2, 8, 3, 3, 3, 2, 5], "sinks": [3, 3], "profile": "xyz", "rotation": "dct"}
+    bad = {"bits": [4, 2, 8, 3, 3, 3, 2, 7], "sinks": [3, 3], "profile": "xyz", "rotation": "dct"}
     for key, value in bad.items():
         with pytest.raises(BlockFormatError, match={"bits": "bit table", "sinks": "sink token list",
                                                     "profile": "profile digest", "rotation": "rotation"}[key]):
