@@ -229,7 +229,7 @@ def _speed_codec(name, kv, raw, bw, lines, rows) -> None:
     del bufs
 
 
-def sweep(kv, lines: list[str], codecs: list[str]) -> None:
+def sweep(kv, lines: list[str], codecs: list[str], save=lambda: None) -> None:
     raw = kv.numel() * kv.element_size()
     lines += ["| codec | op | TILE | num_warps | programs/SM (rot, q) | ms | GB/s |", "|---|---|---|---|---|---|---|"]
     saved = {m: (m.TILE, m.NUM_WARPS) for m in (F, K, R, M)}
@@ -250,6 +250,7 @@ def sweep(kv, lines: list[str], codecs: list[str]) -> None:
                             lines.append(f"| {name} | {op} | {tile} | {warps} | {pps or '-'} | {t * 1e3:.3f} | "
                                          f"{raw / t / 1e9:.0f} |")
                             print(lines[-1], flush=True)
+                            save()
                     except Exception as e:  # noqa: BLE001 - a config that does not compile is a result too
                         lines.append(f"| {name} | - | {tile} | {warps} | {pps or '-'} | failed: "
                                      f"{type(e).__name__}: {str(e)[:80]} | |")
@@ -289,17 +290,26 @@ def main(argv=None) -> int:
             "excluding the D2H copy of the block and its Arrow framing; median of triton.testing.do_bench.", ""]
     lines: list[str] = []
     ok = True
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+
+    def save(extra: list[str], last: str) -> None:
+        """The results file so far: a run cut short (a timeout) still leaves what it measured."""
+        with open(out, "w") as f:
+            f.write("\n".join(head + lines + extra + ["", last]) + "\n")
+
     if args.check:
         lines += ["## Triton path vs torch path on the GPU", ""]
         ok = check(lines)
         lines.append("")
         print("\n".join(lines), flush=True)
+        save([], f"(run incomplete: stopped after the check, {time.time() - t0:.0f} s)")
     kv = make_kv((32, 2, 8, args.tokens, 128), torch.bfloat16)
     sl: list[str] = [f"## Throughput: bf16 KV [32, 2, 8, {args.tokens}, 128] "
                      f"({kv.numel() * 2 / 2**20:.0f} MiB)", ""]
     rows: list[dict] = []
     speed(kv, sl, rows, args.codecs)
     print("\n".join(sl), flush=True)
+    save(sl, f"(run incomplete: stopped after the throughput table, {time.time() - t0:.0f} s)")
     lines += sl + [""]
     aims = []
     for r in rows:
@@ -317,14 +327,14 @@ def main(argv=None) -> int:
         + (aims or ["- all met"]) + [""]
     if args.sweep:
         sw = ["## Configurations tried (Triton path)", ""]
-        sweep(kv, sw, args.sweep_codecs)
+        sweep(kv, sw, args.sweep_codecs,
+              lambda: save(sw, f"(run incomplete: stopped in the sweep, {time.time() - t0:.0f} s)"))
         print("\n".join(sw), flush=True)
         lines += sw + [""]
     load1 = os.getloadavg()
     lines.append(f"Total run time {time.time() - t0:.0f} s; load average (1/5/15 min) at start "
                  f"{load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, at end {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f}. "
                  f"Correctness checks {'passed' if ok else 'FAILED'}" + ("" if args.check else " (not run)") + ".")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         f.write("\n".join(head + lines) + "\n")
     print("\n".join(lines[-3:]), f"\nwrote {out}", flush=True)
