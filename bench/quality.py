@@ -52,7 +52,7 @@ from kvtier import hf  # noqa: E402
 from kvtier.model import load_model, model_id_for  # noqa: E402
 
 DEFAULT_TEXT = ROOT.parent / "shared" / "data" / "eval-text"
-ZSTD_DEFAULT = ("fp8+zstd", "kivi4+zstd", "rot3+zstd", "q0.5+zstd", "q1+zstd", "q5+zstd")
+ZSTD_DEFAULT = ("fp8+zstd", "kivi4+zstd", "q0.5+zstd", "q1+zstd", "q2+zstd", "q5+zstd")
 # issue 13: (min ratio vs bf16, max Δppl %) on every text; the default: max Δppl 0.5 %, min top-1 97 %
 AIMS = [(5.0, 1.0), (7.0, 5.0)]
 DEFAULT_RULE = (0.5, 97.0)
@@ -141,6 +141,7 @@ class Row:
         self.nll = self.kl = 0.0
         self.tokens = self.agree = 0
         self.nbytes = self.raw_bf16 = self.elements = 0
+        self.code_bits = 0.0  # q codecs: average code width of the block's bit table x elements (before zstd)
         self.enc_s: list[float] = []
         self.dec_s: list[float] = []
         self.same_as: str | None = None  # a +zstd row: quality is the base codec's (decoded bit-identically)
@@ -193,8 +194,12 @@ def measure_text(a: argparse.Namespace, model, tok, path: Path, codecs: list[str
                 buf = kvtier.compress(kv, codec, key=key, model_id=mid).to_arrow()
                 sync(device)
                 t1 = time.perf_counter()
-                back = kvtier.decompress(kvtier.Block.from_arrow(buf, expect_key=key), device=device)
+                blk = kvtier.Block.from_arrow(buf, expect_key=key)
+                back = kvtier.decompress(blk, device=device)
                 sync(device)
+                bits = blk.params.get("bits")
+                if isinstance(bits, list):
+                    row.code_bits += sum(bits) / len(bits) * kv.numel()
                 row.enc_s.append(t1 - t0)
                 row.dec_s.append(time.perf_counter() - t1)
                 row.nbytes += buf.size
@@ -236,7 +241,7 @@ def measure_text(a: argparse.Namespace, model, tok, path: Path, codecs: list[str
 def table(rows: dict) -> tuple[list[str], dict]:
     ref = rows[("none", torch.float32)]
     ref_ppl = math.exp(ref.nll / ref.tokens)
-    header = ["codec (KV dtype)", "bits/elem", "ratio vs bf16", "ppl", "Δppl %", "top-1 agree %", "mean KL", "encode ms/chunk", "decode ms/chunk"]
+    header = ["codec (KV dtype)", "code bits", "bits/elem", "ratio vs bf16", "ppl", "Δppl %", "top-1 agree %", "mean KL", "encode ms/chunk", "decode ms/chunk"]
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
     results = {}
     for row in rows.values():
@@ -246,7 +251,8 @@ def table(rows: dict) -> tuple[list[str], dict]:
                  enc=1e3 * float(np.median(row.enc_s)), dec=1e3 * float(np.median(row.dec_s)))
         results[(row.codec, row.kv_dtype)] = r
         note = " (reference)" if row is ref else (f" ≡ {row.same_as}" if row.same_as else "")
-        lines.append(f"| {row.label}{note} | {r['bits']:.2f} | {r['ratio']:.2f} | {r['ppl']:.4f} | {r['dppl']:+.3f} | "
+        code = f"{row.code_bits / row.elements:.2f}" if row.code_bits else "—"
+        lines.append(f"| {row.label}{note} | {code} | {r['bits']:.2f} | {r['ratio']:.2f} | {r['ppl']:.4f} | {r['dppl']:+.3f} | "
                      f"{r['agree']:.2f} | {r['kl']:.5f} | {r['enc']:.1f} | {r['dec']:.1f} |")
     return lines, results
 
@@ -304,7 +310,8 @@ def run(a: argparse.Namespace) -> str:
         f"- baseline: the uncompressed fp32 cache (first row of each table), measured in this run; ppl of every row over the same "
         f"tokens; KL is KL(reference ‖ codec) per token in nats; encode = compress + to_arrow, decode = from_arrow + "
         f"decompress (median per chunk on {a.device}); ratio = bf16 raw bytes / serialized block bytes (headers, "
-        f"scales, sink tokens, padding counted)",
+        f"scales, sink tokens, padding counted); code bits = the q codecs' average code width (their bit table), "
+        f"bits/elem = every serialized byte per element, after the entropy stage for a +zstd row",
         f"- run time: {elapsed:.0f} s; 1-minute load average {load_start:.1f} at start, {os.getloadavg()[0]:.1f} at "
         f"the end ({os.cpu_count()} cores; above that, other processes shared the cores and times are upper bounds)", "",
         "## Aims (issue 13; each codec at its worst text)", "", *aims(per_text, codecs), "",

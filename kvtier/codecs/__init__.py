@@ -5,7 +5,7 @@ payload buffers plus JSON-able parameters, and back. ``compress`` wraps that in
 a ``Block`` (header + checksum); ``decompress`` verifies the block's shape/dtype
 against the codec and rebuilds the tensor on the requested device.
 
-A ``+zstd`` suffix on any codec name (``"kivi2+zstd"``) adds a lossless zstd
+A ``+zstd`` suffix on any codec name (``"kivi4+zstd"``) adds a lossless zstd
 stage over every payload buffer; the raw length of each buffer is recorded in
 the block's parameters and enforced on decompression (no zip bombs).
 
@@ -37,6 +37,9 @@ class Codec(ABC):
     that ``decode`` needs (group sizes, seeds). Every byte a codec needs to
     decode must be in one of the two: nothing may come from code defaults.
     ``decode`` gets the buffers back as contiguous uint8 tensors on ``device``.
+    A codec may define ``zstd_layout(buffers, params, dtype) -> (buffers, params)``: a lossless
+    rearrangement that ``compress`` applies before a ``+zstd`` stage, recorded in the params it
+    returns, which ``decode`` must undo.
     """
 
     name: str = ""
@@ -123,6 +126,8 @@ def compress(kv: torch.Tensor, codec: str = "kivi4", key: str | None = None, mod
         tensors, params = base.encode(kv.contiguous(), model_id=model_id)
     else:
         tensors, params = base.encode(kv.contiguous())
+    if zstd and hasattr(base, "zstd_layout"):  # a byte layout the entropy coder gets closer to the codes' entropy in
+        tensors, params = base.zstd_layout(tensors, params, kv.dtype)
     buffers = {name: _to_cpu_bytes(t) for name, t in tensors.items()}
     params = dict(params)
     if zstd:

@@ -13,10 +13,12 @@ bench/quality.py scores, so calibration and evaluation never share a token):
 1. every slab (the K or the V of one layer) at 4 bits is the base; each slab in
    turn drops to 2 bits and the rise in KL(fp32 reference || codec) over the
    continuation is its sensitivity ``S`` (2 * layers forward passes per window);
-2. a slab at ``b`` bits is predicted to cost ``S * r(b) / (r(2) - r(4))`` with
-   ``r(b) = (3 / (2**b - 1))**2`` (the per-row quantization error power
-   relative to 2 bits); a greedy allocation gives each extra bit to the slab
-   whose predicted cost falls most, for any average-bit budget;
+2. a slab at ``b`` bits (2, 3, 4, 5, 6, 8) is predicted to cost
+   ``S * r(b) / (r(2) - r(4))`` with ``r(b) = (3 / (2**b - 1))**2`` (the
+   per-row quantization error power relative to 2 bits); a greedy allocation
+   spends an average-bit budget, counted in bits after the +zstd stage
+   (``ZSTD_BITS``: 2-bit codes cost 1.47, 8-bit 7.65), on the slab whose
+   predicted cost falls most per bit;
 3. the allocations on a ladder of average bits are measured for real; Δppl
    over 1000 tokens is noisy and not monotone in the bits (measured, with key
    weights: 3.5 bits +0.56 %, 4.5 +0.72 %, 5 +0.83 %, 6 +0.29 %), so it is
@@ -57,8 +59,12 @@ from kvtier.model import load_model, model_id_for
 MARGIN = 0.6
 TOP1_MIN = 97.0  # q0.5: the near-lossless default must keep >= 97 % greedy agreement
 BUDGETS = {"q0.5": 0.5, "q1": 1.0, "q2": 2.0, "q5": 5.0}
-# average code bits per element tried for the budgets (every point measured: 14 passes per window)
-LADDER = [2.25, 2.375, 2.5, 2.625, 2.75, 2.875, 3.0, 3.25, 3.5, 4.0, 4.5, 5.0, 6.0, 8.0]
+# What a slab's codes cost per element behind the +zstd stage (mix's entropy layout), by width: measured on
+# SmolLM2 chunks (uniform tables, key weights on); the budgets are spent in these bits, not in code bits,
+# since a 2-bit code costs 1.47 and an 8-bit one 7.65: a step up does not cost its width difference
+ZSTD_BITS = {2: 1.47, 3: 2.55, 4: 3.61, 5: 4.64, 6: 5.71, 8: 7.65}
+# average code bits per element after zstd tried for the budgets (every point measured: 15 passes per window)
+LADDER = [1.75, 1.875, 2.0, 2.125, 2.25, 2.375, 2.5, 2.75, 3.0, 3.25, 3.5, 4.0, 4.5, 5.0, 6.0]
 
 
 def monotone(values: list[float], increasing: bool) -> list[float]:
@@ -79,30 +85,28 @@ def r(b: int) -> float:
     return (3.0 / (2**b - 1)) ** 2
 
 
-def allocate(sens: list[float], avg_bits: float, widths=(2, 3, 4, 8)) -> list[int]:
-    """Greedy: start every slab at the smallest width, spend ``avg_bits * n - min * n`` bits on the
-    slab whose predicted cost ``c_s * r(b)`` falls most per bit; ties go to the lower slab index."""
-    n = len(sens)
+def allocate(sens: list[float], avg_bits: float, cost: dict[int, float] = ZSTD_BITS) -> list[int]:
+    """Greedy: start every slab at the smallest width, spend ``avg_bits * n`` bits (``cost``: bits per element
+    of each width) on the slab whose predicted cost ``c_s * r(b)`` falls most per bit spent; ties go to the
+    lower slab index."""
+    n, widths = len(sens), sorted(cost)
     c = [max(s, 0.0) / (r(2) - r(4)) + 1e-12 for s in sens]
     bits = [widths[0]] * n
-    budget = round(avg_bits * n) - widths[0] * n
+    budget = avg_bits * n - cost[widths[0]] * n + 1e-9
     while True:
         best, pick = 0.0, None
         for i in range(n):
-            nxt = [w for w in widths if w > bits[i]]
-            if not nxt:
-                continue
             # the best gain per bit over every larger width, not just the next one: 4 -> 8 may pay only as a whole
-            for w in nxt:
-                cost = w - bits[i]
-                if cost > budget:
+            for w in (w for w in widths if w > bits[i]):
+                spend = cost[w] - cost[bits[i]]
+                if spend > budget:
                     continue
-                g = c[i] * (r(bits[i]) - r(w)) / cost
+                g = c[i] * (r(bits[i]) - r(w)) / spend
                 if g > best:
                     best, pick = g, (i, w)
         if pick is None:
             return bits
-        budget -= pick[1] - bits[pick[0]]
+        budget -= cost[pick[1]] - cost[bits[pick[0]]]
         bits[pick[0]] = pick[1]
 
 
@@ -211,31 +215,35 @@ class Bench:
             kl += (ref.exp() * (ref - logp)).sum().item()
             n += len(t)
         return {"kl": kl / n, "dppl": 100 * (math.exp((nll - nll0) / n) - 1), "top1": 100 * agree / n,
-                "avg_bits": sum(bits) / len(bits)}
+                "avg_bits": sum(bits) / len(bits), "zstd_bits": sum(ZSTD_BITS[b] for b in bits) / len(bits)}
 
 
 def calibrate(model, ids: torch.Tensor, windows: int = 2, prefix: int = 1024, cont: int = 256, chunk: int = 256,
               sens_windows: int = 1, sens: list[float] | None = None, key_weights: bool = True,
-              say=print) -> P.Profile:
-    """``sens_windows`` of the ``windows`` measure the sensitivities (2 * layers passes each); all of them
-    measure the budgets (one by default: 60 passes of SmolLM2 took ~9 min on the shared 2 cores).
+              per_head: bool = False, say=print) -> P.Profile:
+    """``sens_windows`` of the ``windows`` measure the sensitivities (2 * layers passes each, times kv_heads
+    with ``per_head``: one slab per head of a layer's K or V); all of them measure the budgets (one by
+    default: 60 passes of SmolLM2 took ~9 min on the shared 2 cores).
     ``sens``: sensitivities from an earlier profile of the same model (step 1 skipped; recorded)."""
     mid = model_id_for(model, torch.bfloat16)
     t0 = time.perf_counter()
     bench = Bench(model, ids, windows, prefix, cont, chunk, mid, key_weights)
     say(f"calibrate: key weights {'none' if bench.key_weights is None else 'measured, range %.2f-%.2f' % (bench.key_weights.min(), bench.key_weights.max())}")
-    L = bench.data[0][1][0].shape[0]
-    base = bench.measure([4] * (2 * L), sens_windows)
+    L, H = bench.data[0][1][0].shape[0], bench.data[0][1][0].shape[2]
+    hs = H if per_head else 1  # slabs per (layer, K/V); slab index (layer * 2 + kv) * hs + head
+    n = 2 * L * hs
+    base = bench.measure([4] * n, sens_windows)
     reused = sens is not None
-    if reused and len(sens) != 2 * L:
-        raise SystemExit(f"--sensitivity-from gives {len(sens)} sensitivities; this model has {2 * L} slabs")
+    if reused and len(sens) != n:
+        raise SystemExit(f"--sensitivity-from gives {len(sens)} sensitivities; this model has {n} slabs "
+                         f"({'per head' if per_head else 'per layer'})")
     sens = list(sens) if reused else []
-    for s in ([] if reused else range(2 * L)):
-        bits = [4] * (2 * L)
+    for s in ([] if reused else range(n)):
+        bits = [4] * n
         bits[s] = 2
         sens.append(max(bench.measure(bits, sens_windows)["kl"] - base["kl"], 0.0))
-        say(f"calibrate: slab {s + 1}/{2 * L} (layer {s // 2} {'KV'[s % 2]}) S = {sens[-1]:.5f}  "
-            f"[{time.perf_counter() - t0:.0f} s]")
+        say(f"calibrate: slab {s + 1}/{n} (layer {s // (2 * hs)} {'KV'[s // hs % 2]}"
+            f"{f' head {s % hs}' if per_head else ''}) S = {sens[-1]:.5f}  [{time.perf_counter() - t0:.0f} s]")
     budgets, measured = {}, {}
     cache: dict[float, dict] = {}
 
@@ -243,7 +251,7 @@ def calibrate(model, ids: torch.Tensor, windows: int = 2, prefix: int = 1024, co
         if LADDER[i] not in cache:
             m = bench.measure(allocate(sens, LADDER[i]))
             cache[LADDER[i]] = m
-            say(f"calibrate: avg {LADDER[i]:.3f} bits -> Δppl {m['dppl']:+.3f} %, top-1 {m['top1']:.2f} %, KL {m['kl']:.5f}")
+            say(f"calibrate: avg {LADDER[i]:.3f} bits after zstd ({m['avg_bits']:.3f} code bits) -> Δppl {m['dppl']:+.3f} %, top-1 {m['top1']:.2f} %, KL {m['kl']:.5f}")
         return cache[LADDER[i]]
 
     ladder = [at(i) for i in range(len(LADDER))]
@@ -256,7 +264,7 @@ def calibrate(model, ids: torch.Tensor, windows: int = 2, prefix: int = 1024, co
             say(f"calibrate: {name}: even {LADDER[pick]} bits miss the budget; using them anyway")
         budgets[name] = allocate(sens, LADDER[pick])
         measured[name] = dict(ladder[pick], fit_dppl=fit_dppl[pick], fit_top1=fit_top1[pick])
-    info = {"text_tokens": int(len(ids)), "windows": bench.starts, "prefix": prefix, "cont": cont, "chunk": chunk,
+    info = {"text_tokens": int(len(ids)), "windows": bench.starts, "per_head": per_head, "zstd_bits": ZSTD_BITS, "prefix": prefix, "cont": cont, "chunk": chunk,
             "sens_windows": sens_windows, "sens_reused": reused, "base_4bit": base, "sensitivity_kl": [round(s, 7) for s in sens], "measured": measured,
             "margin": MARGIN, "fallback": FALLBACK,
             "ladder": {str(b): m for b, m in zip(LADDER, ladder)}, "seconds": round(time.perf_counter() - t0)}
@@ -274,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path, default=None, help="profile JSON (default: kvtier/codecs/profiles/<model>.json)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-key-weights", action="store_true", help="keys unweighted (no query statistics)")
+    p.add_argument("--per-head", action="store_true", help="a bit width per head of each layer's K and V "
+                   "(2 x layers x kv_heads sensitivity passes)")
     p.add_argument("--sensitivity-from", type=Path, default=None,
                    help="reuse the slab sensitivities of an earlier profile of this model (skips 2 x layers passes)")
     a = p.parse_args(argv)
@@ -289,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     sens = None
     if a.sensitivity_from:
         sens = P.Profile.from_json(a.sensitivity_from.read_bytes()).info["sensitivity_kl"]
-    prof = calibrate(model, ids, a.windows, sens=sens, key_weights=not a.no_key_weights)
+    prof = calibrate(model, ids, a.windows, sens=sens, key_weights=not a.no_key_weights, per_head=a.per_head)
     out = a.out or P.PROFILE_DIR / (P.model_layout_key(prof.model).split("|")[0] + ".json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_bytes(prof.to_json())

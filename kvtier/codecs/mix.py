@@ -2,15 +2,22 @@
 
 Ask for a quality budget, not a scheme: ``q1`` is "the smallest KV this
 model's calibration kept within +1 % Δppl", ``q2`` within +2 %, ``q5`` within +5 %, ``q0.5``
-within +0.5 % (and >= 97 % top-1 agreement on the calibration text).
+within +0.5 % (and >= 97 % top-1 agreement on the calibration text). Picking one: state
+the worst Δppl you accept and take the largest budget under it (the name is the
+bound); for a target ratio, take the smallest budget whose ratio in the model's
+``bench/results/quality.md`` row meets it (the profile's ``info.measured`` gives
+each budget's code bits after zstd, ``zstd_bits``: ratio ~ 16 / (zstd_bits + ~0.25)
+for bf16 KV at head_dim 64, the rest being scales, key weights and sinks). Add
+``+zstd`` unless the get path must not inflate on the CPU.
 
 Per row (one token of one head of K or V): ``rot``'s randomized Hadamard
-rotation, then a symmetric 2/3/4/8-bit quantizer with one fp16 scale per row
+rotation, then a symmetric 2/3/4/5/6/8-bit quantizer with one fp16 scale per row
 (``kernels/mix.py``; 16/D bits per element of overhead, half of rot's). What is new, each measured on SmolLM2-135M
 (kernels/NOTES.md, "issue 13"):
-- **a bit width per slab** (the K or the V of one layer) from a per-model
-  profile (``profile.py``, written by ``calibrate.py``): slabs differ in how
-  much a 2-bit slab hurts by more than 10x, so bits go where they matter;
+- **a bit width per slab** (the K or the V of one layer, or of one head of
+  it) from a per-model profile (``profile.py``, written by ``calibrate.py``):
+  slabs differ in how much a 2-bit slab hurts by more than 10x, so bits go
+  where they matter;
 - **sink tokens kept exact**: the first token of a sequence takes a large
   share of attention; quantizing it cost rot3 half its Δppl (+3.4 % -> +1.6 %
   with it exact). The chunk does not know its position, so the codec finds
@@ -32,6 +39,21 @@ rotation, then a symmetric 2/3/4/8-bit quantizer with one fp16 scale per row
   over the chunk; as torch operations around the kernels they cost 3-3.5x,
   bench/results/qcodec-h200.md).
 
+**Entropy layout** (``+zstd`` only; measured on SmolLM2 chunks, bits per code
+element): zstd's Huffman works on bytes. 2-, 4- and 8-bit codes pack whole
+codes into a byte and zstd gets their empirical entropy (2-bit 1.46 of 1.46,
+4-bit 3.63 of 3.62, 8-bit 7.68 of 7.65), but a 3-bit code is split into a
+low-2-bit and a high-bit plane (``kernels.pack``), and the low bits of a code
+symmetric about 3.5 are near uniform until the high bit is known: zstd got
+2.99 bits where the codes hold 2.55. ``entropy_layout`` stores split codes
+(3, 5, 6 bits) *folded*: a code below the centre is XORed with 2**(b-1) - 1,
+so the top bit is the sign and the rest the distance from the centre, and the
+low plane is skewed on its own: 3-bit 2.55-2.58 bits. fp16 scales and weights and the
+sink rows are byte-shuffled (high bytes together: 14 -> 11.7 bits a scale).
+Both are lossless byte permutations and XORs, recorded as ``layout`` in the
+params and undone by ``decode`` (on the device, for a hot tier that holds the
+inflated payload).
+
 Without a profile for the chunk's model (or without a ``model_id``) a codec
 falls back to one width for every slab (``FALLBACK``), still with the sinks.
 
@@ -47,13 +69,14 @@ from typing import Any, Mapping
 import torch
 
 from kernels import mix as M
-from kernels.pack import plane_bytes
+from kernels.pack import PLANES, pack_torch, plane_bytes, unpack_torch
 from kvtier.codecs import Codec, register_codec
 from kvtier.codecs import profile as P
 from kvtier.codecs.kivi import expect_names, int_param, is_pow2, on_device, take
 from kvtier.codecs.rot import MAX_D, MIN_D, ROTATION, SEED, check_rotatable
 from kvtier.errors import CodecError
 
+LAYOUT = "fold-shuffle"  # params["layout"] of a block stored in ``entropy_layout``
 SINK_TAU = 0.8
 MAX_SINKS = 8  # 8 of 256 tokens would add 0.5 bit/elem; the sink is one token, the cap bounds a pathological chunk
 # fallback widths without a profile: the smallest uniform width that met each budget on both texts in
@@ -73,6 +96,46 @@ def detect_sinks(nrm: torch.Tensor) -> list[int]:
     score = (n / med).log().abs().mean((0, 1, 2))
     top = score.topk(min(MAX_SINKS, T))
     return sorted(int(t) for s, t in zip(top.values.tolist(), top.indices.tolist()) if s > SINK_TAU)
+
+
+def fold(planes: list[torch.Tensor], b: int) -> list[torch.Tensor]:
+    """The flat planes of ``b``-bit codes (``kernels.pack`` layout) with each code q below the centre
+    (top bit 0) XORed with 2**(b-1) - 1: the top bit is the sign, the rest the distance from the centre
+    (0 nearest). The top bit is kept, so it is its own inverse."""
+    per = PLANES[b]  # bytes of each plane per 8 codes (D is a multiple of 8): rows of 8 codes, flat over rows
+    if len(planes) != len(per) or any(p.numel() % n for p, n in zip(planes, per)) \
+            or len({p.numel() // n for p, n in zip(planes, per)}) != 1:
+        raise ValueError(f"{b}-bit planes of {[p.numel() for p in planes]} bytes do not hold the same codes")
+    q = unpack_torch([p.reshape(-1, n) for p, n in zip(planes, per)], b, 8)
+    q = q ^ (((q >> (b - 1)) ^ 1) * ((1 << (b - 1)) - 1))
+    return [t.reshape(-1) for t in pack_torch(q, b)]
+
+
+def _shuffle(b: torch.Tensor, width: int, inverse: bool) -> torch.Tensor:
+    if b.numel() % width:
+        raise ValueError(f"a byte-shuffled buffer of {b.numel()} bytes is not a multiple of {width}")
+    return (b.reshape(width, -1) if inverse else b.reshape(-1, width)).t().contiguous().reshape(-1)
+
+
+def entropy_layout(bufs: Mapping[str, torch.Tensor], widths: Mapping[str, int], inverse: bool = False) -> dict[str, torch.Tensor]:
+    """The entropy layout of a block's uint8 buffers (module docstring), or with ``inverse`` back from it.
+    ``widths``: the element size in bytes of each buffer to byte-shuffle; the planes of every split width
+    (3, 5, 6 bits) are folded."""
+    out = dict(bufs)
+    for name, w in widths.items():
+        if name in out and w > 1:
+            out[name] = _shuffle(out[name], w, inverse)
+    for b in M.WIDTHS:
+        names = M.plane_names(b)
+        if len(names) == 2 and names[0] in out:  # split codes; a whole code in a byte field needs nothing
+            if names[1] not in out:
+                raise ValueError(f"buffer {names[1]!r} is missing (have {sorted(out)})")
+            out.update(zip(names, fold([out[n] for n in names], b)))
+    return out
+
+
+def layout_widths(dtype: torch.dtype) -> dict[str, int]:
+    return {"scale": 2, "kw": 2, "sink": torch.empty(0, dtype=dtype).element_size()}
 
 
 class MixCodec(Codec):
@@ -126,8 +189,22 @@ class MixCodec(Codec):
         return bufs, {"bits": bits, "seed": self.seed, "rotation": ROTATION, "sinks": sinks, "profile": digest,
                       "kw": key_weights is not None}
 
+    def zstd_layout(self, bufs: Mapping[str, torch.Tensor], params: Mapping[str, Any],
+                    dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        """What ``compress`` hands the ``+zstd`` stage: ``encode``'s buffers in the entropy layout."""
+        u8 = {n: t.contiguous().reshape(-1).view(torch.uint8) for n, t in bufs.items()}
+        return entropy_layout(u8, layout_widths(dtype)), dict(params, layout=LAYOUT)
+
     def decode(self, buffers: Mapping[str, torch.Tensor], params: Mapping[str, Any],
                shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        layout = params.get("layout")
+        if layout is not None:
+            if layout != LAYOUT:
+                raise ValueError(f"{self.name} block layout {layout!r}; this kvtier reads {LAYOUT!r} or none")
+            bad = [n for n, b in buffers.items() if b.dtype != torch.uint8 or b.dim() != 1]
+            if bad:
+                raise ValueError(f"buffers {bad} are not flat bytes")
+            buffers = entropy_layout(buffers, layout_widths(dtype), inverse=True)
         if len(shape) != 5 or shape[1] != 2:
             raise ValueError(f"{self.name} block shape {shape} is not [layers, 2, kv_heads, tokens, head_dim]")
         L, _, H, T, D = shape
@@ -137,9 +214,10 @@ class MixCodec(Codec):
             raise ValueError(f"{self.name} block rotation {params.get('rotation')!r}; this kvtier reads {ROTATION!r}")
         seed = int_param(params, "seed", lambda s: 0 <= s < 2**64)
         bits = params.get("bits")
-        if (not isinstance(bits, list) or len(bits) != 2 * L
+        if (not isinstance(bits, list) or len(bits) not in (2 * L, 2 * L * H)
                 or not all(isinstance(b, int) and not isinstance(b, bool) and b in M.WIDTHS for b in bits)):
-            raise ValueError(f"bad bit table {str(bits)[:120]} for {L} layers (widths {M.WIDTHS})")
+            raise ValueError(f"bad bit table {str(bits)[:120]} for {L} layers, {H} heads (per layer or per head; "
+                             f"widths {M.WIDTHS})")
         sinks = params.get("sinks")
         if (not isinstance(sinks, list) or len(sinks) > MAX_SINKS
                 or not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < T for t in sinks)
@@ -153,8 +231,8 @@ class MixCodec(Codec):
             raise ValueError(f"bad key-weights flag {weighted!r}")
         names = {"scale"} | ({"sink"} if sinks else set()) | ({"kw"} if weighted else set())
         bufs = {}
-        for b, slabs in M.width_slabs(bits).items():
-            for name, nbytes in zip(M.plane_names(b), plane_bytes(len(slabs) * H * T, D, b)):
+        for b, rows in M.plane_rows(shape, bits).items():
+            for name, nbytes in zip(M.plane_names(b), plane_bytes(rows, D, b)):
                 bufs[name] = take(buffers, name, torch.uint8, (nbytes,))
                 names.add(name)
         expect_names(buffers, names)

@@ -54,7 +54,7 @@ class Profile:
     layers: int
     kv_heads: int
     head_dim: int
-    budgets: Mapping[str, list[int]]  # codec name -> bits per slab (layer * 2 + kv)
+    budgets: Mapping[str, list[int]]  # codec name -> bits per slab: layer * 2 + kv, or (layer * 2 + kv) * H + head
     info: Mapping[str, Any]  # how it was measured (text, windows, sensitivities, measured Δppl): provenance only
     key_weights: list | None = None  # [layers][kv_heads][head_dim] positive floats, or None (unweighted keys)
 
@@ -84,7 +84,10 @@ class Profile:
         p.validate()
         return p
 
-    def validate(self, widths: tuple[int, ...] = (2, 3, 4, 8)) -> None:
+    def validate(self) -> None:
+        from kernels.mix import WIDTHS as widths  # what the q-mix kernels pack
+
+
         for name in ("layers", "kv_heads", "head_dim"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
@@ -94,10 +97,11 @@ class Profile:
         if not isinstance(self.budgets, Mapping) or not isinstance(self.info, Mapping):
             raise CodecError("codec profile budgets/info must be objects")
         for name, bits in self.budgets.items():
-            if (not isinstance(bits, list) or len(bits) != 2 * self.layers
-                    or not all(isinstance(b, int) and b in widths for b in bits)):
-                raise CodecError(f"codec profile budget {name!r} must list {2 * self.layers} bit widths in "
-                                 f"{widths}, got {bits!r}"[:300])
+            if (not isinstance(bits, list) or len(bits) not in (2 * self.layers, 2 * self.layers * self.kv_heads)
+                    or not all(isinstance(b, int) and not isinstance(b, bool) and b in widths for b in bits)):
+                raise CodecError(f"codec profile budget {name!r} must list {2 * self.layers} (per layer) or "
+                                 f"{2 * self.layers * self.kv_heads} (per head) bit widths in {widths}, "
+                                 f"got {bits!r}"[:300])
         if self.key_weights is not None:
             w = self.key_weights
             ok = (isinstance(w, list) and len(w) == self.layers

@@ -1,4 +1,4 @@
-"""The ``rot4``, ``rot3`` and ``rot2`` codecs: randomized Hadamard rotation + per-row quantization.
+"""The ``rot4`` codec: randomized Hadamard rotation + per-row quantization.
 
 Each row (one token of one head, head_dim values) is rotated by
 ``diag(signs) @ Hadamard / sqrt(D)`` — signs drawn from the seed stored in
@@ -11,8 +11,10 @@ head_dim, 16..256, the 16 being tl.dot's smallest tile and 256 the largest
 rotation kept on chip), validates stored blocks and dispatches: Triton on
 CUDA tensors, the torch reference elsewhere.
 
-Bits per element: bits + 32/D. On bf16 at D=64: rot4 4.5 (ratio 3.56), rot3 3.5
-(4.57), rot2 2.5 (6.4); at D=128: 4.25 / 3.25 / 2.25.
+Bits per element: bits + 32/D. On bf16 at D=64: rot4 4.5 (ratio 3.56); at D=128:
+4.25. ``rot3`` (4.57x, +3.7 % Δppl) and ``rot2`` (6.4x, +48-61 %) were deleted: the
+calibrated ``q*`` codecs beat them in ratio and Δppl on both texts
+(bench/results/quality.md); the kernels still take any width.
 """
 
 from __future__ import annotations
@@ -77,5 +79,3 @@ class RotCodec(Codec):
 
 
 register_codec(RotCodec("rot4", 4))
-register_codec(RotCodec("rot3", 3))
-register_codec(RotCodec("rot2", 2))
