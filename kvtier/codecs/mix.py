@@ -213,7 +213,7 @@ class MixCodec(Codec):
             if sinks:  # slices, not a list index: that would copy an index tensor to the device
                 bufs["sink"] = torch.cat([kv[:, :, :, t:t + 1] for t in sinks], 3)
         if w is not None:
-            bufs["kw"] = w.contiguous()
+            bufs["kw"] = w.clone()  # not the profile's cached tensor (or the caller's): a block owns its buffers
         return bufs, {"bits": bits, "seed": self.seed, "rotation": ROTATION, "sinks": sinks, "profile": digest,
                       "kw": key_weights is not None}
 
