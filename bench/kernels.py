@@ -41,29 +41,39 @@ from kernels import mix as M  # noqa: E402
 from kernels import rot as R  # noqa: E402
 from kernels.pack import unpack_torch  # noqa: E402
 
-# q-codecs: "q1" / "q5" = their fallback widths (4 / 3 bits everywhere, no profile for this shape);
-# "q-mix" = a calibrated-looking table cycling 2, 3, 4, 8 bits over the slabs (every width, one launch each)
-CODECS = ["fp8", "kivi4", "kivi2", "rot4", "rot3", "rot2", "q1", "q5", "q-mix"]
+# q-codecs: "q1" / "q5" = their fallback widths (8 / 4 bits everywhere, no profile for this shape);
+# "q-mix" = a table cycling every width (2, 3, 4, 5, 6, 8) over the (layer, K/V) slabs, one launch each;
+# "q-head" = the same widths cycling over (layer, K/V, head) slabs, with key weights (kernels/mix.py)
+CODECS = ["fp8", "kivi4", "rot4", "q1", "q5", "q-mix", "q-head"]  # kivi2, rot2, rot3: deleted (lost to q5)
 AIM_TBPS, AIM_SPEEDUP = 1.5, 20.0  # issue 2, for fp8 / kivi4 / rot4 on an H100
 AIM_Q_TBPS = 1.0  # issue 13, for the q-codecs on the H200
 
 
-def mix_bits(name: str, layers: int) -> list[int]:
-    if name == "q-mix":
-        return [M.WIDTHS[i % len(M.WIDTHS)] for i in range(2 * layers)]
+def mix_bits(name: str, shape: tuple[int, ...]) -> list[int]:
+    if name in ("q-mix", "q-head"):
+        n = 2 * shape[0] * (shape[2] if name == "q-head" else 1)
+        return [M.WIDTHS[(i * 5) % len(M.WIDTHS)] for i in range(n)]  # * 5: neighbours differ in width
     from kvtier.codecs.mix import FALLBACK
 
-    return [FALLBACK[name]] * (2 * layers)
+    return [FALLBACK[name]] * (2 * shape[0])
+
+
+def key_weights(name: str, shape: tuple[int, ...]):
+    """Lognormal fp16 key weights [L, H, D] for "q-head" (the spread of calibrated ones), else None."""
+    if name != "q-head":
+        return None
+    g = torch.Generator(device=DEVICE).manual_seed(7)
+    return torch.exp(0.5 * torch.randn(shape[0], shape[2], shape[4], generator=g, device=DEVICE)).to(torch.float16)
 DEVICE = "cuda"  # check() also runs on "cpu" under TRITON_INTERPRET=1 (a smoke test of this script)
 
 
 def paths(name: str, shape: tuple[int, ...], dtype: torch.dtype):
     """(encode_triton, encode_torch, decode_triton, decode_torch) of codec ``name`` for ``shape``."""
     if name.startswith("q"):
-        bits, seed = mix_bits(name, shape[0]), kvtier.get_codec("q1").seed
-        return (lambda x: M.encode_triton(x, bits, seed), lambda x: M.encode_torch(x, bits, seed),
-                lambda b: M.decode_triton(b, shape, dtype, bits, seed),
-                lambda b: M.decode_torch(b, shape, dtype, bits, seed))
+        bits, seed, w = mix_bits(name, shape), kvtier.get_codec("q1").seed, key_weights(name, shape)
+        return (lambda x: M.encode_triton(x, bits, seed, w), lambda x: M.encode_torch(x, bits, seed, w),
+                lambda b: M.decode_triton(b, shape, dtype, bits, seed, w),
+                lambda b: M.decode_torch(b, shape, dtype, bits, seed, w))
     c = kvtier.get_codec(name)
     if name == "fp8":
         return (F.encode_triton, F.encode_torch,
@@ -93,12 +103,12 @@ def make_kv(shape, dtype, seed=0, device=None):
 
 
 # ---------------------------------------------------------------- correctness on the GPU
-def _codes(name, bufs, d, layers=None):
+def _codes(name, bufs, d, shape=None):
     if name == "fp8":
         return bufs[0].int()
     if name.startswith("q"):
         out = []
-        for b in sorted(set(mix_bits(name, layers))):
+        for b in sorted(set(mix_bits(name, shape))):
             planes = [bufs[n] for n in M.plane_names(b)]
             out.append(unpack_torch(planes, b, d).flatten())
         return torch.cat(out)
@@ -109,8 +119,8 @@ def _codes(name, bufs, d, layers=None):
 def check(lines: list[str]) -> bool:
     ulp = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 2**-24}
     cases = [(n, s) for n in CODECS for s in ((3, 2, 5, 123, 64), (2, 2, 3, 130, 128))]
-    cases += [("kivi4", (2, 2, 3, 77, 96)), ("rot4", (2, 2, 3, 50, 256)), ("rot3", (2, 2, 3, 50, 16)),
-              ("q-mix", (4, 2, 3, 50, 256)), ("q-mix", (4, 2, 3, 77, 16)),
+    cases += [("kivi4", (2, 2, 3, 77, 96)), ("rot4", (2, 2, 3, 50, 256)), ("rot4", (2, 2, 3, 50, 16)),
+              ("q-mix", (4, 2, 3, 50, 256)), ("q-mix", (4, 2, 3, 77, 16)), ("q-head", (4, 2, 3, 77, 64)),
               ("fp8", (2, 2, 3, 50, 80))]
     ok_all = True
     lines += ["| codec | shape | dtype | codes differing | max abs code diff | scales/zeros differing (max rel) | "
@@ -130,7 +140,7 @@ def _check_case(name, shape, dtype, lines, ulp) -> bool:
     kv = make_kv(shape, dtype, seed=len(lines))
     et, er, dt, dr = paths(name, shape, dtype)
     bt, br = et(kv), er(kv)
-    qt, qr = _codes(name, bt, shape[-1], shape[0]), _codes(name, br, shape[-1], shape[0])
+    qt, qr = _codes(name, bt, shape[-1], shape), _codes(name, br, shape[-1], shape)
     dq = (qt - qr).abs()
     frac_q = (dq > 0).float().mean().item()
     if name == "fp8":
@@ -163,7 +173,7 @@ def _check_end_to_end(lines) -> bool:
     lines += ["", "| codec | compress(cuda) -> decompress(cuda) vs CPU path: rel. diff | block ratio | ok |",
               "|---|---|---|---|"]
     kv = make_kv((4, 2, 8, 256, 128), torch.bfloat16, seed=1)
-    for name in [c for c in CODECS if c != "q-mix"]:  # q-mix is a kernel-level table, not a codec name
+    for name in [c for c in CODECS if c not in ("q-mix", "q-head")]:  # kernel-level tables, not codec names
         try:
             bg = kvtier.compress(kv, name)
             og = kvtier.decompress(kvtier.Block.from_arrow(bg.to_arrow()), device=DEVICE)
@@ -219,7 +229,7 @@ def _speed_codec(name, kv, raw, bw, lines, rows) -> None:
     del bufs
 
 
-def sweep(kv, lines: list[str], codecs: list[str]) -> None:
+def sweep(kv, lines: list[str], codecs: list[str], save=lambda: None) -> None:
     raw = kv.numel() * kv.element_size()
     lines += ["| codec | op | TILE | num_warps | programs/SM (rot, q) | ms | GB/s |", "|---|---|---|---|---|---|---|"]
     saved = {m: (m.TILE, m.NUM_WARPS) for m in (F, K, R, M)}
@@ -240,6 +250,7 @@ def sweep(kv, lines: list[str], codecs: list[str]) -> None:
                             lines.append(f"| {name} | {op} | {tile} | {warps} | {pps or '-'} | {t * 1e3:.3f} | "
                                          f"{raw / t / 1e9:.0f} |")
                             print(lines[-1], flush=True)
+                            save()
                     except Exception as e:  # noqa: BLE001 - a config that does not compile is a result too
                         lines.append(f"| {name} | - | {tile} | {warps} | {pps or '-'} | failed: "
                                      f"{type(e).__name__}: {str(e)[:80]} | |")
@@ -256,7 +267,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--check", action="store_true", help="compare the Triton and torch paths on the GPU first")
     ap.add_argument("--sweep", action="store_true", help="also time other tile sizes / warp counts")
-    ap.add_argument("--sweep-codecs", nargs="+", default=["fp8", "kivi4", "rot4", "q-mix"], choices=CODECS,
+    ap.add_argument("--sweep-codecs", nargs="+", default=["fp8", "kivi4", "rot4", "q-mix", "q-head"], choices=CODECS,
                     help="the codecs --sweep tries")
     ap.add_argument("--codecs", nargs="+", default=CODECS, choices=CODECS, help="the codecs timed")
     ap.add_argument("--tokens", type=int, default=4096)
@@ -279,17 +290,26 @@ def main(argv=None) -> int:
             "excluding the D2H copy of the block and its Arrow framing; median of triton.testing.do_bench.", ""]
     lines: list[str] = []
     ok = True
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+
+    def save(extra: list[str], last: str) -> None:
+        """The results file so far: a run cut short (a timeout) still leaves what it measured."""
+        with open(out, "w") as f:
+            f.write("\n".join(head + lines + extra + ["", last]) + "\n")
+
     if args.check:
         lines += ["## Triton path vs torch path on the GPU", ""]
         ok = check(lines)
         lines.append("")
         print("\n".join(lines), flush=True)
+        save([], f"(run incomplete: stopped after the check, {time.time() - t0:.0f} s)")
     kv = make_kv((32, 2, 8, args.tokens, 128), torch.bfloat16)
     sl: list[str] = [f"## Throughput: bf16 KV [32, 2, 8, {args.tokens}, 128] "
                      f"({kv.numel() * 2 / 2**20:.0f} MiB)", ""]
     rows: list[dict] = []
     speed(kv, sl, rows, args.codecs)
     print("\n".join(sl), flush=True)
+    save(sl, f"(run incomplete: stopped after the throughput table, {time.time() - t0:.0f} s)")
     lines += sl + [""]
     aims = []
     for r in rows:
@@ -303,18 +323,18 @@ def main(argv=None) -> int:
         if r["codec"].startswith("q") and r["gbps"] / 1e3 < AIM_Q_TBPS:
             aims.append(f"- {r['codec']} {r['op']}: {r['gbps'] / 1e3:.2f} TB/s (aim {AIM_Q_TBPS} TB/s, issue 13); "
                         f"the floor allows {(kv.numel() * 2 / r['floor']) / 1e12:.2f} TB/s")
-    lines += ["## Aims (fp8, kivi4, rot4: >= 1.5 TB/s and >= 20x torch; q1, q5, q-mix: >= 1 TB/s)", ""] \
+    lines += ["## Aims (fp8, kivi4, rot4: >= 1.5 TB/s and >= 20x torch; q1, q5, q-mix, q-head: >= 1 TB/s)", ""] \
         + (aims or ["- all met"]) + [""]
     if args.sweep:
         sw = ["## Configurations tried (Triton path)", ""]
-        sweep(kv, sw, args.sweep_codecs)
+        sweep(kv, sw, args.sweep_codecs,
+              lambda: save(sw, f"(run incomplete: stopped in the sweep, {time.time() - t0:.0f} s)"))
         print("\n".join(sw), flush=True)
         lines += sw + [""]
     load1 = os.getloadavg()
     lines.append(f"Total run time {time.time() - t0:.0f} s; load average (1/5/15 min) at start "
                  f"{load0[0]:.2f}/{load0[1]:.2f}/{load0[2]:.2f}, at end {load1[0]:.2f}/{load1[1]:.2f}/{load1[2]:.2f}. "
                  f"Correctness checks {'passed' if ok else 'FAILED'}" + ("" if args.check else " (not run)") + ".")
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     with open(out, "w") as f:
         f.write("\n".join(head + lines) + "\n")
     print("\n".join(lines[-3:]), f"\nwrote {out}", flush=True)

@@ -18,11 +18,13 @@ Optional key weights ``w`` (fp16 ``[L, H, D]``, positive): every K row of
 layer l, head h is multiplied by ``w[l, h]`` before the rotation and divided by
 it after decoding (``kvtier.codecs.mix`` says why). Fused into the kernels: a
 block of rows lies in one (layer, K/V, head), so it loads its weight row once
-(V rows load 1.0). Encode rounds ``x * w`` to fp16 (fp32 for fp32 input) before
-the rotation, so the tensor cores take it; decode multiplies the fp32 result by
-``1 / w`` (fp32, IEEE division) before the one rounding to the output dtype.
-(As torch operations around the kernels this cost 3-3.5x the kernel time on an
-H200: bench/results/qcodec-h200.md.)
+(V rows load 1.0). Encode multiplies in fp16, ``fp16(x) * w`` rounded once (fp32
+for fp32 input), so the tensor cores take it (``weighted_input``); decode
+multiplies the fp32 result by ``1 / w`` (fp32, an IEEE reciprocal the launcher
+computes once per call) before the one rounding to the output dtype. An fp16
+overflow of ``x * w`` or of a scale shows as an infinite row norm (``nrm``).
+(As torch operations around the kernels the weights cost 3-3.5x the kernel
+time on an H200: bench/results/qcodec-h200.md.)
 
 Error bound per rotated coordinate (of the weighted row): |y - y^| <= s/2 +
 (qmax/2) * fp16 rounding of s (the range can fall short of max|y| by that), and
@@ -58,6 +60,7 @@ an FMA changes the result, and the large cancellation at index 0 amplifies it:
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -66,6 +69,8 @@ import triton.language as tl
 
 from kernels import rot as RT
 from kernels.kivi import quantize, scale_params
+
+FP16_MAX = 65504.0
 from kernels.pack import PLANES, load_codes, out_value, out_view, pack_torch, store_codes, unpack_torch
 
 # 1 bit with a per-row range was useless in screening; 7 would need a 4+2+1 packing; 8 is the near-lossless step
@@ -109,12 +114,18 @@ def _check_weights(w: torch.Tensor, shape) -> None:
 
 # ---------------------------------------------------------------- torch reference
 def weighted_input(kv: torch.Tensor, w: torch.Tensor | None) -> torch.Tensor:
-    """What the encoders rotate: ``kv`` with K rows times ``w``, rounded to fp16 (fp32 for fp32 input)."""
+    """What the encoders rotate: ``kv`` with K rows times ``w``: an fp16 product of ``kv`` in fp16 (an fp32
+    product for fp32 input). For bf16 input with |x| >= 2**-14 the cast is exact, so this is x * w rounded
+    once; below, fp16's subnormal step (2**-24) adds at most 2**-25 * w."""
     if w is None:
         return kv
-    x = kv.float().clone()
-    x[:, 0] *= w.float()[:, :, None, :]  # an 8/11-bit value times an 11-bit weight: exact in fp32
-    return x if kv.dtype == torch.float32 else x.to(torch.float16)
+    if kv.dtype == torch.float32:
+        x = kv.clone()
+        x[:, 0] *= w.float()[:, :, None, :]
+    else:
+        x = kv.to(torch.float16).clone()
+        x[:, 0] *= w[:, :, None, :]  # IEEE fp16 multiply: the exact product rounded once, as on the GPU
+    return x
 
 
 def encode_torch(kv: torch.Tensor, bits: list[int], seed: int, w: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -139,7 +150,8 @@ def encode_torch(kv: torch.Tensor, bits: list[int], seed: int, w: torch.Tensor |
         q = quantize(y, implicit_zero(s32, qmax).unsqueeze(-1), inv.unsqueeze(-1), qmax)
         for name, plane in zip(plane_names(b), pack_torch(q.reshape(-1, D), b)):
             out[name] = plane
-        scale[idx], nrm[idx] = sc, y.square().sum(-1)
+        # an fp16 overflow (of x * w or of the scale) shows as an infinite row norm: the codec's one check
+        scale[idx], nrm[idx] = sc, torch.where(s32 <= FP16_MAX, y.square().sum(-1), float("inf"))
     out["scale"] = scale.reshape(L, 2, H, T)
     out["nrm"] = nrm.reshape(L, 2, H, T)
     return out
@@ -164,7 +176,7 @@ def decode_torch(bufs: dict[str, torch.Tensor], shape, dtype: torch.dtype, bits:
     if w is not None:
         _check_weights(w, shape)
         invw = torch.ones(L, 2, H, 1, D, dtype=torch.float32, device=out.device)
-        invw[:, 0, :, 0] = 1.0 / w.float().to(out.device)
+        invw[:, 0, :, 0] = torch.reciprocal(w.float().to(out.device))
         invw = invw.expand(L, 2, H, T, D).reshape(-1, rps, D)
     for b, slabs in width_slabs(bits).items():
         idx = torch.tensor(slabs, device=out.device)
@@ -199,11 +211,12 @@ def _slab_block(slab_ptr, blk, BPS, RPS, R: tl.constexpr):
 
 @triton.jit
 def _slab_weights(w_ptr, slab, H, i, D: tl.constexpr):
-    """fp32 key weights of a per-head slab ``(layer * 2 + kv) * H + head``: w[layer, head, :] for K, 1 for V."""
+    """Row [layer, head] of a [L, H, D] table for a per-head slab ``(layer * 2 + kv) * H + head`` if it is a K
+    slab, else ones (in the table's dtype)."""
     is_k = (slab // H) % 2 == 0
     wrow = (slab // (2 * H)) * H + slab % H
-    w = tl.load(w_ptr + wrow * D + i).to(tl.float32)  # V's (layer, head) row exists too: no mask needed
-    return tl.where(is_k, w, 1.0)
+    w = tl.load(w_ptr + wrow * D + i)  # V's (layer, head) row exists too: no mask needed
+    return tl.where(is_k, w, tl.full(w.shape, 1.0, w.dtype))
 
 
 @triton.jit
@@ -217,15 +230,19 @@ def _mix_encode_kernel(x_ptr, e_ptr, slab_ptr, w_ptr, pa, pb, s_ptr, n_ptr, n_bl
     for blk in range(tl.program_id(0), n_blocks, tl.num_programs(0)):
         slab, src, v, vmask = _slab_block(slab_ptr, blk, BPS, RPS, R)
         x = tl.load(x_ptr + src[:, None] * D + i[None, :], mask=vmask[:, None], other=0.0)
-        if HAS_W:  # the product is exact in fp32; rounded to fp16 for the tensor cores (fp32 input: SPLIT)
-            xw = x.to(tl.float32) * _slab_weights(w_ptr, slab, H, i, D)[None, :]
-            x = xw if SPLIT else xw.to(tl.float16)
+        if HAS_W:  # weighted_input's products: fp16 for the tensor cores (fp32 input: fp32, then SPLIT)
+            wr = _slab_weights(w_ptr, slab, H, i, D)
+            if SPLIT:
+                x = x * wr.to(tl.float32)[None, :]
+            else:  # fp16 x fp16, one rounding; no fp32 [R, D] tile: an fp32 product cost 38 % of encode (H200)
+                x = x.to(tl.float16) * wr[None, :]
         y = RT.rotate_rows(x, E, UPCAST, SPLIT) * rs
         sh, s, inv = scale_params(tl.max(tl.abs(y), axis=1), QMAX * 0.5)
         z = -(QMAX * 0.5) * s
         q = tl.minimum(tl.maximum((y - z[:, None]) * inv[:, None] + 0.5, 0.0), QMAX).to(tl.int32)
         tl.store(s_ptr + src, sh, mask=vmask)
-        tl.store(n_ptr + src, tl.sum(y * y, axis=1), mask=vmask)
+        # an fp16 overflow (of x * w or of the scale: NaN compares false too) -> an infinite norm
+        tl.store(n_ptr + src, tl.where(s <= 65504.0, tl.sum(y * y, axis=1), float("inf")), mask=vmask)
         store_codes(q, pa, pb, v, i, vmask, D, R, D, BITS)
 
 
@@ -243,17 +260,16 @@ def _mix_decode_kernel(pa, pb, s_ptr, e_ptr, slab_ptr, w_ptr, o_ptr, n_blocks, B
         t = tl.dot((q.to(tl.float32) - QMAX * 0.5).to(tl.float16), Et)
         s = tl.load(s_ptr + src, mask=vmask, other=0.0).to(tl.float32)
         x = (s[:, None] * t) * rs  # two roundings, as decode_torch: no FMA can fuse a product of products
-        if HAS_W:  # 1/w once per block (D IEEE divisions), then a product: decode_torch's rounding exactly
-            invw = tl.div_rn(tl.full((D,), 1.0, tl.float32), _slab_weights(w_ptr, slab, H, i, D))
-            x = x * invw[None, :]
+        if HAS_W:  # w_ptr: fp32 1/w, computed once per call by the launcher (a div_rn per block and column
+            x = x * _slab_weights(w_ptr, slab, H, i, D)[None, :]  # cost 59 % of the decode on an H200)
         tl.store(o_ptr + src[:, None] * D + i[None, :], out_value(x, BF16, o_ptr.dtype.element_ty),
                  mask=vmask[:, None])
 
 
-def _launch_shape(slabs: list[int], rps: int, d: int, dev: torch.device):
+def _launch_shape(slabs: tuple[int, ...], rps: int, d: int, dev: torch.device):
     """(slab table on ``dev`` (cached: a host-to-device copy per call would stall the stream), rows per
     block, blocks per slab, blocks, grid)."""
-    key = (tuple(slabs), str(dev))
+    key = (slabs, str(dev))
     if key not in _TABLES:
         if len(_TABLES) > 256:  # bounded: bit tables come from a handful of profiles
             _TABLES.clear()
@@ -268,14 +284,21 @@ def _launch_shape(slabs: list[int], rps: int, d: int, dev: torch.device):
     return _TABLES[key], r, bps, n_blocks, grid
 
 
-def _launch_table(shape, bits: list[int], weighted: bool) -> tuple[list[int], int]:
-    """(bit table the kernels walk, rows per slab): per-head when weighted (a block must lie in one head to
-    load one weight row) or when the table is per head; per-layer tables expand to the same bytes."""
+def _launch_table(shape, bits: list[int], weighted: bool) -> tuple[int, tuple[tuple[int, tuple[int, ...]], ...]]:
+    """(rows per slab, ((width, slab ids), ...)) that the kernels walk: per-head slabs when weighted (a block
+    must lie in one head to load one weight row) or when the table is per head; a per-layer table expands to
+    the same bytes. Cached: a per-head table has 2 * L * H entries (512 for Llama-8B), and this Python would
+    cost a 256-token chunk's launch more than its kernels take."""
     L, _, H, T, _ = shape
-    rps = slab_rows(shape, bits)
+    return _plan(tuple(bits), L, H, T, weighted)
+
+
+@functools.lru_cache(maxsize=256)
+def _plan(bits: tuple[int, ...], L: int, H: int, T: int, weighted: bool):
+    rps = slab_rows((L, 2, H, T, 0), list(bits))
     if weighted and rps == H * T:
-        return [b for b in bits for _ in range(H)], T
-    return bits, rps
+        bits, rps = tuple(b for b in bits for _ in range(H)), T
+    return rps, tuple((b, tuple(slabs)) for b, slabs in width_slabs(list(bits)).items())
 
 
 def encode_triton(kv: torch.Tensor, bits: list[int], seed: int, w: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
@@ -285,13 +308,13 @@ def encode_triton(kv: torch.Tensor, bits: list[int], seed: int, w: torch.Tensor 
     if w is not None:
         _check_weights(w, kv.shape)
         w = w.to(dev).contiguous()
-    table, rps = _launch_table(kv.shape, bits, w is not None)
+    rps, plan = _launch_table(kv.shape, bits, w is not None)
     # the rotation's operand dtype: weighted rows are rounded to fp16 (fp32 input: split into bf16 parts)
     fp16_op = x.dtype == torch.float16 or (w is not None and x.dtype != torch.float32)
     e, _ = RT.rotation(D, seed, torch.float16 if fp16_op else torch.bfloat16, dev)
     out = {"scale": torch.empty(L, 2, H, T, dtype=torch.float16, device=dev)}
     out["nrm"] = torch.empty(L, 2, H, T, dtype=torch.float32, device=dev)
-    for b, slabs in width_slabs(table).items():
+    for b, slabs in plan:
         n = len(slabs) * rps
         planes = [torch.empty(n, D * pb // 8, dtype=torch.uint8, device=dev) for pb in PLANES[b]]
         out.update(zip(plane_names(b), planes))
@@ -310,16 +333,16 @@ def decode_triton(bufs: dict[str, torch.Tensor], shape, dtype: torch.dtype, bits
     dev = bufs["scale"].device
     if w is not None:
         _check_weights(w, shape)
-        w = w.to(dev).contiguous()
-    table, rps = _launch_table(shape, bits, w is not None)
+        invw = torch.reciprocal(w.to(dev).float())  # IEEE on CPU and GPU: decode_torch's factors exactly
+    rps, plan = _launch_table(shape, bits, w is not None)
     out = torch.empty(shape, dtype=dtype, device=dev)
     e, _ = RT.rotation(D, seed, torch.float16, dev)
-    for b, slabs in width_slabs(table).items():
+    for b, slabs in plan:
         names = plane_names(b)
         pa = bufs[names[0]].contiguous()
         pb = bufs[names[-1]].contiguous()
         tab, r, bps, n_blocks, grid = _launch_shape(slabs, rps, D, dev)
-        _mix_decode_kernel[(grid,)](pa, pb, bufs["scale"], e, tab, bufs["scale"] if w is None else w,
+        _mix_decode_kernel[(grid,)](pa, pb, bufs["scale"], e, tab, bufs["scale"] if w is None else invw,
                                     out_view(out), n_blocks, bps, rps, H, RT.inv_sqrt(D), D=D, R=r, BITS=b,
                                     BF16=dtype == torch.bfloat16, HAS_W=w is not None, num_warps=NUM_WARPS)
     return out

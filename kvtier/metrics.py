@@ -48,7 +48,7 @@ _NAME_RE = re.compile(r"^[A-Za-z0-9_.+-]{1,64}$")
 # with 2-2.5x steps, so p50/p99 stay within one step of the truth.
 LATENCY_BOUNDARIES = [0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
                       0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
-# raw bytes / stored bytes: fp8 ~2x, kivi4/rot4 ~3.5-4x, rot2 ~7x, +zstd adds 5-20%.
+# raw bytes / stored bytes: fp8 ~2x, kivi4/rot4 ~3.5-4x, q codecs ~2-7x, +zstd adds 5-20%.
 RATIO_BOUNDARIES = [1.0, 1.5, 2.0, 2.5, 3.0, 3.5, 4.0, 5.0, 6.0, 8.0, 12.0, 16.0]
 
 

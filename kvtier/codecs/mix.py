@@ -86,16 +86,33 @@ MAX_SINKS = 8  # 8 of 256 tokens would add 0.5 bit/elem; the sink is one token, 
 FALLBACK = {"q0.5": 8, "q1": 8, "q2": 4, "q5": 4}
 
 
-def detect_sinks(nrm: torch.Tensor) -> list[int]:
-    """Tokens whose row norms (``nrm``: squared, [L, 2, H, T]) deviate most from each row set's median."""
+def sink_scores(nrm: torch.Tensor) -> torch.Tensor:
+    """Each token's mean |log ratio| of its row norms (``nrm``: squared, [L, 2, H, T]) to the median of each
+    row set, on ``nrm``'s device: 6 ops, no host read."""
+    n = nrm.clamp_min(1e-30).sqrt_()
+    return n.div_(n.median(-1, keepdim=True).values).log_().abs_().mean((0, 1, 2))
+
+
+def top_sinks(nrm: torch.Tensor) -> list[torch.Tensor]:
+    """The candidates' scores and indices (float64, for one merged host read with other flags), none for T < 2."""
     T = nrm.shape[-1]
     if T < 2:
         return []
-    n = nrm.clamp_min(1e-30).sqrt()
-    med = n.median(-1, keepdim=True).values
-    score = (n / med).log().abs().mean((0, 1, 2))
-    top = score.topk(min(MAX_SINKS, T))
-    return sorted(int(t) for s, t in zip(top.values.tolist(), top.indices.tolist()) if s > SINK_TAU)
+    top = sink_scores(nrm).topk(min(MAX_SINKS, T))
+    return [top.values.double(), top.indices.double()]  # float64 holds every index < 2**53 and each fp32 score
+
+
+def pick_sinks(read: list[float]) -> list[int]:
+    """The sinks from ``top_sinks``' values read back (scores then indices): those above ``SINK_TAU``, sorted."""
+    k = len(read) // 2
+    return sorted(int(t) for s, t in zip(read[:k], read[k:]) if s > SINK_TAU)
+
+
+def detect_sinks(nrm: torch.Tensor) -> list[int]:
+    """Tokens whose row norms (``nrm``: squared, [L, 2, H, T]) deviate most from each row set's median
+    (one host read; ``encode`` merges it with its overflow and weight flags)."""
+    parts = top_sinks(nrm)
+    return pick_sinks(torch.cat(parts).tolist()) if parts else []
 
 
 def fold(planes: list[torch.Tensor], b: int) -> list[torch.Tensor]:
@@ -147,43 +164,56 @@ class MixCodec(Codec):
     def check(self, kv: torch.Tensor) -> None:
         check_rotatable(kv, self.name)
 
-    def bits(self, shape: tuple[int, ...], model_id: str | None) -> tuple[list[int], str | None, torch.Tensor | None]:
-        """(bit table, profile digest, fp16 key weights or None) for a chunk of ``shape`` of model ``model_id``."""
+    def bits(self, shape: tuple[int, ...], model_id: str | None,
+             device: torch.device | None = None) -> tuple[list[int], str | None, torch.Tensor | None]:
+        """(bit table, profile digest, fp16 key weights on ``device`` (CPU by default) or None) for a chunk of
+        ``shape`` of model ``model_id``."""
         prof = P.lookup(model_id)
         if prof is None:
             return [FALLBACK[self.name]] * (2 * shape[0]), None, None
-        return prof.bits_for(self.name, shape), prof.digest, prof.key_weight_tensor()
+        return prof.bits_for(self.name, shape), *_profile_weights(prof, device or torch.device("cpu"))
 
     def encode(self, kv: torch.Tensor, model_id: str | None = None, bits: list[int] | None = None,
                key_weights: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """``bits``/``key_weights``: an explicit table and weights (calibration measures candidates with
         them; no profile is named)."""
         if bits is None:
-            bits, digest, key_weights = self.bits(tuple(kv.shape), model_id)
+            bits, digest, key_weights = self.bits(tuple(kv.shape), model_id, kv.device)
         else:
             digest = None
         w = None
         if key_weights is not None:
             L, _, H, _, D = kv.shape
             w = key_weights.to(device=kv.device, dtype=torch.float16)
-            if tuple(w.shape) != (L, H, D) or not bool(((w > 0) & torch.isfinite(w)).all()):
-                raise CodecError(f"codec {self.name!r}: key weights of shape {tuple(w.shape)} must be positive "
-                                 f"and [{L}, {H}, {D}] for a chunk of shape {tuple(kv.shape)}")
+            if tuple(w.shape) != (L, H, D):
+                raise CodecError(f"codec {self.name!r}: key weights of shape {tuple(w.shape)} must be "
+                                 f"[{L}, {H}, {D}] for a chunk of shape {tuple(kv.shape)}")
         enc = M.encode_triton if kv.is_cuda else M.encode_torch
         with on_device(kv.device):
             # the kernels weight the K rows (kernels/mix.py): x * w rounded to fp16 (fp32 for fp32 KV), 2**-11
             # relative, 4x finer than the bf16 the KV came in
             bufs = enc(kv, bits, self.seed, w)
             nrm = bufs.pop("nrm")
-            # check() bounded |kv|, not |kv * w|: an fp16 overflow shows as a non-finite row norm or scale
-            if w is not None and not bool(torch.isfinite(nrm).all() & torch.isfinite(bufs["scale"]).all()):
-                raise CodecError(f"codec {self.name!r}: keys times their weights exceed the fp16 range; use 'fp8' "
-                                 f"or 'none' for such values")
-            sinks = detect_sinks(nrm)
-        if sinks:
-            bufs["sink"] = kv[:, :, :, sinks].contiguous()
+            parts = top_sinks(nrm)
+            if w is not None:
+                # the weights' sign/finiteness and check()'s bound on |kv|, not |kv * w| (the kernels mark an fp16
+                # overflow with an infinite row norm): two flags in the one host read of the sinks, after the
+                # kernels (a check before them would stall the launch; 0.22 ms of 512 MiB went to such waits)
+                parts.append(torch.stack([((w > 0) & torch.isfinite(w)).all(), torch.isfinite(nrm.sum())]).double())
+            read = torch.cat(parts).tolist() if parts else []
+            if w is not None:
+                w_ok, finite = read[-2:]
+                if not w_ok:
+                    raise CodecError(f"codec {self.name!r}: key weights must be positive and finite")
+                if not finite:
+                    raise CodecError(f"codec {self.name!r}: keys times their weights exceed the fp16 range; use "
+                                     f"'fp8' or 'none' for such values")
+                read = read[:-2]
+            sinks = pick_sinks(read)
+            if sinks:  # slices, not a list index: that would copy an index tensor to the device
+                bufs["sink"] = torch.cat([kv[:, :, :, t:t + 1] for t in sinks], 3)
         if w is not None:
-            bufs["kw"] = w.contiguous()
+            bufs["kw"] = w.clone()  # not the profile's cached tensor (or the caller's): a block owns its buffers
         return bufs, {"bits": bits, "seed": self.seed, "rotation": ROTATION, "sinks": sinks, "profile": digest,
                       "kw": key_weights is not None}
 
@@ -237,14 +267,36 @@ class MixCodec(Codec):
         bufs["scale"] = take(buffers, "scale", torch.float16, (L, 2, H, T))
         if weighted:
             w = take(buffers, "kw", torch.float16, (L, H, D))
-            if not bool(((w > 0) & torch.isfinite(w)).all()):
+            # checked where the bytes are on the host (decompress on the CPU, tests); a device check would stall
+            # the launch on a host read. Device buffers come from a checksummed block whose weights encode
+            # checked, so only a block forged with a valid checksum gets past, and it could hold any codes anyway.
+            if w.device.type == "cpu" and not bool(((w > 0) & torch.isfinite(w)).all()):
                 raise ValueError("key weights must be positive and finite")
         dec = M.decode_triton if device.type == "cuda" else M.decode_torch
         with on_device(device):
             out = dec(bufs, shape, dtype, bits, seed, w if weighted else None)  # the kernels divide by w
-            if sinks:
-                out[:, :, :, sinks] = take(buffers, "sink", dtype, (L, 2, H, len(sinks), D))
+            if sinks:  # one copy per sink (1 in the chunks measured), no index tensor sent to the device
+                exact = take(buffers, "sink", dtype, (L, 2, H, len(sinks), D))
+                for i, t in enumerate(sinks):
+                    out[:, :, :, t] = exact[:, :, :, i]
         return out
+
+
+_KW: dict[tuple[int, str], tuple[P.Profile, str, torch.Tensor]] = {}
+
+
+def _profile_weights(prof: P.Profile, device: torch.device) -> tuple[str, torch.Tensor | None]:
+    """(digest, fp16 key weights on ``device``) of a registered profile, made once per profile and device: the
+    profile validated them at load, and a tensor from its [L][H][D] lists plus a digest of its JSON cost
+    milliseconds a chunk, more than the kernels."""
+    key = (id(prof), str(device))
+    hit = _KW.get(key)
+    if hit is None or hit[0] is not prof:
+        w = prof.key_weight_tensor()
+        if len(_KW) >= 64:  # a few models per process; bounded anyway
+            _KW.clear()
+        hit = _KW[key] = (prof, prof.digest, None if w is None else w.to(device))
+    return hit[1], hit[2]
 
 
 for _name in FALLBACK:
