@@ -163,7 +163,10 @@ def generate(llm, ids: list[int], max_tokens: int, salt: str, kvtier_on: bool = 
         raise RuntimeError("vLLM reported no first-token latency (disable_log_stats must be False)")
     n = len(c.token_ids)
     decode_s = (m.last_token_ts - m.first_token_ts) if m.last_token_ts > m.first_token_ts else 0.0
-    return {"ttft_s": ttft, "wall_s": wall, "tokens": list(c.token_ids), "text": c.text,
+    # where the first token's time went (EngineCore timestamps): waiting to be scheduled (the connector's lookup
+    # is in it) and the first step (the forward, the connector's page copy-out, sampling)
+    phases = {"queue_ms": 1000 * (m.scheduled_ts - m.queued_ts), "first_step_ms": 1000 * (m.first_token_ts - m.scheduled_ts)}
+    return {"ttft_s": ttft, "wall_s": wall, "tokens": list(c.token_ids), "text": c.text, "phases": phases,
             "cached": int(out.num_cached_tokens or 0), "tps": (n - 1) / decode_s if n > 1 and decode_s else float("nan")}
 
 
@@ -411,7 +414,8 @@ def _run(a: argparse.Namespace, plan: Plan, out: Path, started: float, command: 
         rows.append(Row(name=name, engine=who, prompt_tokens=len(ids), tier_tokens=got["cached"],
                         read_from={k: after[k] - before[k] for k in after}, ttft_ms=1000 * got["ttft_s"],
                         recompute_ms=1000 * base["ttft_s"], decode_tps=got["tps"], tokens=got["tokens"],
-                        recompute_tokens=base["tokens"], text=got["text"]))
+                        recompute_tokens=base["tokens"], text=got["text"],
+                        phases={"kvtier": got["phases"], "recompute": base["phases"]}))
         say(demo_report.row_line(len(rows), rows[-1]))
         if name.startswith("chat"):
             messages.append({"role": "assistant", "content": got["text"].strip()})
