@@ -3,9 +3,10 @@
 prefill/decode shape (Ray Serve LLM's P/D graph, ingress -> decode -> prefill),
 HTTP through the ``openai`` client and ``requests``.
 
-The two apps start together (``serve.run_many``: one Ray, one Serve, the four
-engines' start-ups overlapping; each app in its own module cost ~50-66 s of
-set-up on 2 cores) under their own route prefixes, tokens and tier namespaces.
+The two apps share one Ray and one Serve (each app in its own module cost a Ray
+and Serve start-up more) and run one at a time, each under its own route prefix,
+tokens and tier namespace: the shared shape's tests first, then the P/D app
+replaces it (four engines at once were too much for the 2-core, 23 GiB box).
 vLLM's own prefix cache is off, so every ``cached_tokens`` here came from the
 tier. 32-token blocks and 64-token chunks let ~400-token prompts hit; codec
 ``none`` so a hit's text must equal a miss's text exactly.
@@ -58,51 +59,68 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+class Apps:
+    """One app at a time on the module's Ray and Serve: asking for the other deletes this one first (four
+    engines at once on the 2-core, 23 GiB box got Ray's memory monitor to kill workers, the tier's among them)."""
+
+    def __init__(self, base: str, tmp_path_factory) -> None:
+        self.base, self.tmp_path_factory, self.running = base, tmp_path_factory, None
+
+    def url(self, shape: str) -> str:
+        if self.running != shape:
+            from ray_apps.serve import build_app
+
+            if self.running is not None:
+                from kvtier.runtime.api import stop_tier
+
+                serve.delete(NAMES[self.running])  # waits until its replicas (and engines) are gone
+                stop_tier(NAMESPACES[self.running])  # its tier's actors outlive the app
+            self.running = None
+            tier = {"codec": "none", "chunk_tokens": CHUNK, "hot_bytes": "64MiB", "warm_bytes": "256MiB",
+                    "num_shards": 1, "cold_uri": str(self.tmp_path_factory.mktemp(f"cold-{shape}"))}
+            # cpu_reserved 0: each engine's OpenMP threads on both cores (what vLLM gives an engine with a
+            # connector on 2 cores anyway); the requests here are short, the start-ups are the module's time
+            args = {"prefix_caching": False, "block_size": 32, "max_model_len": 2048, "kv_cache_bytes": "128MiB",
+                    "cpu_reserved": 0, "tier": tier}
+            if shape == "shared":
+                args.update(replicas=2, max_ongoing_requests=1, namespace=NAMESPACE,
+                            api_tokens={TOKEN_A: "team-a", TOKEN_B: "team-b"})
+            else:
+                args.update(shape="pd", namespace=PD_NAMESPACE, api_token=PD_TOKEN)
+            t0 = time.monotonic()
+            serve.run(build_app(args), name=NAMES[shape], route_prefix=f"/{shape}")
+            print(f"app {shape} started in {time.monotonic() - t0:.0f} s")
+            self.running = shape
+        return f"{self.base}/{shape}"
+
+
+NAMES = {"shared": "kvtier-test", "pd": "kvtier-pd-test"}
+NAMESPACES = {"shared": NAMESPACE, "pd": PD_NAMESPACE}
+
+
 @pytest.fixture(scope="module")
 def apps(tmp_path_factory):
-    from ray.serve.api import RunTarget
-
-    from ray_apps.serve import build_app
-
-    assert not ray.is_initialized(), "this module starts its own Ray (logical CPUs for 4 engines + 2 ingresses)"
+    assert not ray.is_initialized(), "this module starts its own Ray (8 logical CPUs for 2 engines + ingress)"
     tmp = tempfile.mkdtemp(prefix="kvtsrv", dir="/tmp")  # short: Ray's socket paths must stay < 107 chars
-    ray.init(num_cpus=16, include_dashboard=False, _temp_dir=tmp, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=8, include_dashboard=False, _temp_dir=tmp, log_to_driver=False, configure_logging=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-
-    def tier(name: str) -> dict:
-        return {"codec": "none", "chunk_tokens": CHUNK, "hot_bytes": "64MiB", "warm_bytes": "256MiB",
-                "num_shards": 1, "cold_uri": str(tmp_path_factory.mktemp(name))}
-
-    # cpu_reserved 0: every engine's OpenMP threads on both cores (what vLLM gives an engine with a connector
-    # on 2 cores anyway); the engines' requests are short, their start-ups are the module's time
-    engine = {"prefix_caching": False, "block_size": 32, "max_model_len": 2048, "kv_cache_bytes": "128MiB",
-              "cpu_reserved": 0}
-    shared = build_app({**engine, "replicas": 2, "max_ongoing_requests": 1, "tier": tier("cold"),
-                        "namespace": NAMESPACE, "api_tokens": {TOKEN_A: "team-a", TOKEN_B: "team-b"}})
-    pd = build_app({**engine, "shape": "pd", "tier": tier("pd-cold"), "namespace": PD_NAMESPACE,
-                    "api_token": PD_TOKEN})
-    t0 = time.monotonic()
-    serve.run_many([RunTarget(shared, name="kvtier-test", route_prefix="/shared"),
-                    RunTarget(pd, name="kvtier-pd-test", route_prefix="/pd")])
-    print(f"both apps started in {time.monotonic() - t0:.0f} s")
-    base = f"http://127.0.0.1:{port}"
     try:
-        yield {"shared": base + "/shared", "pd": base + "/pd"}
+        yield Apps(f"http://127.0.0.1:{port}", tmp_path_factory)
     finally:
         serve.shutdown()
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def app_url(apps):
-    return apps["shared"]
+    return apps.url("shared")
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture
 def pd_url(apps):
-    return apps["pd"]
+    return apps.url("pd")
 
 
 def client(url: str, token: str = TOKEN_A) -> "openai.OpenAI":
