@@ -15,6 +15,8 @@ connector switched off for that request (``kv_transfer_params`` ``{"kvtier":
 "off"}``: no lookup, no load, no save): the same engine, memory and batch, so
 the comparison is kvtier against vLLM computing the whole prompt. (A third
 engine without the connector gave the same baseline and cost ~40 s of start-up.)
+Both runs start on a settled box: the previous request's background saves done
+(counted in the tier's index) and the engine idle for 0.6 s.
 
 The workload is what a serving team sees: a chat whose history grows turn by
 turn (a pasted section of the Python tutorial, then shorter parts), several
@@ -163,24 +165,35 @@ def generate(llm, ids: list[int], max_tokens: int, salt: str, kvtier_on: bool = 
         raise RuntimeError("vLLM reported no first-token latency (disable_log_stats must be False)")
     n = len(c.token_ids)
     decode_s = (m.last_token_ts - m.first_token_ts) if m.last_token_ts > m.first_token_ts else 0.0
-    return {"ttft_s": ttft, "wall_s": wall, "tokens": list(c.token_ids), "text": c.text,
+    # where the first token's time went (EngineCore timestamps): waiting to be scheduled (the connector's lookup
+    # is in it) and the first step (the forward, the connector's page copy-out, sampling)
+    phases = {"queue_ms": 1000 * (m.scheduled_ts - m.queued_ts), "first_step_ms": 1000 * (m.first_token_ts - m.scheduled_ts)}
+    return {"ttft_s": ttft, "wall_s": wall, "tokens": list(c.token_ids), "text": c.text, "phases": phases,
             "cached": int(out.num_cached_tokens or 0), "tps": (n - 1) / decode_s if n > 1 and decode_s else float("nan")}
 
 
-def settle(timeout_s: float = 10.0, quiet_s: float = 0.6) -> None:
-    """Wait (bounded) until the tier's block counts have not changed for ``quiet_s``: the engines store chunks
-    in the background after a request, one at a time (~60-90 ms of compression each for q1+zstd at 128 tokens,
-    longer at nice 19 on a busy box), and that work must not land inside the next request's measurement."""
+def settle(want_keys: int = 0, timeout_s: float = 30.0, quiet_s: float = 0.6) -> int:
+    """Wait (bounded) until the engines' background saves are done, so that their CPU work does not land in the
+    next request's measurement: until the tier's index holds ``want_keys`` keys (the chunks the last request
+    saves), then until its block counts have not changed for ``quiet_s``. Returns the index's size.
+
+    The count matters on a loaded box: the saver compresses one chunk at a time at nice 19 (~60-90 ms of CPU
+    each for q1+zstd at 128 tokens), and starved by other processes it can leave the counts unchanged for
+    longer than ``quiet_s`` with chunks still to go, which then ran during the next request (both of its
+    runs, recompute and kvtier, in the gaps the saver waits for)."""
     import kvtier
 
     end, last, since = time.monotonic() + timeout_s, None, time.monotonic()
-    while time.monotonic() < end:
+    while True:
         s = kvtier.stats()
-        now = (s["warm"].get("blocks"), s["warm"].get("bytes"), s["cold"].get("blocks"), s.get("keys"))
+        keys = int(s.get("keys") or 0)
+        now = (s["warm"].get("blocks"), s["warm"].get("bytes"), s["cold"].get("blocks"), keys)
         if now != last:
             last, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            return
+        elif keys >= want_keys and time.monotonic() - since >= quiet_s:
+            return keys
+        if time.monotonic() >= end:
+            return keys
         time.sleep(0.15)
 
 
@@ -377,9 +390,11 @@ def _run(a: argparse.Namespace, plan: Plan, out: Path, started: float, command: 
     t = time.perf_counter()
     # warm-up, not measured: an engine's first forward costs ~1 s more than later ones (allocation, kernel
     # choice); the connector's first lookup/put also connects. Its own salt keeps it out of the workload's keys
+    warm_ids = tok(" ".join(["warm-up"] * C))["input_ids"]
+    keys = settle()
     for name, llm in engines.items():
-        generate(llm, tok(" ".join(["warm-up"] * C))["input_ids"], 2, f"warmup-{name}")
-    settle()
+        generate(llm, warm_ids, 2, f"warmup-{name}")
+    keys = settle(keys + len(engines) * (len(warm_ids) // C))
     times["warm-up"] = time.perf_counter() - t
 
     say(f"[4/4] workload: {plan.turns} chat turns, {plan.questions} questions over a {plan.doc_tokens}-token "
@@ -393,15 +408,20 @@ def _run(a: argparse.Namespace, plan: Plan, out: Path, started: float, command: 
         ids = list(tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
                    ["input_ids"])
         who = ENGINES[i % 2]
-        settle()
         base = generate(engines[who], ids, plan.max_tokens, "demo", kvtier_on=False)
+        # the kvtier run, too, starts on an engine that has been idle for settle's quiet time: right behind the
+        # recompute it ran warm (at load 20-33 every miss then looked 30 % faster than its recompute; at load
+        # 3-6 +3 and +13 % slower)
+        keys = settle(keys)
         before = _tier_reads()
         got = generate(engines[who], ids, plan.max_tokens, "demo")
         after = _tier_reads()
+        keys = settle(keys + len(ids) // C - got["cached"] // C)  # the chunks this request saves, and quiet
         rows.append(Row(name=name, engine=who, prompt_tokens=len(ids), tier_tokens=got["cached"],
                         read_from={k: after[k] - before[k] for k in after}, ttft_ms=1000 * got["ttft_s"],
                         recompute_ms=1000 * base["ttft_s"], decode_tps=got["tps"], tokens=got["tokens"],
-                        recompute_tokens=base["tokens"], text=got["text"]))
+                        recompute_tokens=base["tokens"], text=got["text"],
+                        phases={"kvtier": got["phases"], "recompute": base["phases"]}))
         say(demo_report.row_line(len(rows), rows[-1]))
         if name.startswith("chat"):
             messages.append({"role": "assistant", "content": got["text"].strip()})

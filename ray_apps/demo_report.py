@@ -33,6 +33,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     recompute_tokens: list[int] = field(default_factory=list)
     text: str = ""
+    phases: dict = field(default_factory=dict)  # per run ("kvtier", "recompute"): queue_ms, first_step_ms
 
     @property
     def agree(self) -> tuple[int, int]:
@@ -114,6 +115,13 @@ def summarize(rows: list, stats: dict, codec: str, raw_block: int, times: dict[s
         k, rc = (statistics.median(r.ttft_ms for r in misses), statistics.median(r.recompute_ms for r in misses))
         lines.append(f"misses (nothing cached yet): median {k:.0f} ms with kvtier vs {rc:.0f} ms recompute "
                      f"({100 * (k / rc - 1):+.0f}%: the kvtier engine also looks up, copies out and stores the chunks)")
+        if all(r.phases for r in misses):
+            def med(run, part):
+                return statistics.median(r.phases[run][part] for r in misses)
+
+            lines.append(f"  of which waiting to be scheduled (kvtier's lookup is here) {med('kvtier', 'queue_ms'):.0f} vs "
+                         f"{med('recompute', 'queue_ms'):.0f} ms, the first step (forward, kvtier's page copy-out) "
+                         f"{med('kvtier', 'first_step_ms'):.0f} vs {med('recompute', 'first_step_ms'):.0f} ms")
     kind = "exact codec: must be identical" if codec == "none" else "lossy codec; --codec none gives exact output"
     lines.append(f"greedy agreement with recompute (codec {codec}, {kind}): {exact}/{len(rows)} requests identical; "
                  f"{same}/{n} tokens identical before the first difference ({100 * same / max(n, 1):.0f}%)")

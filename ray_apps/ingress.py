@@ -116,7 +116,7 @@ class TenantAuth:
         return found
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] != "http" or scope.get("path") in OPEN_PATHS:
+        if scope["type"] != "http" or _route(scope) in OPEN_PATHS:
             return await self.app(scope, receive, send)
         headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", [])}
         tenant = self.tenant(headers)
@@ -124,6 +124,13 @@ class TenantAuth:
             return await tenant(scope, receive, send)
         scope.setdefault("state", {})["kvtier_tenant"] = tenant
         return await self.app(scope, receive, send)
+
+
+def _route(scope) -> str:
+    """The request's path inside the app: ASGI's ``path`` includes ``root_path``, the app's Serve route prefix
+    (``serve run ... route_prefix=/kvtier``: ``/kvtier/health``)."""
+    path, root = scope.get("path") or "", (scope.get("root_path") or "").rstrip("/")
+    return path[len(root):] if root and path.startswith(root + "/") else path
 
 
 class KVTierIngress(OpenAiIngress):

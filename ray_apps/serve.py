@@ -64,6 +64,9 @@ class AppConfig:
     accelerator      "cpu" or "gpu"; accelerator_type e.g. "H100" (GPU only), tensor_parallel_size
     dtype, max_model_len, block_size    vLLM engine args (block_size None = vLLM's default)
     kv_cache_bytes   vLLM's KV cache per engine (CPU default 512 MiB; GPU: gpu_memory_utilization)
+    cpu_reserved     CPU only: cores each engine keeps free of its OpenMP threads (vLLM's
+                     VLLM_CPU_NUM_OF_RESERVED_CPU), the same with and without kvtier; None = vLLM's own
+                     default without a connector (tensor_parallel_size: one core for the scheduler process)
     prefix_caching   vLLM's own in-engine prefix cache (on: the engine's memory is the first tier)
     kvtier           the kvtier connector on (off: the same app without it, a baseline)
     tier             TierConfig fields (dict) or a JSON file; default $KVTIER_CONFIG / the defaults
@@ -88,6 +91,7 @@ class AppConfig:
     max_model_len: int = 4096
     block_size: int | None = None
     kv_cache_bytes: int | None = None
+    cpu_reserved: int | None = None
     prefix_caching: bool = True
     kvtier: bool = True
     tier: dict = field(default_factory=dict)
@@ -114,6 +118,9 @@ class AppConfig:
             raise ValueError("app args accelerator_type and tensor_parallel_size > 1 need accelerator='gpu'")
         if self.dtype not in DTYPES:
             raise ValueError(f"app arg dtype={self.dtype!r} must be one of {list(DTYPES)}")
+        if self.cpu_reserved is not None and (not isinstance(self.cpu_reserved, int) or isinstance(
+                self.cpu_reserved, bool) or self.cpu_reserved < 0 or self.accelerator != "cpu"):
+            raise ValueError(f"app arg cpu_reserved={self.cpu_reserved!r} must be an int >= 0, with accelerator='cpu'")
         if self.block_size is not None and (not isinstance(self.block_size, int) or self.block_size < 16
                                             or self.block_size % 16):
             raise ValueError(f"app arg block_size={self.block_size!r} must be a multiple of 16 (vLLM CPU: of 32)")
@@ -251,7 +258,7 @@ def llm_config(cfg: AppConfig, folder: str, replicas: int, role: str = "engine")
         "model_loading_config": {"model_id": cfg.served_name, "model_source": folder},
         "engine_kwargs": engine,
         "deployment_config": {"num_replicas": replicas, "max_ongoing_requests": cfg.max_ongoing_requests},
-        "runtime_env": {"env_vars": {k: v for k, v in ENGINE_ENV.items() if v}},
+        "runtime_env": {"env_vars": engine_env(cfg)},
         "accelerator_config": {"kind": cfg.accelerator},
     }
     if cfg.accelerator_type:
@@ -260,6 +267,20 @@ def llm_config(cfg: AppConfig, folder: str, replicas: int, role: str = "engine")
         bundle = {"CPU": 1, **({"GPU": 1} if cfg.accelerator == "gpu" else {}), **cfg.engine_resources[role]}
         out["placement_group_config"] = {"bundle_per_worker": bundle}  # one bundle per tensor-parallel rank
     return out
+
+
+def engine_env(cfg: AppConfig) -> dict[str, str]:
+    """The engine replicas' environment (their vLLM processes inherit it)."""
+    env = {k: v for k, v in ENGINE_ENV.items() if v}
+    if cfg.accelerator == "cpu":
+        # vLLM's CPU worker binds its OpenMP threads to all cores but the reserved ones, and reserves one more
+        # whenever any kv_transfer_config is set (meant for NIXL's threads, utils/ompmultiprocessing.py); on a
+        # box with no more cores than it would reserve it reserves none. On 2 cores that gave the engine with
+        # kvtier 2 threads and the same engine without it 1: kvtier's arm of bench/serve.py prefilled 1.47x
+        # faster on prompts it could not reuse. One explicit number for every engine keeps the arms alike
+        reserved = cfg.tensor_parallel_size if cfg.cpu_reserved is None else cfg.cpu_reserved
+        env["VLLM_CPU_NUM_OF_RESERVED_CPU"] = str(reserved)
+    return env
 
 
 def build_app(args: Mapping[str, Any] | None = None):

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import queue
 import threading
 import time
@@ -156,6 +157,7 @@ class WorkerSide:
             q.put_nowait((spec.keys, raw, nbytes))
 
     def _save_loop(self, q: queue.Queue, handoff: bool) -> None:
+        _off_the_forwards_cores()
         if not handoff:
             _lowest_priority()
         while True:
@@ -238,6 +240,40 @@ SAVE_QUEUE_BYTES = 256 << 20
 class _Declined(Exception):
     def __init__(self, chunks: int) -> None:
         self.chunks = chunks
+
+
+def _off_the_forwards_cores() -> None:
+    """Move the calling thread to the cores vLLM left free of the forward's OpenMP threads (all of the
+    engine's cores when it left none).
+
+    vLLM's CPU worker binds its OpenMP team through the environment it spawns the worker with
+    (``GOMP_CPU_AFFINITY`` / ``OMP_PLACES`` / ``KMP_AFFINITY``); the team's master is the worker's main
+    thread, bound to the first core, and every thread it starts later inherits that one core: the saver
+    ran beside the forward's master on core 0 while the core vLLM reserved (for its scheduler process)
+    was idle half the time. The engine's own cores are its parent's (the EngineCore process, unbound)."""
+    if not hasattr(os, "sched_setaffinity"):
+        return
+    try:
+        cpus = os.sched_getaffinity(os.getppid())
+    except OSError:
+        cpus = set(range(os.cpu_count() or 1))
+    free = cpus - _omp_bound_cpus()
+    try:
+        os.sched_setaffinity(0, free or cpus)  # 0: this thread (Linux applies it per thread)
+    except OSError as e:  # a sandbox may refuse it: the save still works where it is
+        log.info("kvtier: could not move the save thread off the forward's cores (%s)", e)
+
+
+def _omp_bound_cpus() -> set[int]:
+    """The CPU ids vLLM bound this worker's OpenMP threads to (empty when it bound none)."""
+    text = os.environ.get("GOMP_CPU_AFFINITY") or os.environ.get("OMP_PLACES") or ""
+    kmp = re.search(r"proclist=\[([^\]]*)\]", os.environ.get("KMP_AFFINITY", ""))
+    if kmp:
+        text += " " + kmp.group(1)
+    out: set[int] = set()
+    for lo, hi in re.findall(r"(\d+)(?:-(\d+))?", text):
+        out.update(range(int(lo), int(hi or lo) + 1))
+    return out
 
 
 def _lowest_priority() -> None:

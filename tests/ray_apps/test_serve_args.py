@@ -42,6 +42,8 @@ def test_serve_run_strings_are_converted():
     ({"engine_kwargs": {"kv_transfer_config": {}}}, "without kv_transfer_config"),
     ({"tier": {"codec": "nope"}}, "nope"),
     ({"kv_cache_bytes": "lots"}, "kv_cache_bytes='lots'"),
+    ({"cpu_reserved": "-1"}, "cpu_reserved=-1"),
+    ({"cpu_reserved": 1, "accelerator": "gpu"}, "cpu_reserved=1"),
     ({"num_gpus": 1}, "unknown app arg(s) ['num_gpus']"),
     ({"api_tokens": {"short": "a"}}, "at least 8 characters"),
     ({"api_tokens": {"long-enough-token": "bad tenant!"}}, "tenant 'bad tenant!'"),
@@ -78,9 +80,15 @@ def test_the_engine_config_carries_kvtiers_connector_and_the_tier(tmp_path):
     assert c["model_loading_config"] == {"model_id": "SmolLM2-135M-Instruct", "model_source": "/models/x"}
     off = llm_config(AppConfig.from_args({"kvtier": False}), "/models/x", 1)
     assert "kv_transfer_config" not in off["engine_kwargs"]
+    # vLLM would reserve a core more for the engine with a connector: the app reserves the same for both
+    assert c["runtime_env"]["env_vars"]["VLLM_CPU_NUM_OF_RESERVED_CPU"] == "1" == \
+        off["runtime_env"]["env_vars"]["VLLM_CPU_NUM_OF_RESERVED_CPU"]
+    assert llm_config(AppConfig.from_args({"cpu_reserved": "0"}), "/m", 1)["runtime_env"]["env_vars"][
+        "VLLM_CPU_NUM_OF_RESERVED_CPU"] == "0"
     gpu = llm_config(AppConfig.from_args({"accelerator": "gpu", "accelerator_type": "H100"}), "/m", 1)
     assert gpu["accelerator_config"] == {"kind": "gpu"} and gpu["accelerator_type"] == "H100"
     assert "enforce_eager" not in gpu["engine_kwargs"] and "kv_cache_memory_bytes" not in gpu["engine_kwargs"]
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in gpu["runtime_env"]["env_vars"]
     assert kv_transfer_config(AppConfig.from_args({"address": "10.0.0.1:6379"}))["kv_connector_extra_config"][
         "address"] == "10.0.0.1:6379"
 
@@ -99,7 +107,7 @@ def test_cache_salt_is_per_tenant_and_keeps_vllms_limits():
     assert len(long) <= 128 and not set("/@\\\0") & set(long)
 
 
-def _call(auth: TenantAuth, headers: dict[str, str], path: str = "/v1/completions"):
+def _call(auth: TenantAuth, headers: dict[str, str], path: str = "/v1/completions", root_path: str = ""):
     """Run the middleware on one request; returns (status, body, tenant seen by the app)."""
     seen, sent = {}, []
 
@@ -115,7 +123,7 @@ def _call(auth: TenantAuth, headers: dict[str, str], path: str = "/v1/completion
         return {"type": "http.request", "body": b""}
 
     auth.app = app
-    scope = {"type": "http", "path": path, "method": "POST",
+    scope = {"type": "http", "path": path, "root_path": root_path, "method": "POST",
              "headers": [(k.lower().encode(), v.encode()) for k, v in headers.items()]}
     asyncio.run(auth(scope, receive, send))
     body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
@@ -133,6 +141,10 @@ def test_tenant_auth_binds_the_tenant_to_the_token():
     assert status == 403 and body["error"]["code"] == "tenant_mismatch"
     assert _call(auth, {"Authorization": "Bearer tok-aaaaaaaa", "X-KVTier-Tenant": "a"})[2] == "a"
     assert _call(auth, {}, path="/health")[0] == 200, "the health route never needs the token"
+    # under a Serve route prefix ASGI's path includes it: still the health route, and only that one
+    assert _call(auth, {}, path="/kvtier/health", root_path="/kvtier")[0] == 200
+    assert _call(auth, {}, path="/kvtier/health")[0] == 401
+    assert _call(auth, {}, path="/kvtier/v1/models", root_path="/kvtier")[0] == 401
 
 
 def test_an_open_app_has_only_the_default_tenant():

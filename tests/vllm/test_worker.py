@@ -50,6 +50,44 @@ def test_the_save_thread_runs_at_the_lowest_priority():
         w.close(2.0)
 
 
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or len(os.sched_getaffinity(0)) < 2,
+                    reason="needs Linux thread affinities and 2 usable cores")
+def test_the_save_threads_leave_the_forwards_openmp_cores(monkeypatch):
+    """vLLM binds its OpenMP team through the worker's environment; the save threads must not inherit the
+    team master's one core (they ran there beside the forward while the reserved core idled)."""
+    from kvtier.vllm import worker
+
+    cpus = sorted(os.sched_getaffinity(os.getppid()))
+    monkeypatch.setenv("GOMP_CPU_AFFINITY", str(cpus[0]))
+    assert worker._omp_bound_cpus() == {cpus[0]}
+    monkeypatch.setenv("GOMP_CPU_AFFINITY", f"{cpus[0]}-{cpus[1]}")
+    assert worker._omp_bound_cpus() >= {cpus[0], cpus[1]}
+    monkeypatch.delenv("GOMP_CPU_AFFINITY")
+    monkeypatch.setenv("KMP_AFFINITY", f"granularity=fine,explicit,proclist=[{cpus[1]}]")
+    assert worker._omp_bound_cpus() == {cpus[1]}
+    monkeypatch.delenv("KMP_AFFINITY")
+    monkeypatch.setenv("OMP_PLACES", "{%d}" % cpus[0])
+    seen = {}
+
+    def probe():
+        worker._off_the_forwards_cores()
+        seen["cpus"] = os.sched_getaffinity(0)
+
+    t = threading.Thread(target=probe)
+    os.sched_setaffinity(0, {cpus[0]})  # this thread plays the bound team master; the probe inherits it
+    try:
+        t.start()
+        t.join(10)
+    finally:
+        os.sched_setaffinity(0, set(cpus))
+    assert seen["cpus"] == set(cpus) - {cpus[0]}
+    monkeypatch.setenv("OMP_PLACES", "{%s}" % ",".join(map(str, cpus)))  # no core left free: all of them
+    t = threading.Thread(target=probe)
+    t.start()
+    t.join(10)
+    assert seen["cpus"] == set(cpus)
+
+
 def test_saved_chunks_load_back_exactly_and_a_missing_one_fails_its_blocks():
     w, layers, lay, store = make()
     try:
