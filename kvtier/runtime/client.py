@@ -78,6 +78,7 @@ class Client(PutPath, GetPath):
         self.served = {t: {"hits": 0, "hit_tokens": 0, "misses": 0} for t in TIERS}
         self._unreported = {t: {"hits": 0, "hit_tokens": 0, "misses": 0} for t in TIERS}
         self._reported_at = 0.0
+        self._report_ref = None  # ObjectRef of the last hit report sent (stats() waits for it)
         self.last_get: dict[str, float] = {}  # phases of the last get that left the hot tier (seconds)
         self._last_log = 0.0
         self.metrics = TierMetrics("client")
