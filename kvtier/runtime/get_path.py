@@ -300,14 +300,15 @@ class GetPath:
         now = time.monotonic()
         if not force and now - self._reported_at < 1.0:
             return
-        try:
-            with self._lock:  # sent under the lock: a stats() that finds nothing unreported waits for this ref
-                counts = {t: d for t, d in self._unreported.items() if any(d.values())}
-                if counts:
-                    self._unreported = {t: {"hits": 0, "hit_tokens": 0, "misses": 0} for t in TIERS}
-                    self._reported_at = now
-                    self._report_ref = self.controller.served.remote(counts)  # a submit: it does not wait
-                ref = self._report_ref  # perhaps the sync thread's, still in flight (a missed hit on the H200)
+        with self._lock:
+            counts = {t: d for t, d in self._unreported.items() if any(d.values())}
+            if counts:
+                self._unreported = {t: {"hits": 0, "hit_tokens": 0, "misses": 0} for t in TIERS}
+                self._reported_at = now
+            ref = self._report_ref  # perhaps the sync thread's report, still in flight (a hit missed on the H200)
+        try:  # the submit is outside the lock: every get's _count takes it
+            if counts:
+                ref = self._report_ref = self.controller.served.remote(counts)
             if wait_s > 0 and ref is not None:
                 ray.get(ref, timeout=wait_s)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
