@@ -79,6 +79,9 @@ class Client(PutPath, GetPath):
         self._unreported = {t: {"hits": 0, "hit_tokens": 0, "misses": 0} for t in TIERS}
         self._reported_at = 0.0
         self._report_ref = None  # ObjectRef of the last hit report sent (stats() waits for it)
+        # one report taken and submitted at a time (not the get path's _lock: a submit never holds up a get); without
+        # it stats() could find the counts just taken by the sync thread, not yet sent, and wait on an older report
+        self._report_lock = threading.Lock()
         self.last_get: dict[str, float] = {}  # phases of the last get that left the hot tier (seconds)
         self._last_log = 0.0
         self.metrics = TierMetrics("client")

@@ -300,15 +300,16 @@ class GetPath:
         now = time.monotonic()
         if not force and now - self._reported_at < 1.0:
             return
-        with self._lock:
-            counts = {t: d for t, d in self._unreported.items() if any(d.values())}
-            if counts:
-                self._unreported = {t: {"hits": 0, "hit_tokens": 0, "misses": 0} for t in TIERS}
-                self._reported_at = now
-            ref = self._report_ref  # perhaps the sync thread's report, still in flight (a hit missed on the H200)
-        try:  # the submit is outside the lock: every get's _count takes it
-            if counts:
-                ref = self._report_ref = self.controller.served.remote(counts)
+        try:
+            with self._report_lock:  # taken and sent as one step (a stats() call waits for a sync thread's send)
+                with self._lock:  # every get's _count takes it: held only to take the counts, never over a submit
+                    counts = {t: d for t, d in self._unreported.items() if any(d.values())}
+                    if counts:
+                        self._unreported = {t: {"hits": 0, "hit_tokens": 0, "misses": 0} for t in TIERS}
+                        self._reported_at = now
+                if counts:
+                    self._report_ref = self.controller.served.remote(counts)
+                ref = self._report_ref  # this one, or the last one sent (perhaps still in flight)
             if wait_s > 0 and ref is not None:
                 ray.get(ref, timeout=wait_s)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
