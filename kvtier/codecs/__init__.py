@@ -123,7 +123,7 @@ def compress(kv: torch.Tensor, codec: str = "kivi4", key: str | None = None, mod
     validate_kv(kv)
     base.check(kv)
     if getattr(base, "uses_model", False):  # calibrated codecs look their profile up by model fingerprint
-        tensors, params = base.encode(kv.contiguous(), model_id=model_id)
+        tensors, params = base.encode(kv.contiguous(), model_id=model_id, zstd=zstd)
     else:
         tensors, params = base.encode(kv.contiguous())
     if zstd and hasattr(base, "zstd_layout"):  # a byte layout the entropy coder gets closer to the codes' entropy in

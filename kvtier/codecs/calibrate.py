@@ -51,6 +51,7 @@ import torch
 from kvtier import hf
 from kvtier.codecs import compress, decompress
 from kvtier.codecs import profile as P
+from kvtier.codecs.profile import ZSTD_BITS, allocate  # noqa: F401  (the allocation is the serving path's)
 from kvtier.codecs.mix import FALLBACK
 from kvtier.model import load_model, model_id_for
 
@@ -59,10 +60,6 @@ from kvtier.model import load_model, model_id_for
 MARGIN = 0.6
 TOP1_MIN = 97.0  # q0.5: the near-lossless default must keep >= 97 % greedy agreement
 BUDGETS = {"q0.5": 0.5, "q1": 1.0, "q2": 2.0, "q5": 5.0}
-# What a slab's codes cost per element behind the +zstd stage (mix's entropy layout), by width: measured on
-# SmolLM2 chunks (uniform tables, key weights on); the budgets are spent in these bits, not in code bits,
-# since a 2-bit code costs 1.47 and an 8-bit one 7.65: a step up does not cost its width difference
-ZSTD_BITS = {2: 1.47, 3: 2.55, 4: 3.61, 5: 4.64, 6: 5.71, 8: 7.65}
 # average code bits per element after zstd tried for the budgets (every point measured: 15 passes per window)
 LADDER = [1.75, 1.875, 2.0, 2.125, 2.25, 2.375, 2.5, 2.75, 3.0, 3.25, 3.5, 4.0, 4.5, 5.0, 6.0]
 
@@ -79,35 +76,6 @@ def monotone(values: list[float], increasing: bool) -> list[float]:
             pools[-1][0] += s_
             pools[-1][1] += n_
     return [sign * s_ / n_ for s_, n_ in pools for _ in range(int(n_))]
-
-
-def r(b: int) -> float:
-    return (3.0 / (2**b - 1)) ** 2
-
-
-def allocate(sens: list[float], avg_bits: float, cost: dict[int, float] = ZSTD_BITS) -> list[int]:
-    """Greedy: start every slab at the smallest width, spend ``avg_bits * n`` bits (``cost``: bits per element
-    of each width) on the slab whose predicted cost ``c_s * r(b)`` falls most per bit spent; ties go to the
-    lower slab index."""
-    n, widths = len(sens), sorted(cost)
-    c = [max(s, 0.0) / (r(2) - r(4)) + 1e-12 for s in sens]
-    bits = [widths[0]] * n
-    budget = avg_bits * n - cost[widths[0]] * n + 1e-9
-    while True:
-        best, pick = 0.0, None
-        for i in range(n):
-            # the best gain per bit over every larger width, not just the next one: 4 -> 8 may pay only as a whole
-            for w in (w for w in widths if w > bits[i]):
-                spend = cost[w] - cost[bits[i]]
-                if spend > budget:
-                    continue
-                g = c[i] * (r(bits[i]) - r(w)) / spend
-                if g > best:
-                    best, pick = g, (i, w)
-        if pick is None:
-            return bits
-        budget -= cost[pick[1]] - cost[bits[pick[0]]]
-        bits[pick[0]] = pick[1]
 
 
 class QueryEnergy:

@@ -1,4 +1,5 @@
-"""The quality-budget codecs ``q0.5``, ``q1``, ``q2``, ``q5``: calibrated bits per slab + exact sink tokens.
+"""The quality-budget codecs ``q0.5``, ``q1``, ``q2``, ``q5`` and the ratio targets ``x4`` .. ``x8``: calibrated
+bits per slab + exact sink tokens.
 
 Ask for a quality budget, not a scheme: ``q1`` is "the smallest KV this
 model's calibration kept within +1 % Δppl", ``q2`` within +2 %, ``q5`` within +5 %, ``q0.5``
@@ -9,6 +10,12 @@ bound); for a target ratio, take the smallest budget whose ratio in the model's
 each budget's code bits after zstd, ``zstd_bits``: ratio ~ 16 / (zstd_bits + ~0.25)
 for bf16 KV at head_dim 64, the rest being scales, key weights and sinks). Add
 ``+zstd`` unless the get path must not inflate on the CPU.
+
+Or ask for a size: ``x5`` is "about 5x smaller than 16-bit KV" (``x4``, ``x6``, ``x7``, ``x8`` likewise): the
+calibration's greedy allocation (``profile.ratio_bits``) over the profile's measured slab sensitivities spends
+``16 / 5`` bits per element, less what scales, key weights and a sink row take, counted after the entropy stage
+for ``x5+zstd``; without a profile every slab weighs the same (widths within one step of each other). Its
+quality is what ``bench/results/quality.md`` measures for the model, not a bound.
 
 Per row (one token of one head of K or V): ``rot``'s randomized Hadamard
 rotation, then a symmetric 2/3/4/5/6/8-bit quantizer with one fp16 scale per row
@@ -156,29 +163,48 @@ def layout_widths(dtype: torch.dtype) -> dict[str, int]:
 
 
 class MixCodec(Codec):
-    uses_model = True  # compress() passes model_id: the profile is looked up by fingerprint
+    uses_model = True  # compress() passes model_id (the profile is looked up by fingerprint) and zstd
 
-    def __init__(self, name: str, seed: int = SEED):
-        self.name, self.seed = name, seed
+    def __init__(self, name: str, seed: int = SEED, ratio: float | None = None):
+        self.name, self.seed, self.ratio = name, seed, ratio
 
     def check(self, kv: torch.Tensor) -> None:
         check_rotatable(kv, self.name)
 
-    def bits(self, shape: tuple[int, ...], model_id: str | None,
-             device: torch.device | None = None) -> tuple[list[int], str | None, torch.Tensor | None]:
+    def bits(self, shape: tuple[int, ...], model_id: str | None, device: torch.device | None = None,
+             dtype_bits: int = 16, zstd: bool = False) -> tuple[list[int], str | None, torch.Tensor | None]:
         """(bit table, profile digest, fp16 key weights on ``device`` (CPU by default) or None) for a chunk of
-        ``shape`` of model ``model_id``."""
+        ``shape`` of model ``model_id`` (``dtype_bits``, ``zstd``: what a ratio target counts)."""
         prof = P.lookup(model_id)
+        if self.ratio is not None:
+            return self._ratio_bits(prof, shape, dtype_bits, zstd), *(
+                (None, None) if prof is None else _profile_weights(prof, device or torch.device("cpu")))
         if prof is None:
             return [FALLBACK[self.name]] * (2 * shape[0]), None, None
         return prof.bits_for(self.name, shape), *_profile_weights(prof, device or torch.device("cpu"))
 
+    def _ratio_bits(self, prof: P.Profile | None, shape: tuple[int, ...], dtype_bits: int, zstd: bool) -> list[int]:
+        """A ratio target's table: the profile's sensitivities, or equal ones without a profile (the widths then
+        differ by at most one step across slabs); made once per profile, layout and stage (the greedy costs
+        ~10 ms)."""
+        key = (id(prof), self.ratio, tuple(shape), dtype_bits, zstd)
+        hit = _RATIO.get(key)
+        if hit is None or hit[0] is not prof:
+            sens = prof.sensitivities(shape) if prof is not None else [1.0] * (2 * shape[0])
+            kw = prof is not None and prof.key_weights is not None
+            if len(_RATIO) >= 256:
+                _RATIO.clear()
+            hit = _RATIO[key] = (prof, P.ratio_bits(sens, self.ratio, shape, dtype_bits, zstd, kw))
+        return list(hit[1])
+
     def encode(self, kv: torch.Tensor, model_id: str | None = None, bits: list[int] | None = None,
-               key_weights: torch.Tensor | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+               key_weights: torch.Tensor | None = None,
+               zstd: bool = False) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
         """``bits``/``key_weights``: an explicit table and weights (calibration measures candidates with
-        them; no profile is named)."""
+        them; no profile is named). ``zstd``: the block gets the entropy stage (a ratio target counts it)."""
         if bits is None:
-            bits, digest, key_weights = self.bits(tuple(kv.shape), model_id, kv.device)
+            bits, digest, key_weights = self.bits(tuple(kv.shape), model_id, kv.device,
+                                                  dtype_bits=8 * kv.element_size(), zstd=zstd)
         else:
             digest = None
         w = None
@@ -299,6 +325,13 @@ def _profile_weights(prof: P.Profile, device: torch.device) -> tuple[str, torch.
     return hit[1], hit[2]
 
 
+_RATIO: dict[tuple, tuple[P.Profile | None, list[int]]] = {}
+# ratio targets: ``x5`` is "about 5x smaller than 16-bit KV, the bits where this model's calibration measured
+# they matter" (with ``+zstd`` the bits are counted after the entropy stage)
+RATIOS = {"x4": 4.0, "x5": 5.0, "x6": 6.0, "x7": 7.0, "x8": 8.0}
+
 for _name in FALLBACK:
     register_codec(MixCodec(_name))
+for _name, _ratio in RATIOS.items():
+    register_codec(MixCodec(_name, ratio=_ratio))
 P.register_builtin()

@@ -17,6 +17,10 @@ registry. To make a profile live with the tier rather than in one process,
 ``none``-codec chunk whose values are the JSON bytes (fp16 holds 0..255
 exactly). ``fetch`` verifies the digest and the fingerprint before registering.
 
+A profile also answers a *ratio* target (``bits_for_ratio``, the ``x*`` codecs): the same greedy
+allocation the calibration uses (``allocate``), over the profile's measured sensitivities, spending the
+bits a target ratio leaves once the per-row scales, key weights and a sink row are paid for.
+
 This module is not the calibration (``calibrate.py``) nor the codec (``mix.py``).
 """
 
@@ -37,6 +41,11 @@ FORMAT = "kvtier-codec-profile"
 VERSION = 2  # 2 added the optional key_weights; a version-1 document reads as one without them
 KEY_PREFIX = "kvtier-profile|"
 MAX_PROFILE_BYTES = 1 << 20  # 1 MiB: a 128-layer model's tables are ~10 KiB
+# What a slab's codes cost per element behind the +zstd stage (mix's entropy layout), by width: measured on
+# SmolLM2 chunks (uniform tables, key weights on); budgets after zstd are spent in these bits, not in code bits,
+# since a 2-bit code costs 1.47 and an 8-bit one 7.65: a step up does not cost its width difference
+ZSTD_BITS = {2: 1.47, 3: 2.55, 4: 3.61, 5: 4.64, 6: 5.71, 8: 7.65}
+CODE_BITS = {b: float(b) for b in ZSTD_BITS}  # without the entropy stage a code costs its width
 KW_MIN, KW_MAX = 1 / 64, 64.0  # key weights are normalized to a geometric mean of 1; measured 0.3-3.9 on SmolLM2
 PROFILE_DIR = Path(__file__).resolve().parent / "profiles"  # profiles shipped with kvtier (calibrated here)
 
@@ -117,15 +126,29 @@ class Profile:
         """The key weights as the fp16 [L, H, D] tensor a block stores (None without weights)."""
         return None if self.key_weights is None else torch.tensor(self.key_weights, dtype=torch.float16)
 
-    def bits_for(self, codec: str, shape: tuple[int, ...]) -> list[int]:
-        """The bit table of budget ``codec`` for a chunk of ``shape``; a chunk of another layout is refused."""
+    def _check_layout(self, shape: tuple[int, ...]) -> None:
         L, _, H, _, D = shape
         if (L, H, D) != (self.layers, self.kv_heads, self.head_dim):
             raise CodecError(f"codec profile {self.digest[:12]} of {self.model!r} is for {self.layers} layers, "
                              f"{self.kv_heads} KV heads, head_dim {self.head_dim}; the chunk has shape {shape}")
+
+    def bits_for(self, codec: str, shape: tuple[int, ...]) -> list[int]:
+        """The bit table of budget ``codec`` for a chunk of ``shape``; a chunk of another layout is refused."""
+        self._check_layout(shape)
         if codec not in self.budgets:
             raise CodecError(f"codec profile {self.digest[:12]} has no budget {codec!r} (has {sorted(self.budgets)})")
         return list(self.budgets[codec])
+
+    def sensitivities(self, shape: tuple[int, ...]) -> list[float]:
+        """The measured sensitivity of each slab (``info.sensitivity_kl``), checked against the chunk's layout."""
+        self._check_layout(shape)
+        sens = self.info.get("sensitivity_kl")
+        n = 2 * self.layers
+        if (not isinstance(sens, list) or len(sens) not in (n, n * self.kv_heads)
+                or not all(isinstance(v, (int, float)) and not isinstance(v, bool) and v >= 0 for v in sens)):
+            raise CodecError(f"codec profile {self.digest[:12]} has no usable sensitivity_kl for a ratio target "
+                             f"({n} or {n * self.kv_heads} non-negative numbers); recalibrate it")
+        return [float(v) for v in sens]
 
 
 _LOCK = threading.Lock()
@@ -202,3 +225,51 @@ def fetch(model: str, get: Callable[[str], torch.Tensor | None]) -> Profile | No
     p = from_tensor(t, model)
     register(p)
     return p
+
+
+def r(b: int) -> float:
+    """A b-bit row's quantization error power relative to 2 bits: (3 / (2**b - 1))**2."""
+    return (3.0 / (2**b - 1)) ** 2
+
+
+def allocate(sens: list[float], avg_bits: float, cost: Mapping[int, float] = ZSTD_BITS) -> list[int]:
+    """Greedy: start every slab at the smallest width, spend ``avg_bits * n`` bits (``cost``: bits per element
+    of each width) on the slab whose predicted cost ``c_s * r(b)`` falls most per bit spent; ties go to the
+    lower slab index."""
+    n, widths = len(sens), sorted(cost)
+    c = [max(s, 0.0) / (r(2) - r(4)) + 1e-12 for s in sens]
+    bits = [widths[0]] * n
+    budget = avg_bits * n - cost[widths[0]] * n + 1e-9
+    while True:
+        best, pick = 0.0, None
+        for i in range(n):
+            # the best gain per bit over every larger width, not just the next one: 4 -> 8 may pay only as a whole
+            for w in (w for w in widths if w > bits[i]):
+                spend = cost[w] - cost[bits[i]]
+                if spend > budget:
+                    continue
+                g = c[i] * (r(bits[i]) - r(w)) / spend
+                if g > best:
+                    best, pick = g, (i, w)
+        if pick is None:
+            return bits
+        budget -= cost[pick[1]] - cost[bits[pick[0]]]
+        bits[pick[0]] = pick[1]
+
+
+def side_bits(shape: tuple[int, ...], dtype_bits: int, zstd: bool, key_weights: bool) -> float:
+    """Bits per KV element a ``mix`` block spends beside its codes: one fp16 scale per row of ``head_dim``
+    (11.7 bits behind the entropy stage's byte shuffle, measured), the fp16 key weights (one per layer, head
+    and channel: 8 / tokens per element) and one sink row in the KV's dtype. Measured on SmolLM2 q blocks:
+    0.20-0.21 bits beside the codes (bench/results/quality.md: bits/elem minus the profile's zstd_bits)."""
+    T, D = shape[3], shape[4]
+    return (11.7 if zstd else 16.0) / D + (8.0 / T if key_weights else 0.0) + dtype_bits / T
+
+
+def ratio_bits(sens: list[float], ratio: float, shape: tuple[int, ...], dtype_bits: int, zstd: bool,
+               key_weights: bool) -> list[int]:
+    """The bit table (one width per entry of ``sens``) whose block is about ``ratio`` times smaller than the
+    chunk in 16-bit KV: ``allocate`` spends ``16 / ratio`` bits per element less ``side_bits``, counted after
+    the entropy stage with ``zstd``. A ratio the smallest width cannot reach gets the smallest width."""
+    avg = 16.0 / ratio - side_bits(shape, dtype_bits, zstd, key_weights)
+    return allocate(sens, avg, ZSTD_BITS if zstd else CODE_BITS)

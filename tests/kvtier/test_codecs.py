@@ -537,7 +537,7 @@ def test_calibration_fits_a_monotone_curve_to_noisy_dppl():
 
 
 def test_allocation_spends_bits_after_zstd_where_sensitivity_is_and_stays_in_budget():
-    from kvtier.codecs.calibrate import ZSTD_BITS, allocate
+    from kvtier.codecs.profile import ZSTD_BITS, allocate
 
     assert set(ZSTD_BITS) == set(M.WIDTHS)  # every width the kernels pack has a cost
     sens = [0.001, 0.1, 0.01, 0.5, 0.0, 0.05]
@@ -549,6 +549,41 @@ def test_allocation_spends_bits_after_zstd_where_sensitivity_is_and_stays_in_bud
         assert all(bits[a] <= bits[b] for a, b in zip(order, order[1:])), bits  # more sensitive, never fewer bits
     assert allocate(sens, 1.0) == [2] * 6 and allocate(sens, 8.0) == [8] * 6
     assert 5 in allocate(sens, 3.5) or 6 in allocate(sens, 3.5)  # the widths between 4 and 8 get used
+
+
+def test_a_ratio_target_spends_its_bits_where_the_profile_measured_sensitivity(toy_profile):
+    sens = [0.001, 0.3, 0.02, 0.0, 0.05, 0.2, 0.01, 0.1]
+    P.register(P.Profile(**{**toy_profile.__dict__, "info": {"sensitivity_kl": sens}}))
+    kv = kv_like((4, 2, 3, 256, 64), seed=21)
+    err = {}
+    for name in ("x4", "x5", "x6"):
+        for zstd in ("", "+zstd"):
+            block = compress(kv, name + zstd, model_id=TOY)
+            bits = block.params["bits"]
+            order = sorted(range(8), key=lambda i: sens[i])
+            assert all(bits[a] <= bits[b] for a, b in zip(order, order[1:])), (name, bits)
+            cost = P.ZSTD_BITS if zstd else P.CODE_BITS
+            spent = sum(cost[b] for b in bits) / 8 + P.side_bits(kv.shape, 16, bool(zstd), False)
+            assert spent <= 16 / get_codec(name).ratio + 1e-9, (name, zstd, spent)
+            if not zstd:  # every code bit is stored: the block meets the ratio it was asked for
+                assert block.ratio >= get_codec(name).ratio * 0.97, (name, block.ratio)
+            assert block.params["profile"] == P.lookup(TOY).digest
+            out = decompress(Block.from_arrow(block.to_arrow()))
+            err[name + zstd] = ((out.float() - kv.float()).norm() / kv.float().norm()).item()
+    assert err["x4"] < err["x5"] < err["x6"] < 0.5 and err["x4+zstd"] < err["x4"], err  # fewer bits, more error
+    assert compress(kv, "x4", model_id=TOY).ratio < compress(kv, "x6", model_id=TOY).ratio
+
+
+def test_a_ratio_target_without_a_profile_spreads_its_bits_evenly_and_needs_sensitivities(toy_profile):
+    kv = kv_like((4, 2, 3, 256, 64), seed=22)
+    block = compress(kv, "x5", model_id="nobody|L4|H3|D64|bfloat16")
+    bits = block.params["bits"]
+    assert block.params["profile"] is None and max(bits) - min(bits) <= 1, bits
+    assert 5.0 * 0.97 <= block.ratio <= 5.0 * 1.3
+    with pytest.raises(CodecError, match="no usable sensitivity_kl for a ratio target"):
+        compress(kv, "x5", model_id=TOY)  # toy_profile's info has no sensitivities
+    q = compress(kv, "q1", model_id=TOY)  # the quality budgets do not need them
+    assert q.params["bits"] == toy_profile.budgets["q1"]
 
 
 def test_key_weights_follow_the_query_to_key_energy_ratio():
