@@ -1,6 +1,6 @@
 """``kvtier demo``: the main job on one machine, on vLLM, measured against plain recompute in the same run.
 
-    kvtier demo [--out DIR] [--codec q1+zstd] [--max-tokens 24] [--turns 5] [--questions 4] [--model PATH] [--quick]
+    kvtier demo [--out DIR] [--codec x4+zstd] [--max-tokens 24] [--turns 5] [--questions 4] [--model PATH] [--quick]
 
 It starts an embedded tier (a local Ray with the controller, 2 warm shards and
 a cold directory under ``--out``) and two vLLM engines on SmolLM2-135M
@@ -213,7 +213,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="kvtier-demo-out", help="output folder (default ./kvtier-demo-out; its "
                    "cold/ subfolder is the demo's cold tier, emptied at the start and removed at the end)")
     p.add_argument("--codec", default=None, help="block codec (default: the library's, TierConfig().codec = "
-                   "q1+zstd, lossy; 'none' is exact)")
+                   "x4+zstd, lossy; 'none' is exact)")
     p.add_argument("--max-tokens", type=int, help="tokens generated per request (default 24; --quick 6)")
     p.add_argument("--turns", type=int, help=f"chat turns, 0-{MAX_TURNS} (default 5; --quick 2)")
     p.add_argument("--questions", type=int, help=f"questions over the document, 0-{len(QUESTIONS)} (default 4)")

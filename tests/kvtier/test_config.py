@@ -75,7 +75,7 @@ def _codecs() -> list[str]:
 def test_defaults_are_documented_values():
     f = {x.name: x for x in dataclasses.fields(TierConfig)}
     assert f["hot_bytes"].default == 1 << 30 and f["warm_bytes"].default == 4 << 30
-    assert f["chunk_tokens"].default == 256 and f["codec"].default == "q1+zstd"
+    assert f["chunk_tokens"].default == 256 and f["codec"].default == "x4+zstd"
     assert default_cold_uri().endswith("cold")
 
 
