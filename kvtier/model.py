@@ -229,6 +229,22 @@ def _head_dim(c) -> int:
     return int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
 
 
+def folder_identity(path: str | os.PathLike) -> tuple[str, str]:
+    """(name, weights digest) of a local model folder, as ``load_model`` names the model in it: a safetensors
+    copy kvtier de-quantized from a GGUF (its marker names the source, still there and unchanged) is that
+    GGUF's model (its name, ``files_digest`` of the GGUF), so what was calibrated on it (a codec profile)
+    applies to an engine serving the copy; any other folder is its own (name, ``files_digest``)."""
+    path = Path(path)
+    try:
+        m = json.loads((path / _MARKER).read_text())
+        src = Path(m["source"])
+        if isinstance(m.get("name"), str) and m["name"] and src.is_file() and _source_tag(src) == m.get("tag"):
+            return m["name"], files_digest(src)
+    except (OSError, ValueError, KeyError, TypeError):
+        pass  # no marker, or one whose source is gone: the folder's own files name it
+    return _folder_name(path), files_digest(path)
+
+
 def _folder_name(path: Path) -> str:
     try:
         cfg = json.loads((path / "config.json").read_text())

@@ -17,6 +17,7 @@ layout vLLM changed is refused by name instead of read wrong.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import re
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
 from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from kvtier.vllm import handoff, pages, tier
-from kvtier.vllm.identity import ConnectorSettings, model_identity, weights_digest
+from kvtier.vllm.identity import ConnectorSettings, model_identity, tier_model_id, weights_digest
 from kvtier.vllm.scheduler import LoadSpec, SaveSpec, SchedulerSide
 from kvtier.vllm.worker import WorkerSide
 
@@ -104,6 +105,10 @@ class KVTierConnector(KVConnectorBase_V1):
         self.tier_cfg = self.settings.tier_config(self.block_size)
         self.page_format = expected_format(vllm_config)
         self.kv_dtype = str(mc.dtype).removeprefix("torch.")
+        if not self.tier_cfg.model_id:  # every block names its model, every get checks it; profiles apply
+            self.tier_cfg = dataclasses.replace(self.tier_cfg, model_id=tier_model_id(
+                str(mc.model), mc.get_num_layers(vllm_config.parallel_config),
+                mc.get_num_kv_heads(vllm_config.parallel_config), mc.get_head_size(), self.kv_dtype))
         tier.start(self.settings.address, self.settings.namespace, self.tier_cfg, self.settings.connect_timeout_s)
         self._sched: SchedulerSide | None = None
         self._worker: WorkerSide | None = None

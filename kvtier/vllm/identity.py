@@ -115,6 +115,21 @@ def weights_digest(model_path: str, revision: str = "") -> str:
     return h.hexdigest()
 
 
+def tier_model_id(model_path: str, num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str) -> str:
+    """The model id the connector's blocks carry and every get expects (``TierConfig.model_id`` unless set):
+    kvtier's fingerprint of a local folder (``kvtier.model.folder_identity``: name, KV shape and dtype,
+    weights digest), the one ``kvtier.model.model_id_for`` gives the same model loaded through kvtier, so
+    a codec profile calibrated on it applies; a hub name vLLM resolves itself gets no weights digest."""
+    from kvtier.model import folder_identity
+
+    p = Path(model_path)
+    if p.is_dir():
+        name, digest = folder_identity(p)
+    else:
+        name, digest = str(model_path).rstrip("/").rsplit("/", 1)[-1], ""
+    return model_fingerprint(name.replace("|", "_"), num_layers, kv_heads, head_dim, kv_dtype, digest)
+
+
 def model_identity(name: str, num_layers: int, kv_heads: int, head_dim: int, kv_dtype: str,
                    weights: str, page_format: str) -> str:
     """``<fingerprint>|W<weights digest>|P<page format>``: what the KV of one model in one layout is."""

