@@ -16,7 +16,7 @@ Rows, each a separate engine state, all measured in this run:
 Three engines (each a spawned EngineCore + worker, 20-110 s to start here): no
 connector with vLLM's prefix caching on (recompute, then its own hit); the
 connector with codec none (prefix caching off) storing the miss set; a fresh
-connector engine with the last codec (the library's default, q1+zstd) reading the
+connector engine with the last codec (the library's default, x4+zstd) reading the
 set from warm, then from cold. The set's blocks in the other codecs are the none
 engine's exact KV read back and stored again by ``kvtier.put`` in that codec under
 a salt of its own: what an engine with that codec stores, without two more engine
@@ -67,7 +67,8 @@ def main() -> None:
     import ray
 
     import kvtier
-    from enginekit import connector_config, eval_tokens, generate, keys_for, start_engine, stop_engine
+    from enginekit import (connector_config, engine_model_id, eval_tokens, generate, keys_for, start_engine,
+                           stop_engine)
 
     t_start = time.time()
     tmp = tempfile.mkdtemp(prefix="kvtbench", dir="/tmp")
@@ -75,7 +76,8 @@ def main() -> None:
     os.environ["RAY_ADDRESS"] = ray.get_runtime_context().gcs_address
     ns = f"bench-vllm-{uuid.uuid4().hex[:6]}"
     kvtier.init(namespace=ns, config=dict(codec="none", cold_uri=os.path.join(tmp, "cold"), hot_bytes=0,
-                                          warm_bytes="3GiB", num_shards=2, write_through=True))
+                                          warm_bytes="3GiB", num_shards=2, write_through=True,
+                                          model_id=engine_model_id()))  # the model the engines' blocks name
     lengths = args.lengths
     # one prompt set per use, disjoint text (the eval text has ~129K tokens: 4 sets of 15.6K, then the
     # concurrent prompts and the warm-up from 100K on), so that no row reads another row's blocks
