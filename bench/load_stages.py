@@ -25,7 +25,6 @@ def med(f, reps=5):
 shape = (32, 2, 8, 256, 128)
 n = 63
 g = torch.Generator(device="cuda").manual_seed(0)
-rows = []
 for codec in ("rot4", "x5", "none"):
     keys = [f"{i:032x}" for i in range(n)]
     arrs = []
@@ -39,7 +38,6 @@ for codec in ("rot4", "x5", "none"):
             L.load(keys, arrs, "cuda")  # warm-up
             for decode in (False, True):
                 ms = med(lambda: L.load(keys, arrs, "cuda", decode=decode))
-                rows.append((codec, threads, group, decode, mb, ms))
                 print(f"{codec:6s} threads {threads:2d} group {group:3d} MiB decode {decode!s:5s}: {ms:7.1f} ms  {mb / ms:6.1f} GB/s", flush=True)
             if threads == 16 and group == 64:  # the calling thread's share: time inside _finish (decode)
                 spent = []

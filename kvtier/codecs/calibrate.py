@@ -51,7 +51,7 @@ import torch
 from kvtier import hf
 from kvtier.codecs import compress, decompress
 from kvtier.codecs import profile as P
-from kvtier.codecs.profile import ZSTD_BITS, allocate  # noqa: F401  (the allocation is the serving path's)
+from kvtier.codecs.profile import ZSTD_BITS, allocate  # the allocation is the serving path's (ratio targets)
 from kvtier.codecs.mix import FALLBACK
 from kvtier.model import load_model, model_id_for
 

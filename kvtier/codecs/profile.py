@@ -17,7 +17,7 @@ registry. To make a profile live with the tier rather than in one process,
 ``none``-codec chunk whose values are the JSON bytes (fp16 holds 0..255
 exactly). ``fetch`` verifies the digest and the fingerprint before registering.
 
-A profile also answers a *ratio* target (``bits_for_ratio``, the ``x*`` codecs): the same greedy
+A profile also answers a *ratio* target (``ratio_bits``, the ``x*`` codecs): the same greedy
 allocation the calibration uses (``allocate``), over the profile's measured sensitivities, spending the
 bits a target ratio leaves once the per-row scales, key weights and a sink row are paid for.
 

@@ -89,28 +89,29 @@ def generate(llm, prompts: list[list[int]], max_tokens: int = 12, salts: list[st
 
 def keys_for(ids: list[int], salt: str | None = None, tenant: str = "", chunk: int = CHUNK) -> list[str]:
     """The keys the connector gives ``ids`` for SmolLM2 fp32 on CPU pages (computed outside vLLM)."""
-    import json
-
     from kvtier.vllm.identity import model_identity, request_keys, weights_digest
+
+    folder, layers, heads, head_dim = _model_shape()
+    ident = model_identity(folder.name, layers, heads, head_dim, DTYPE, weights_digest(str(folder)), "cpu-vec")
+    return request_keys(ids, ident, chunk, tenant, salt)
+
+
+def _model_shape() -> tuple[Path, int, int, int]:
+    """(folder, layers, KV heads, head_dim) of the test model, from its config.json."""
+    import json
 
     folder = model_folder()
     c = json.loads((folder / "config.json").read_text())
     head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    ident = model_identity(folder.name, c["num_hidden_layers"], c["num_key_value_heads"], head_dim, DTYPE,
-                           weights_digest(str(folder)), "cpu-vec")
-    return request_keys(ids, ident, chunk, tenant, salt)
+    return folder, c["num_hidden_layers"], c["num_key_value_heads"], head_dim
 
 
 def engine_model_id() -> str:
     """The model id the connector stamps on SmolLM2's blocks (a test process reading them must expect it)."""
-    import json
-
     from kvtier.vllm.identity import tier_model_id
 
-    folder = model_folder()
-    c = json.loads((folder / "config.json").read_text())
-    head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
-    return tier_model_id(str(folder), c["num_hidden_layers"], c["num_key_value_heads"], head_dim, DTYPE)
+    folder, layers, heads, head_dim = _model_shape()
+    return tier_model_id(str(folder), layers, heads, head_dim, DTYPE)
 
 
 @contextlib.contextmanager
