@@ -13,6 +13,16 @@ header and every payload byte) matches raises ``BlockFormatError``. It never
 returns partial data. Payload buffers of a parsed block are zero-copy slices of
 the input buffer.
 
+A block built from tensors on a GPU also carries ``sums``: per payload buffer
+its size and ``kernels.wsum`` lanes (a checksum the GPU computes at memory
+bandwidth), inside the header (so the XXH3 covers them), and the checksum
+field then holds a second XXH3-128 of the header alone. A reader that copies
+the payload straight to a GPU verifies the header on the host
+(``check_header``: microseconds) and the payload there, against ``sums``,
+instead of hashing every byte on the host first. Older readers see a header
+field they do not know: the XXH3 then fails and the block is a miss, never
+wrong data.
+
 This module knows nothing of codecs beyond their names, nor of tiers or Ray.
 """
 
@@ -63,6 +73,8 @@ class Block:
     params: Mapping[str, Any]
     buffers: Mapping[str, pa.Buffer]
     checksum: str
+    sums: Mapping[str, tuple[int, str]] | None = None  # buffer name -> (bytes, wsum lanes in hex)
+    header_checksum: str | None = None  # XXH3-128 of the header alone, when ``sums`` is set
     version: int = FORMAT_VERSION
     _wire: list = field(default_factory=list, repr=False, compare=False)  # cache of to_arrow()
 
@@ -78,13 +90,22 @@ class Block:
         dtype: str,
         params: Mapping[str, Any] | None,
         buffers: Mapping[str, BufferLike],
+        sums: Mapping[str, str] | None = None,
     ) -> "Block":
+        """``sums``: each buffer's ``kernels.wsum`` lanes in hex, computed where the bytes were made (a GPU)."""
         bufs = {str(name): _as_arrow_buffer(b) for name, b in buffers.items()}
-        header = _header_dict(key or "", model or "", codec, tuple(int(s) for s in shape), dtype, dict(params or {}))
+        sized = None
+        if sums is not None:
+            if set(sums) != set(bufs):
+                raise ValueError(f"sums name buffers {sorted(sums)}, the block has {sorted(bufs)}")
+            sized = {n: (bufs[n].size, str(sums[n])) for n in sorted(bufs)}
+        header = _header_dict(key or "", model or "", codec, tuple(int(s) for s in shape), dtype, dict(params or {}),
+                              sized)
         _check_header(header)
         return cls(
             key=header["key"], model=header["model"], codec=codec, shape=tuple(header["shape"]), dtype=dtype,
-            params=header["params"], buffers=bufs, checksum=_checksum(header, bufs),
+            params=header["params"], buffers=bufs, checksum=_checksum(header, bufs), sums=sized,
+            header_checksum=_header_digest(header) if sized else None,
         )
 
     # ---- sizes --------------------------------------------------------
@@ -104,9 +125,14 @@ class Block:
 
     # ---- wire format --------------------------------------------------
     def header(self) -> dict[str, Any]:
-        h = _header_dict(self.key, self.model, self.codec, self.shape, self.dtype, dict(self.params))
+        h = self._header_dict()
         h["checksum"] = {"algo": "xxh3_128", "hex": self.checksum}
+        if self.header_checksum is not None:
+            h["checksum"]["header"] = self.header_checksum
         return h
+
+    def _header_dict(self) -> dict[str, Any]:
+        return _header_dict(self.key, self.model, self.codec, self.shape, self.dtype, dict(self.params), self.sums)
 
     def to_arrow(self) -> pa.Buffer:
         """The block as one Arrow IPC stream in a ``pyarrow.Buffer`` (cached)."""
@@ -186,6 +212,9 @@ class Block:
         cs = header.get("checksum")
         if not isinstance(cs, dict) or cs.get("algo") != "xxh3_128" or not isinstance(cs.get("hex"), str):
             raise BlockFormatError(f"corrupt block: bad checksum field {cs!r}")
+        sums, hcs = header.get("sums"), cs.get("header")
+        if (sums is None) != (hcs is None) or not (hcs is None or isinstance(hcs, str)):
+            raise BlockFormatError(f"corrupt block: payload sums {sums!r} without a header checksum, or the reverse")
 
         if batch.num_rows != 1 or any(f.type != pa.large_binary() for f in schema):
             raise BlockFormatError(f"corrupt block: expected one row of binary columns, got {batch.num_rows} rows of {schema.types}")
@@ -200,10 +229,12 @@ class Block:
             buffers[name] = data.slice(start, end - start) if data is not None else pa.py_buffer(b"")
         if len(buffers) != len(names):
             raise BlockFormatError("corrupt block: duplicate payload buffer names")
+        if sums is not None:
+            sums = _check_sums(sums, buffers)
 
         try:
             want = _checksum(_header_dict(header["key"], header["model"], header["codec"], tuple(header["shape"]),
-                                          header["dtype"], header["params"]), buffers) if verify else cs["hex"]
+                                          header["dtype"], header["params"], sums), buffers) if verify else cs["hex"]
         except RecursionError:  # params nested just below json.loads' depth limit can exceed json.dumps' limit
             raise BlockFormatError("corrupt block: header params nested too deeply") from None
         if want != cs["hex"]:
@@ -213,16 +244,32 @@ class Block:
         if expect_model is not None and header["model"] != expect_model:
             raise BlockFormatError(f"block {header['key']!r} belongs to model {header['model']!r}, expected {expect_model!r}")
         block = cls(key=header["key"], model=header["model"], codec=header["codec"], shape=tuple(header["shape"]),
-                    dtype=header["dtype"], params=header["params"], buffers=buffers, checksum=cs["hex"])
+                    dtype=header["dtype"], params=header["params"], buffers=buffers, checksum=cs["hex"], sums=sums,
+                    header_checksum=hcs)
         block._wire.append(buf)
         return block
+
+    def check_header(self) -> dict[str, tuple[int, int]]:
+        """For a reader that verifies the payload on a GPU: the header checked against its own checksum
+        (``BlockFormatError`` if it does not match, or if the block has no ``sums``), then each buffer's
+        expected ``kernels.wsum`` lanes as ints. The payload is not read here."""
+        if self.sums is None:
+            raise BlockFormatError(f"block {self.key[:16]!r} carries no payload sums: verify it on the host")
+        try:
+            got = _header_digest(self._header_dict())
+        except RecursionError:
+            raise BlockFormatError("corrupt block: header params nested too deeply") from None
+        if got != self.header_checksum:
+            raise BlockFormatError(f"corrupt block {self.key!r}: header checksum mismatch (stored "
+                                   f"{str(self.header_checksum)[:16]}…, computed {got[:16]}…)")
+        return {n: (int(h[:16], 16), int(h[16:], 16)) for n, (_, h) in self.sums.items()}
 
     def hasher(self):
         """An XXH3-128 state fed with this block's header: feed it, per payload buffer in sorted name order,
         ``buffer_prefix(name, size)`` then the buffer's bytes (in slices, any size); its ``hexdigest()`` then
         equals ``checksum`` for an intact block."""
         h = xxhash.xxh3_128()
-        h.update(_header_json(_header_dict(self.key, self.model, self.codec, self.shape, self.dtype, dict(self.params))))
+        h.update(_header_json(self._header_dict()))
         return h
 
     @staticmethod
@@ -234,9 +281,35 @@ class Block:
                 f"dtype={self.dtype}, nbytes={self.nbytes}, ratio={self.ratio:.2f})")
 
 
-def _header_dict(key: str, model: str, codec: str, shape: tuple[int, ...], dtype: str, params: dict) -> dict[str, Any]:
-    return {"format": FORMAT_NAME, "version": FORMAT_VERSION, "key": key, "model": model, "codec": codec,
-            "shape": list(shape), "dtype": dtype, "params": params}
+def _header_dict(key: str, model: str, codec: str, shape: tuple[int, ...], dtype: str, params: dict,
+                 sums: Mapping[str, tuple[int, str]] | None = None) -> dict[str, Any]:
+    h = {"format": FORMAT_NAME, "version": FORMAT_VERSION, "key": key, "model": model, "codec": codec,
+         "shape": list(shape), "dtype": dtype, "params": params}
+    if sums is not None:
+        h["sums"] = {n: [int(size), hexd] for n, (size, hexd) in sums.items()}
+    return h
+
+
+def _check_sums(sums: Any, buffers: Mapping[str, pa.Buffer]) -> dict[str, tuple[int, str]]:
+    """The header's ``sums`` field, checked against the parsed buffers (names, sizes, 32 hex digits)."""
+    if not isinstance(sums, dict) or set(sums) != set(buffers):
+        raise BlockFormatError(f"corrupt block: payload sums name {sorted(sums) if isinstance(sums, dict) else sums!r}, "
+                               f"the block holds {sorted(buffers)}")
+    out = {}
+    for n in sorted(sums):
+        v = sums[n]
+        if not (isinstance(v, list) and len(v) == 2 and type(v[0]) is int and isinstance(v[1], str) and len(v[1]) == 32
+                and all(c in "0123456789abcdef" for c in v[1])):
+            raise BlockFormatError(f"corrupt block: payload sum {n!r}={v!r} is not [bytes, 32 hex digits]")
+        if v[0] != buffers[n].size:
+            raise BlockFormatError(f"corrupt block: payload buffer {n!r} holds {buffers[n].size} bytes, "
+                                   f"its sum covers {v[0]}")
+        out[n] = (v[0], v[1])
+    return out
+
+
+def _header_digest(header: Mapping[str, Any]) -> str:
+    return xxhash.xxh3_128(_header_json(header)).hexdigest()
 
 
 def _check_header(h: Mapping[str, Any]) -> None:

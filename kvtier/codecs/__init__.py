@@ -20,6 +20,7 @@ from typing import Any, Mapping
 
 import torch
 
+from kernels.wsum import hex_sums
 from kvtier.block import DTYPE_SIZES, MAX_BLOCK_BYTES, Block
 from kvtier.errors import BlockFormatError, CodecError
 
@@ -128,12 +129,15 @@ def compress(kv: torch.Tensor, codec: str = "kivi4", key: str | None = None, mod
         tensors, params = base.encode(kv.contiguous())
     if zstd and hasattr(base, "zstd_layout"):  # a byte layout the entropy coder gets closer to the codes' entropy in
         tensors, params = base.zstd_layout(tensors, params, kv.dtype)
+    # a block made on a GPU carries its payload's wsum lanes, computed there (one launch): a GPU reader
+    # verifies it where it lands instead of hashing every byte on the host (kvtier.block)
+    sums = hex_sums(tensors) if kv.is_cuda and not zstd else None
     buffers = {name: _to_cpu_bytes(t) for name, t in tensors.items()}
     params = dict(params)
     if zstd:
         buffers, params["zstd"] = _zstd_compress(buffers)
     return Block.build(key=key, model=model_id, codec=codec, shape=tuple(kv.shape), dtype=DTYPE_NAMES[kv.dtype],
-                       params=params, buffers=buffers)
+                       params=params, buffers=buffers, sums=sums)
 
 
 def decompress(block: Block, device: str | torch.device | None = None) -> torch.Tensor:

@@ -59,9 +59,11 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
+from kernels import wsum
 from kvtier.block import Block
 from kvtier.codecs import TORCH_DTYPES, ZSTD_SUFFIX, get_codec
 from kvtier.errors import BlockFormatError, KvtierError
+from kvtier.tiers.host_pages import HostPages
 from kvtier.tiers.hot import as_device, entry_buffers, owned
 
 Source = Any  # bytes-like | Block | Callable[[], bytes-like | Block | None] | None
@@ -132,6 +134,7 @@ class Loader:
         self.copy_slice = max(_ALIGN, c // _ALIGN * _ALIGN)
         self.send_slice = max(SEND_SLICE, self.copy_slice)
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="kvtier-load")
+        self.pages = HostPages()  # object-store windows registered for direct host-to-device copies
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def close(self) -> None:
@@ -151,8 +154,10 @@ class Loader:
         cuda = device.type == "cuda"
         call = _Call(queue.SimpleQueue(), threading.Semaphore(2 * self.threads), threading.Event(),
                      time.monotonic() + timeout_s, self._stream(device) if cuda else None,
-                     self.copy_slice, self.send_slice)
+                     self.copy_slice, self.send_slice, self.pages if cuda else None)
         if cuda:
+            with torch.cuda.device(device), torch.cuda.stream(call.copy):  # written on the copy stream only
+                call.flags = torch.zeros(len(keys), dtype=torch.int32, device=device)
             for group in _groups(sources, self.threads, self.group_bytes):
                 self._pool.submit(self._work_group, call, group, keys, sources, device, expect_model,
                                   keep_buffers)
@@ -185,6 +190,12 @@ class Loader:
                 except BlockFormatError as e:
                     out[i] = Loaded(keys[i], "corrupt", error=str(e))
         call.stop.set()  # abandoned work (a timeout) stops at its next slice
+        if call.checked:  # every block taken waited for its run's event, which follows that run's check
+            bad = call.flags.cpu().tolist()  # the one sync of a CUDA load (the decodes queued before it)
+            for i, o in enumerate(out):
+                if o is not None and o.status == "ok" and bad[i]:
+                    out[i] = Loaded(keys[i], "corrupt", error=f"corrupt block {keys[i]!r}: payload sums mismatch "
+                                                              f"on {device} (kernels.wsum)")
         return [o if o is not None else Loaded(k, "timeout", error=f"not read and verified within {timeout_s}s")
                 for k, o in zip(keys, out)]
 
@@ -233,7 +244,9 @@ class Loader:
 
     def _parse(self, key: str, src: Source, expect_model: str | None, call: "_Call"):
         """The block's header checked (key, model); a ``Loaded`` (a miss) or what to stage: (block, base codec,
-        params, payload buffers, verified). ``+zstd``: verified here, then inflated into memory this call owns."""
+        params, payload buffers, verified, expected device sums). ``+zstd``: verified here, then inflated into
+        memory this call owns. On CUDA a block with payload sums has its header verified here and its payload
+        on the device after the copy (``expected``: buffer name -> lanes), never hashed on the host."""
         if callable(src):
             src = src()
         if src is None:
@@ -250,7 +263,10 @@ class Loader:
                 _check(block, bufs, call)
             verified = True
             codec, params, bufs = entry_buffers(block, torch.device("cpu"))
-        return block, codec, params, bufs, verified
+        expected = None
+        if not verified and call.copy is not None and block.sums is not None:
+            expected = block.check_header()
+        return block, codec, params, bufs, verified, expected
 
     # ---- in the calling thread ---------------------------------------------------------
     def _finish(self, key: str, v: _Staged, device: torch.device, main, keep: bool, decode: bool) -> Loaded:
@@ -281,6 +297,9 @@ class _Call:
     copy: Any  # CUDA: the copy stream
     copy_slice: int = COPY_SLICE
     send_slice: int = SEND_SLICE
+    pages: Any = None  # CUDA: the loader's ``HostPages`` (registered object-store windows)
+    flags: torch.Tensor | None = None  # CUDA: per key, non-zero when its payload failed the device check
+    checked: bool = False  # some block was verified on the device: ``load`` reads ``flags`` (one sync)
 
 
 class _Stopped(Exception):
@@ -352,7 +371,7 @@ def _groups(sources: Sequence[Source], threads: int, group_bytes: int) -> list[l
     return out
 
 
-def _stage_cpu(call: _Call, keep: bool, block: Block, codec: str, params, bufs, verified: bool) -> _Staged:
+def _stage_cpu(call: _Call, keep: bool, block: Block, codec: str, params, bufs, verified: bool, _exp=None) -> _Staged:
     inflated = block.codec.endswith(ZSTD_SUFFIX)
     if not (keep and not inflated):  # nothing to copy: hashed in place, decoded from the source
         if not verified:
@@ -366,37 +385,101 @@ def _stage_cpu(call: _Call, keep: bool, block: Block, codec: str, params, bufs, 
 
 
 def _stage_cuda(call: _Call, device: torch.device, keys: Sequence[str], todo: list) -> list[tuple[int, Any]]:
-    """``todo``'s blocks ((index, parsed) pairs) copied and hashed into one pinned slab, each sent on to its
-    own device tensor on the copy stream; one event after the last copy. A block that fails its checksum
-    is a miss (its device bytes are never decoded); the others are unaffected."""
+    """``todo``'s blocks ((index, parsed) pairs) sent to device tensors of their own on the copy stream; one
+    event after the last copy. A block with payload sums is copied once: straight from registered
+    object-store pages (``host_pages``), else into one pinned slab shared by the run, and verified on the
+    device (one ``kernels.wsum`` launch for the run, its verdict in ``call.flags``); any other block is
+    hashed on the host while it is copied into the slab. A block that fails its checksum is a miss (its
+    device bytes are never served); the others are unaffected."""
     layouts = [_layout(p[3]) for _, p in todo]
+    direct = [_direct_pieces(call.pages, lay) if p[5] is not None else None for (_, p), lay in zip(todo, layouts)]
     bases, off = [], 0
-    for lay in layouts:
+    for lay, d in zip(layouts, direct):
+        if d is not None:
+            bases.append(None)
+            continue
         off = -(-off // _ALIGN) * _ALIGN
         bases.append(off)
         off += max(lay[2], 1)
     out: list[tuple[int, Any]] = []
+    checks: list[tuple[int, _Staged, dict]] = []
     # this thread launches its own H2D copies on the copy stream (streams are thread-safe; the current stream
     # and device are per thread); the device bytes are allocated on that stream too
     with torch.cuda.device(device), torch.cuda.stream(call.copy):
-        slab = torch.empty(off, dtype=torch.uint8, pin_memory=True)
-        for (i, (block, codec, params, bufs, verified)), lay, base in zip(todo, layouts, bases):
+        slab = torch.empty(off, dtype=torch.uint8, pin_memory=True) if off else None
+        for (i, (block, codec, params, bufs, verified, expected)), lay, base, d in zip(todo, layouts, bases, direct):
             v = _Staged(block, codec, params)
             try:
-                v.host, v.spans, v.dev = _copy_in(block, bufs, None if verified else _hasher(block), True, call,
-                                                  device, layout=lay, host=slab[base:base + max(lay[2], 1)])
+                if d is not None:
+                    v.spans, v.dev = _send_direct(call, lay, d, device)
+                else:
+                    h = None if verified or expected is not None else _hasher(block)
+                    v.host, v.spans, v.dev = _copy_in(block, bufs, h, True, call, device, layout=lay,
+                                                      host=slab[base:base + max(lay[2], 1)])
             except _Stopped:
                 raise
             except Exception as e:  # noqa: BLE001 - this block is a miss, the rest of the run goes on
                 out.append((i, _failed(keys[i], e)))
                 continue
             out.append((i, v))
+            if expected is not None:
+                checks.append((i, v, expected))
+        if checks:
+            _check_on_device(call, device, checks)
         ready = torch.cuda.Event()
         ready.record(call.copy)
     for _, v in out:
         if isinstance(v, _Staged):
             v.ready = ready
     return out
+
+
+def _direct_pieces(pages, layout) -> dict[str, list[tuple[int, int, int]]] | None:
+    """Per buffer, its registered pieces (``HostPages.pieces``); None unless every buffer is in registered
+    pages (then the block is staged through the slab)."""
+    if pages is None:
+        return None
+    srcs, spans, _ = layout
+    out = {}
+    for n, src in srcs.items():
+        if not src.nbytes:
+            out[n] = []
+            continue
+        p = pages.pieces(src.ctypes.data, src.nbytes)
+        if p is None:
+            return None
+        out[n] = p
+    return out
+
+
+def _send_direct(call: _Call, layout, pieces, device: torch.device) -> tuple[dict[str, tuple[int, int]], torch.Tensor]:
+    """Each buffer copied from its (registered, pinned) source pages to one device tensor on the current
+    (copy) stream: no host copy. The sources stay alive until ``load`` has synced (it does when any block
+    was verified on the device, which every direct block is)."""
+    srcs, spans, off = layout
+    dev = torch.empty(max(off, 1), dtype=torch.uint8, device=device)
+    for n, src in srcs.items():
+        if call.stop.is_set():
+            raise _Stopped
+        base = spans[n][0]
+        for _, size, o in pieces[n]:
+            dev[base + o:base + o + size].copy_(_u8(src[o:o + size]), non_blocking=True)
+    return spans, dev
+
+
+def _check_on_device(call: _Call, device: torch.device, checks: list[tuple[int, _Staged, dict]]) -> None:
+    """One ``kernels.wsum`` launch over every buffer of ``checks``'s blocks (on the current, copy, stream,
+    after their copies); a block whose lanes differ from its header's gets a non-zero ``call.flags[i]``."""
+    spans, want, idx = [], [], []
+    for i, v, expected in checks:
+        for n, (a, size) in v.spans.items():
+            spans.append((v.dev.data_ptr() + a, size))
+            want.append([x - (1 << 64) if x >= 1 << 63 else x for x in expected[n]])
+            idx.append(i)
+    got = wsum.sums_triton(spans, device)
+    want_t, idx_t = (torch.tensor(x, dtype=torch.int64).pin_memory().to(device, non_blocking=True) for x in (want, idx))
+    call.flags.index_add_(0, idx_t, (got != want_t).any(1).to(torch.int32))
+    call.checked = True
 
 
 def _layout(bufs: Mapping[str, Any]) -> tuple[dict[str, np.ndarray], dict[str, tuple[int, int]], int]:

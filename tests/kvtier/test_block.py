@@ -293,3 +293,46 @@ def test_random_mutations_raise_block_format_error_or_change_nothing(case):
     orig = _BLOCKS[name]
     assert (back.key, back.model, back.codec, back.shape, back.dtype) == (orig.key, orig.model, orig.codec, orig.shape, orig.dtype)
     assert torch.equal(bits(decompress(back)), _TENSORS[name])
+
+
+# ---------------------------------------------------------------- payload sums (a GPU reader's check)
+def sums_block(seed=0):
+    from kernels.wsum import hex_sums
+
+    kv = make_kv(seed=seed)
+    return Block.build(key=KEY, model=MODEL, codec="none", shape=tuple(kv.shape), dtype="bfloat16", params={},
+                       buffers={"data": kv.view(-1).view(torch.uint8).numpy()},
+                       sums=hex_sums({"data": kv})), kv
+
+
+def test_a_block_with_payload_sums_round_trips_and_its_header_check_gives_the_lanes():
+    from kernels.wsum import sums_torch
+
+    block, kv = sums_block()
+    back = Block.from_arrow(block.to_arrow(), expect_key=KEY)
+    assert back.sums == block.sums and back.header_checksum == block.header_checksum
+    assert back.check_header() == {"data": sums_torch(kv.reshape(-1).view(torch.uint8))}
+    assert torch.equal(bits(decompress(back)), bits(kv))
+    assert compress(kv, "none", key=KEY, model_id=MODEL).sums is None, "a block made on the CPU carries none"
+    with pytest.raises(BlockFormatError, match="carries no payload sums"):
+        compress(kv, "none", key=KEY, model_id=MODEL).check_header()
+    with pytest.raises(ValueError, match="sums name buffers"):
+        Block.build(key=KEY, model=MODEL, codec="none", shape=(2,), dtype="bfloat16", params={},
+                    buffers={"data": b"abcd"}, sums={"other": "0" * 32})
+
+
+def test_a_changed_header_fails_the_header_check_and_bad_sums_fields_are_rejected():
+    block, _ = sums_block(1)
+    forged = rebuild(block, params={"x": 1})  # header changed, both checksums left as they were
+    with pytest.raises(BlockFormatError, match="checksum mismatch"):
+        Block.from_arrow(forged)
+    with pytest.raises(BlockFormatError, match="header checksum mismatch"):
+        Block.from_arrow(forged, verify=False).check_header()
+    size, hexd = block.sums["data"]
+    cs = block.header()["checksum"]
+    for sums, msg in [({"data": [size + 1, hexd]}, "its sum covers"), ({"data": [size, "xyz"]}, "32 hex digits"),
+                      ({"nope": [size, hexd]}, "payload sums name"), ([1], "payload sums name")]:
+        with pytest.raises(BlockFormatError, match=msg):
+            Block.from_arrow(rebuild(block, sums=sums), verify=False)
+    with pytest.raises(BlockFormatError, match="without a header checksum"):
+        Block.from_arrow(rebuild(block, checksum={"algo": "xxh3_128", "hex": cs["hex"]}), verify=False)

@@ -71,3 +71,24 @@ def test_cuda_every_tensor_on_the_asked_device(ray_session, tmp_path, device):
             assert all(t.is_cuda for k in hot._entries for t in hot.get(k).buffers.values())
     finally:
         kvtier.shutdown(stop=True)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_a_warm_hit_is_copied_from_registered_object_store_pages_and_verified_on_the_gpu(ray_session):
+    kvtier.init(namespace=f"kvt-device-{next(_ns)}", config=dict(
+        codec="rot4", hot_bytes="64MiB", warm_bytes="256MiB", num_shards=1, rpc_timeout_s=10.0))
+    try:
+        client = api._get_client()
+        keys = kvtier.chunk_keys(list(range(256 * 4)), f"device-pages-{next(_ns)}")
+        kvs = [kv.cuda() for kv in chunks(4, 11)]
+        kvtier.put(keys, kvs)
+        client.flush()
+        want = [kvtier.decompress(kvtier.compress(kv, "rot4"), "cuda") for kv in kvs]
+        for k in client._keys(keys):
+            client.hot.delete(k)
+        got = kvtier.get(keys, device="cuda")
+        assert all(g is not None and torch.equal(g, w) for g, w in zip(got, want))
+        pages = client.loader.pages
+        assert pages.registered_bytes > 0 and pages.refused == 0, "warm blocks came from registered plasma pages"
+    finally:
+        kvtier.shutdown(stop=True)

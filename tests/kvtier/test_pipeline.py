@@ -208,6 +208,35 @@ def test_cuda_one_run_of_blocks_with_a_corrupt_one_in_the_middle():
     assert len({next(iter(g.buffers.values())).untyped_storage().data_ptr() for g in got if g.buffers}) == 4
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("threads, group", [(4, None), (1, 1 << 30)])
+def test_cuda_blocks_made_on_the_gpu_are_verified_there_and_never_hashed_on_the_host(monkeypatch, threads, group):
+    from kvtier.block import Block
+
+    items = []
+    for i, codec in enumerate(["none", "kivi4", "rot4", "x5", "none", "kivi4"]):
+        key, kv, _ = make(40 + i)
+        items.append((key, kv, kvtier.compress(kv.cuda(), codec, key=key, model_id=MODEL)))
+    assert all(b.sums is not None for _, _, b in items), "a block made on the GPU carries its payload sums"
+    wires = [bytearray(b.to_arrow().to_pybytes()) for _, _, b in items]
+    wires[1][-4096] ^= 0x10  # a payload byte of block 1 (kivi4), near its end
+    wires[4][len(wires[4]) // 2] ^= 1  # the middle of block 4's payload (none)
+    hashed = []
+    real = Block.hasher
+    monkeypatch.setattr(Block, "hasher", lambda self: hashed.append(self.key) or real(self))
+    lo = Loader(threads=threads, group_bytes=group)
+    try:
+        got = lo.load([k for k, _, _ in items], [bytes(w) for w in wires], "cuda", keep_buffers=True)
+    finally:
+        lo.close()
+    assert [g.status for g in got] == ["ok", "corrupt", "ok", "ok", "corrupt", "ok"]
+    assert "payload sums mismatch" in got[1].error and got[1].kv is None and got[4].kv is None
+    assert hashed == [], "verified on the device, not hashed on the host"
+    for g, (_, _, b) in zip(got, items):
+        if g.status == "ok":
+            assert g.kv.is_cuda and torch.equal(g.kv, kvtier.decompress(b, "cuda"))
+
+
 def test_a_zstd_block_is_inflated_once_and_the_hot_tier_adopts_the_inflated_bytes(loader, monkeypatch):
     import kvtier.tiers.hot as hot_mod
 

@@ -1,0 +1,149 @@
+"""A payload checksum a GPU computes where the bytes already are: two lanes of a position-weighted word sum.
+
+A buffer of ``n`` bytes is read as little-endian 32-bit words ``w_i`` (the
+last one zero-padded). Each lane ``k`` is ``sum_i w_i * M_k(i) mod 2**64``,
+where ``M_k(i)`` is an odd 64-bit multiplier drawn from the word's position by
+a splitmix-style mixer with the lane's seed. Byte ``j`` contributes
+``b_j * (M_k(j >> 2) << 8 * (j & 3))``, so the sum needs no alignment and no
+tail case: any chunk of a buffer can be summed on its own and the partial
+sums added (mod 2**64). A single flipped bit changes a lane by an odd multiple
+of a power of two below 2**32: never zero mod 2**64, so always detected;
+other corruption (a zeroed or truncated range, swapped words, another
+block's bytes) escapes both lanes with probability about 2**-128 for data
+that is not built against the multipliers. It is not a cryptographic digest
+(neither is the XXH3 every block also carries): it guards against faults,
+not against someone who can write the store.
+
+Why not XXH3 on the GPU: XXH3 is a serial stripe mix; this sum is one
+multiply-add per byte in any order, i.e. a read at memory bandwidth on the
+device after the host-to-device copy (the host then copies bytes once, from
+the object store straight to the GPU, and hashes nothing).
+
+Here: the torch reference (``sums_torch``, any device, used on the CPU and by
+the tests), the Triton kernel over a table of (address, length, offset)
+chunks of any number of buffers (``sums_triton``: one launch for a run of
+blocks), and ``to_hex``. Bit-identical (tests/kernels/test_wsum.py, under
+``TRITON_INTERPRET=1``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+ALGO = "wsum64x2"
+SEEDS = (0x2545F4914F6CDD1D, 0x1B873593CC9E2D51)  # below 2**63: plain int64 constants everywhere
+_C0, _C1, _C2 = 0x1E3779B97F4A7C15, 0x3F58476D1CE4E5B9, 0x14D049BB133111EB
+CHUNK = 256 << 10  # bytes per program of the kernel (one row of the table)
+_BLOCK = 4096
+_M64 = (1 << 64) - 1
+
+
+def to_hex(lanes: tuple[int, int]) -> str:
+    return "".join(f"{int(v) & _M64:016x}" for v in lanes)
+
+
+# ---- torch reference ------------------------------------------------------------------------------
+def _srl(z: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int64 (torch's >> is arithmetic)."""
+    return (z >> k) & ((1 << (64 - k)) - 1)
+
+
+def _s64(c: int) -> int:
+    return c - (1 << 64) if c >= 1 << 63 else c
+
+
+def _mult_torch(w: torch.Tensor, seed: int) -> torch.Tensor:
+    z = w * _C0 + seed  # int64 arithmetic wraps mod 2**64
+    z = (z ^ _srl(z, 31)) * _C1
+    z = (z ^ _srl(z, 29)) * _C2
+    return (z ^ _srl(z, 32)) | 1
+
+
+def sums_torch(buf: torch.Tensor, start: int = 0, step: int = 1 << 22) -> tuple[int, int]:
+    """The two lanes of a uint8 tensor's bytes (``start``: the byte offset of ``buf`` in its buffer, for a
+    partial sum), as Python ints mod 2**64."""
+    if buf.dtype != torch.uint8 or buf.dim() != 1:
+        raise ValueError(f"sums_torch takes a 1-D uint8 tensor, got {buf.dtype} of shape {tuple(buf.shape)}")
+    acc = [0, 0]
+    for a in range(0, buf.numel(), step):
+        b = buf[a:a + step].to(torch.int64)
+        j = torch.arange(start + a, start + a + b.numel(), dtype=torch.int64, device=buf.device)
+        shift = (j & 3) * 8
+        for k, seed in enumerate(SEEDS):
+            m = _mult_torch(j >> 2, seed) << shift
+            acc[k] = (acc[k] + int((b * m).sum())) & _M64
+    return acc[0], acc[1]
+
+
+# ---- Triton ---------------------------------------------------------------------------------------
+@triton.jit
+def _mult(w, seed):
+    z = w * 0x1E3779B97F4A7C15 + seed
+    z = (z ^ (z >> 31)) * 0x3F58476D1CE4E5B9
+    z = (z ^ (z >> 29)) * 0x14D049BB133111EB
+    return (z ^ (z >> 32)) | 1
+
+
+@triton.jit
+def _wsum_kernel(rows_ptr, out_ptr, S0: tl.constexpr, S1: tl.constexpr, CH: tl.constexpr, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    addr = tl.load(rows_ptr + pid * 3)
+    n = tl.load(rows_ptr + pid * 3 + 1)
+    j0 = tl.load(rows_ptr + pid * 3 + 2).to(tl.uint64)
+    base = addr.to(tl.pointer_type(tl.uint8), bitcast=True)
+    acc0 = tl.zeros([BLOCK], dtype=tl.uint64)
+    acc1 = tl.zeros([BLOCK], dtype=tl.uint64)
+    for i in range(0, CH, BLOCK):
+        offs = i + tl.arange(0, BLOCK)
+        b = tl.load(base + offs, mask=offs < n, other=0).to(tl.uint64)
+        j = j0 + offs.to(tl.uint64)
+        w = j >> 2
+        shift = (j & 3) * 8
+        acc0 += b * (_mult(w, S0) << shift)
+        acc1 += b * (_mult(w, S1) << shift)
+    tl.store(out_ptr + pid * 2, tl.sum(acc0, 0).to(tl.int64, bitcast=True))
+    tl.store(out_ptr + pid * 2 + 1, tl.sum(acc1, 0).to(tl.int64, bitcast=True))
+
+
+def plan(spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
+    """The kernel's table for buffers at (device address, bytes): rows of (address, length, offset in the
+    buffer) of at most ``CHUNK`` bytes, and each row's buffer index (int64 arrays)."""
+    rows, seg = [], []
+    for s, (addr, size) in enumerate(spans):
+        j0 = np.arange(0, size, CHUNK, dtype=np.int64)
+        rows.append(np.stack([addr + j0, np.minimum(CHUNK, size - j0), j0], axis=1))
+        seg.append(np.full(len(j0), s, dtype=np.int64))
+    if not rows:
+        return np.zeros((0, 3), np.int64), np.zeros(0, np.int64)
+    return np.concatenate(rows), np.concatenate(seg)
+
+
+def sums_triton(spans: list[tuple[int, int]], device: torch.device) -> torch.Tensor:
+    """[len(spans), 2] int64 lanes of the buffers at (address, bytes) in ``device`` memory, computed on the
+    current stream with one kernel launch (the result stays on the device: nothing waits for it here).
+    The caller keeps the buffers alive until that stream has run it."""
+    rows, seg = plan(spans)
+    out = torch.zeros((len(spans), 2), dtype=torch.int64, device=device)
+    if len(rows):
+        cuda = device.type == "cuda"  # pinned, async: a pageable copy would wait for the whole stream's work
+        table, seg_t = (torch.from_numpy(a).pin_memory().to(device, non_blocking=True) if cuda
+                        else torch.from_numpy(a) for a in (rows, seg))
+        part = torch.empty((len(rows), 2), dtype=torch.int64, device=device)
+        _wsum_kernel[(len(rows),)](table, part, S0=SEEDS[0], S1=SEEDS[1], CH=CHUNK, BLOCK=_BLOCK)
+        out.index_add_(0, seg_t, part)
+    return out
+
+
+def hex_sums(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
+    """Each tensor's bytes' lanes in hex (what a block's ``sums`` holds): one launch on CUDA (the tensors
+    on one device), the torch reference elsewhere."""
+    flat = {n: t.detach().contiguous().reshape(-1).view(torch.uint8) for n, t in tensors.items()}
+    devs = {t.device for t in flat.values()}
+    if len(devs) == 1 and next(iter(devs)).type == "cuda":
+        names = list(flat)
+        got = sums_triton([(flat[n].data_ptr(), flat[n].numel()) for n in names], next(iter(devs))).tolist()
+        return {n: to_hex(tuple(g)) for n, g in zip(names, got)}
+    return {n: to_hex(sums_torch(t.cpu())) for n, t in flat.items()}
