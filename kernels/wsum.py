@@ -3,10 +3,11 @@
 A buffer of ``n`` bytes is read as little-endian 32-bit words ``w_i`` (the
 last one zero-padded). Each lane ``k`` is ``sum_i w_i * M_k(i) mod 2**64``,
 where ``M_k(i)`` is an odd 64-bit multiplier drawn from the word's position by
-a splitmix-style mixer with the lane's seed. Byte ``j`` contributes
-``b_j * (M_k(j >> 2) << 8 * (j & 3))``, so the sum needs no alignment and no
-tail case: any chunk of a buffer can be summed on its own and the partial
-sums added (mod 2**64). A single flipped bit changes a lane by an odd multiple
+a splitmix-style mixer with the lane's seed. Equivalently byte ``j``
+contributes ``b_j * (M_k(j >> 2) << 8 * (j & 3))`` (the torch reference sums
+it that way), so any chunk of a buffer can be summed on its own and the
+partial sums added (mod 2**64); the kernel reads whole words (one mix per
+word, not per byte) and the last 1-3 bytes one at a time. A single flipped bit changes a lane by an odd multiple
 of a power of two below 2**32: never zero mod 2**64, so always detected;
 other corruption (a zeroed or truncated range, swapped words, another
 block's bytes) escapes both lanes with probability about 2**-128 for data
@@ -89,23 +90,30 @@ def _mult(w, seed):
 
 @triton.jit
 def _wsum_kernel(rows_ptr, out_ptr, S0: tl.constexpr, S1: tl.constexpr, CH: tl.constexpr, BLOCK: tl.constexpr):
+    # one row: ``n`` bytes at ``addr`` (4-byte aligned), byte ``j0`` (a multiple of 4) of its buffer; whole
+    # words as uint32 loads, the last 1-3 bytes (only a buffer's last row has them) one at a time
     pid = tl.program_id(0)
     addr = tl.load(rows_ptr + pid * 3)
     n = tl.load(rows_ptr + pid * 3 + 1)
-    j0 = tl.load(rows_ptr + pid * 3 + 2).to(tl.uint64)
-    base = addr.to(tl.pointer_type(tl.uint8), bitcast=True)
+    w0 = (tl.load(rows_ptr + pid * 3 + 2) // 4).to(tl.uint64)
+    words = addr.to(tl.pointer_type(tl.uint32), bitcast=True)
+    nw = n // 4
     acc0 = tl.zeros([BLOCK], dtype=tl.uint64)
     acc1 = tl.zeros([BLOCK], dtype=tl.uint64)
-    for i in range(0, CH, BLOCK):
+    for i in range(0, CH // 4, BLOCK):
         offs = i + tl.arange(0, BLOCK)
-        b = tl.load(base + offs, mask=offs < n, other=0).to(tl.uint64)
-        j = j0 + offs.to(tl.uint64)
-        w = j >> 2
-        shift = (j & 3) * 8
-        acc0 += b * (_mult(w, S0) << shift)
-        acc1 += b * (_mult(w, S1) << shift)
-    tl.store(out_ptr + pid * 2, tl.sum(acc0, 0).to(tl.int64, bitcast=True))
-    tl.store(out_ptr + pid * 2 + 1, tl.sum(acc1, 0).to(tl.int64, bitcast=True))
+        w = tl.load(words + offs, mask=offs < nw, other=0).to(tl.uint64)
+        idx = w0 + offs.to(tl.uint64)
+        acc0 += w * _mult(idx, S0)
+        acc1 += w * _mult(idx, S1)
+    k = tl.arange(0, 4)
+    tb = tl.load(addr.to(tl.pointer_type(tl.uint8), bitcast=True) + nw * 4 + k, mask=k < n - nw * 4, other=0)
+    tw = tl.sum(tb.to(tl.uint64) << (k.to(tl.uint64) * 8), 0)
+    ti = w0 + nw.to(tl.uint64)
+    tail0 = tw * _mult(ti, S0)
+    tail1 = tw * _mult(ti, S1)
+    tl.store(out_ptr + pid * 2, (tl.sum(acc0, 0) + tail0).to(tl.int64, bitcast=True))
+    tl.store(out_ptr + pid * 2 + 1, (tl.sum(acc1, 0) + tail1).to(tl.int64, bitcast=True))
 
 
 def plan(spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
@@ -125,6 +133,9 @@ def sums_triton(spans: list[tuple[int, int]], device: torch.device) -> torch.Ten
     """[len(spans), 2] int64 lanes of the buffers at (address, bytes) in ``device`` memory, computed on the
     current stream with one kernel launch (the result stays on the device: nothing waits for it here).
     The caller keeps the buffers alive until that stream has run it."""
+    if any(addr % 4 for addr, _ in spans):
+        raise ValueError(f"sums_triton reads 32-bit words: buffer addresses must be 4-byte aligned, got "
+                         f"{[hex(a) for a, _ in spans if a % 4][:3]}")
     rows, seg = plan(spans)
     out = torch.zeros((len(spans), 2), dtype=torch.int64, device=device)
     if len(rows):
@@ -141,6 +152,7 @@ def hex_sums(tensors: dict[str, torch.Tensor]) -> dict[str, str]:
     """Each tensor's bytes' lanes in hex (what a block's ``sums`` holds): one launch on CUDA (the tensors
     on one device), the torch reference elsewhere."""
     flat = {n: t.detach().contiguous().reshape(-1).view(torch.uint8) for n, t in tensors.items()}
+    flat = {n: t.clone() if t.data_ptr() % 16 else t for n, t in flat.items()}  # the kernel reads aligned words
     devs = {t.device for t in flat.values()}
     if len(devs) == 1 and next(iter(devs)).type == "cuda":
         names = list(flat)

@@ -64,3 +64,9 @@ def test_hex_sums_name_each_tensors_bytes_whatever_its_dtype():
     assert got["a"] == wsum.to_hex(wsum.sums_torch(t.reshape(-1).view(torch.uint8)))
     with pytest.raises(ValueError, match="1-D uint8"):
         wsum.sums_torch(t)
+
+
+def test_the_kernel_refuses_unaligned_buffers_by_address():
+    a = _bytes(64, 3).to(DEV)
+    with pytest.raises(ValueError, match="4-byte aligned"):
+        wsum.sums_triton([(a.data_ptr() + 1, 8)], DEV)
