@@ -30,7 +30,7 @@ import threading
 import time
 
 WINDOW = 256 << 20
-_RESCAN_S = 1.0  # an address in no known mapping re-reads /proc/self/maps at most this often
+_RESCAN_S = 1.0  # an address in no known mapping re-reads /proc/self/maps once per load, else this often
 
 
 def _plasma_mappings() -> list[tuple[int, int]]:
@@ -77,9 +77,15 @@ class HostPages:
         self.refused = 0
         self._maps: list[tuple[int, int]] = []
         self._scanned = -_RESCAN_S
+        self._may_scan = True
         self._windows: set[int] = set()  # start addresses of registered windows
         self._bad: set[tuple[int, int]] = set()  # mappings CUDA refused: never tried again
         self._lock = threading.Lock()
+
+    def new_call(self) -> None:
+        """A load begins: one re-read of the mappings is allowed (the object store maps segments as objects
+        in them are first read, so a new block can lie in a mapping not seen yet)."""
+        self._may_scan = True
 
     def pieces(self, ptr: int, size: int) -> list[tuple[int, int, int]] | None:
         """``[ptr, ptr + size)`` as (address, bytes, offset in the range) pieces, each inside one registered
@@ -100,9 +106,9 @@ class HostPages:
                 return None if (lo, hi) in self._bad else (lo, hi)
         now = time.monotonic()
         with self._lock:
-            if now - self._scanned < _RESCAN_S:
+            if not self._may_scan and now - self._scanned < _RESCAN_S:
                 return None
-            self._scanned = now
+            self._scanned, self._may_scan = now, False
             self._maps = _plasma_mappings()
         for lo, hi in self._maps:
             if lo <= ptr and ptr + size <= hi and (lo, hi) not in self._bad:

@@ -31,12 +31,23 @@ releases the GIL: numpy copies, xxhash, zstd):
      17.6 GB/s on the H200: ~8000 GIL handoffs per 2 GB load.)
 
 On CUDA a work item is a contiguous run of blocks (about ``KVTIER_LOAD_GROUP_MIB``,
-64 MiB, at most the batch over the threads; a cold read is an item of its own):
-parsed, then staged into one pinned slab, each block sent on to a device tensor
-of its own (the hot tier adopts blocks one by one, so it counts what it pins),
-one event for the run, one hand-off to the calling thread. At most
-``2 * threads`` runs are staged and not yet taken by the calling thread at once
-(the pinned memory in flight is bounded). ``keep_buffers=True``
+64 MiB, at most the batch over the threads; a cold read is an item of its own).
+A block made on a GPU carries payload sums (``kernels.wsum``, in its header).
+When it sits in the object store's pages, which ``host_pages`` registers with
+CUDA, the calling thread parses it, checks its header's own checksum and
+launches its host-to-device copies straight from those pages on the copy
+stream: no host copy, no host hash, no thread hand-off; after each run's copies
+one ``kernels.wsum`` launch verifies the run's payloads on the device into a
+per-key flag, and one event follows. Everything else (reads, ``+zstd``, blocks
+without sums or outside registered pages) goes to the pool as above: parsed,
+then staged into one pinned slab per run (hashed while copied, or verified on
+the device if it has sums), each block sent on to a device tensor of its own
+(the hot tier adopts blocks one by one, so it counts what it pins), one event
+for the run, one hand-off to the calling thread. The load ends with one sync
+(when any block was verified on the device): the flags are read and a block
+that failed is a miss, its decoded tensor dropped. At most ``2 * threads`` pool
+runs are staged and not yet taken by the calling thread at once (the pinned
+memory in flight is bounded). ``keep_buffers=True``
 also returns each block's payload as tensors on the device that nobody else
 references, for the hot tier to adopt (the copy the decode read from: no second
 host-to-device copy). Pinned buffers come from torch's caching host allocator:
@@ -158,9 +169,12 @@ class Loader:
         if cuda:
             with torch.cuda.device(device), torch.cuda.stream(call.copy):  # written on the copy stream only
                 call.flags = torch.zeros(len(keys), dtype=torch.int32, device=device)
+            self.pages.new_call()
             for group in _groups(sources, self.threads, self.group_bytes):
-                self._pool.submit(self._work_group, call, group, keys, sources, device, expect_model,
-                                  keep_buffers)
+                rest = self._stage_inline(call, group, keys, sources, device, expect_model)
+                if rest:
+                    self._pool.submit(self._work_group, call, rest, keys, sources, device, expect_model,
+                                      keep_buffers)
         elif len(keys) == 1 and not callable(sources[0]):
             # one block in hand (a single warm get): staged here; handing it to a pool thread and back cost
             # two thread switches (~0.5 ms of a 4.4 ms SmolLM2 warm get on the 2-core box)
@@ -198,6 +212,44 @@ class Loader:
                                                               f"on {device} (kernels.wsum)")
         return [o if o is not None else Loaded(k, "timeout", error=f"not read and verified within {timeout_s}s")
                 for k, o in zip(keys, out)]
+
+    # ---- in the calling thread, CUDA: blocks the GPU verifies, straight from registered pages -------------
+    def _stage_inline(self, call: "_Call", idxs: list[int], keys: Sequence[str], sources: Sequence[Source],
+                      device: torch.device, expect_model: str | None) -> list[int]:
+        """The run's blocks that carry payload sums and sit in registered object-store pages: parsed, their
+        headers verified and their bytes sent to the device on the copy stream, here (no host copy and no
+        hash is left to spread over threads, and the pool's threads taking turns on the GIL made a 16K rot4
+        load 49-66 ms when its parts took 23 ms on one thread, H200). Returns the indices left for the pool
+        (reads, ``+zstd``, blocks without sums or outside registered pages)."""
+        todo, rest, done = [], [], []
+        for i in idxs:
+            src = sources[i]
+            if src is None or callable(src) or isinstance(src, Block):
+                rest.append(i)
+                continue
+            try:
+                block = Block.from_arrow(src, expect_key=keys[i], verify=False)
+                if expect_model is not None and block.model != expect_model:
+                    done.append((i, Loaded(keys[i], "model", error=f"block of model {block.model!r}, "
+                                                                   f"expected {expect_model!r}")))
+                    continue
+                if block.sums is None or block.codec.endswith(ZSTD_SUFFIX):
+                    rest.append(i)
+                    continue
+                expected = block.check_header()
+                layout = _layout(block.buffers)
+                pieces = _direct_pieces(call.pages, layout)
+                if pieces is None:
+                    rest.append(i)
+                    continue
+                todo.append((i, block, expected, layout, pieces))
+            except Exception as e:  # noqa: BLE001 - a miss with its reason
+                done.append((i, _failed(keys[i], e)))
+        if todo:
+            done += _stage_direct(call, device, keys, todo)
+        if done:
+            call.events.put((sorted(done, key=lambda d: d[0]), False))
+        return rest
 
     # ---- in the pool -------------------------------------------------------------------
     def _work(self, call: "_Call", i: int, key: str, src: Source, device: torch.device, expect_model: str | None,
@@ -385,19 +437,14 @@ def _stage_cpu(call: _Call, keep: bool, block: Block, codec: str, params, bufs, 
 
 
 def _stage_cuda(call: _Call, device: torch.device, keys: Sequence[str], todo: list) -> list[tuple[int, Any]]:
-    """``todo``'s blocks ((index, parsed) pairs) sent to device tensors of their own on the copy stream; one
-    event after the last copy. A block with payload sums is copied once: straight from registered
-    object-store pages (``host_pages``), else into one pinned slab shared by the run, and verified on the
-    device (one ``kernels.wsum`` launch for the run, its verdict in ``call.flags``); any other block is
-    hashed on the host while it is copied into the slab. A block that fails its checksum is a miss (its
-    device bytes are never served); the others are unaffected."""
+    """``todo``'s blocks ((index, parsed) pairs) copied into one pinned slab, each sent on to its own device
+    tensor on the copy stream; one event after the last copy. A block with payload sums (outside registered
+    pages) is copied without a host hash and verified on the device (one ``kernels.wsum`` launch for the
+    run, its verdict in ``call.flags``); any other block is hashed while it is copied. A block that fails
+    its checksum is a miss (its device bytes are never served); the others are unaffected."""
     layouts = [_layout(p[3]) for _, p in todo]
-    direct = [_direct_pieces(call.pages, lay) if p[5] is not None else None for (_, p), lay in zip(todo, layouts)]
     bases, off = [], 0
-    for lay, d in zip(layouts, direct):
-        if d is not None:
-            bases.append(None)
-            continue
+    for lay in layouts:
         off = -(-off // _ALIGN) * _ALIGN
         bases.append(off)
         off += max(lay[2], 1)
@@ -406,16 +453,13 @@ def _stage_cuda(call: _Call, device: torch.device, keys: Sequence[str], todo: li
     # this thread launches its own H2D copies on the copy stream (streams are thread-safe; the current stream
     # and device are per thread); the device bytes are allocated on that stream too
     with torch.cuda.device(device), torch.cuda.stream(call.copy):
-        slab = torch.empty(off, dtype=torch.uint8, pin_memory=True) if off else None
-        for (i, (block, codec, params, bufs, verified, expected)), lay, base, d in zip(todo, layouts, bases, direct):
+        slab = torch.empty(off, dtype=torch.uint8, pin_memory=True)
+        for (i, (block, codec, params, bufs, verified, expected)), lay, base in zip(todo, layouts, bases):
             v = _Staged(block, codec, params)
             try:
-                if d is not None:
-                    v.spans, v.dev = _send_direct(call, lay, d, device)
-                else:
-                    h = None if verified or expected is not None else _hasher(block)
-                    v.host, v.spans, v.dev = _copy_in(block, bufs, h, True, call, device, layout=lay,
-                                                      host=slab[base:base + max(lay[2], 1)])
+                h = None if verified or expected is not None else _hasher(block)
+                v.host, v.spans, v.dev = _copy_in(block, bufs, h, True, call, device, layout=lay,
+                                                  host=slab[base:base + max(lay[2], 1)])
             except _Stopped:
                 raise
             except Exception as e:  # noqa: BLE001 - this block is a miss, the rest of the run goes on
@@ -424,10 +468,34 @@ def _stage_cuda(call: _Call, device: torch.device, keys: Sequence[str], todo: li
             out.append((i, v))
             if expected is not None:
                 checks.append((i, v, expected))
-        if checks:
-            _check_on_device(call, device, checks)
-        ready = torch.cuda.Event()
-        ready.record(call.copy)
+        return _seal(call, device, out, checks)
+
+
+def _stage_direct(call: _Call, device: torch.device, keys: Sequence[str], todo: list) -> list[tuple[int, Any]]:
+    """(index, block, expected sums, layout, registered pieces) items sent to device tensors of their own
+    straight from their source pages, on the copy stream; verified there; one event."""
+    out: list[tuple[int, Any]] = []
+    checks: list[tuple[int, _Staged, dict]] = []
+    with torch.cuda.device(device), torch.cuda.stream(call.copy):
+        for i, block, expected, layout, pieces in todo:
+            v = _Staged(block, block.codec, block.params)
+            try:
+                v.spans, v.dev = _send_direct(call, layout, pieces, device)
+            except Exception as e:  # noqa: BLE001 - e.g. no device memory left: a miss with its reason
+                out.append((i, _failed(keys[i], e)))
+                continue
+            out.append((i, v))
+            checks.append((i, v, expected))
+        return _seal(call, device, out, checks)
+
+
+def _seal(call: _Call, device: torch.device, out: list, checks: list) -> list[tuple[int, Any]]:
+    """On the copy stream, after a run's copies: its device check, then one event every staged block of the
+    run carries."""
+    if checks:
+        _check_on_device(call, device, checks)
+    ready = torch.cuda.Event()
+    ready.record(call.copy)
     for _, v in out:
         if isinstance(v, _Staged):
             v.ready = ready

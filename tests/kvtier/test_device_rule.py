@@ -90,5 +90,19 @@ def test_cuda_a_warm_hit_is_copied_from_registered_object_store_pages_and_verifi
         assert all(g is not None and torch.equal(g, w) for g, w in zip(got, want))
         pages = client.loader.pages
         assert pages.registered_bytes > 0 and pages.refused == 0, "warm blocks came from registered plasma pages"
+        # the same direct path with a corrupt payload byte and a corrupt header byte in the object store
+        import numpy as np
+        import ray
+
+        blocks = [kvtier.compress(kv, "rot4", key=k, model_id="m") for kv, k in zip(kvs, keys)]
+        wires = [np.frombuffer(b.to_arrow(), dtype=np.uint8).copy() for b in blocks]
+        wires[1][-5000] ^= 4
+        at = bytes(wires[2]).index(b'"seed":')
+        wires[2][at + 8] = ord("1") if wires[2][at + 8] != ord("1") else ord("2")  # still JSON, another seed
+        src = ray.get([ray.put(w) for w in wires])
+        got = client.loader.load(keys, src, "cuda", expect_model="m")
+        assert [g.status for g in got] == ["ok", "corrupt", "corrupt", "ok"]
+        assert "payload sums mismatch" in got[1].error and "checksum mismatch" in got[2].error
+        assert torch.equal(got[0].kv, want[0]) and torch.equal(got[3].kv, want[3])
     finally:
         kvtier.shutdown(stop=True)
