@@ -30,6 +30,7 @@ import threading
 import time
 
 WINDOW = 256 << 20
+_ALREADY_REGISTERED = 712  # cudaErrorHostMemoryAlreadyRegistered
 _RESCAN_S = 1.0  # an address in no known mapping re-reads /proc/self/maps once per load, else this often
 
 
@@ -125,11 +126,15 @@ class HostPages:
                 return False
             t0 = time.perf_counter()
             rt = torch.cuda.cudart()
-            err = rt.cudaHostRegister(lo, hi - lo, 1)  # cudaHostRegisterPortable: pinned for every device
-            if int(err) != 0:
+            err = int(rt.cudaHostRegister(lo, hi - lo, 1))  # cudaHostRegisterPortable: pinned for every device
+            if err:
+                _clear_cuda_error()  # else the next kernel launch check reports it as its own failure
+            if err == _ALREADY_REGISTERED:  # by someone else in this process: pinned already (a part of it
+                self._windows.add(lo)      # that is not would still copy correctly, only slower)
+                return True
+            if err:
                 self._bad.add(mapping)
                 self.refused += 1
-                _clear_cuda_error()  # else the next kernel launch check reports it as its own failure
                 return False
             self._windows.add(lo)
             self.registered_bytes += hi - lo
@@ -138,12 +143,27 @@ class HostPages:
 
 
 def _clear_cuda_error() -> None:
-    import torch
+    """Reset the CUDA runtime's last error (torch binds no ``cudaGetLastError``): through the libcudart
+    this process already loaded."""
+    import ctypes
 
     try:
-        torch.cuda.cudart().cudaGetLastError()
-    except AttributeError:  # older torch binds no cudaGetLastError: a dummy sync surfaces and clears it
-        try:
-            torch.cuda.synchronize()
-        except RuntimeError:
-            pass
+        with open("/proc/self/maps") as f:
+            path = next((ln.split()[-1] for ln in f if "libcudart" in ln and ln.split()[-1].startswith("/")), None)
+        if path is not None:
+            ctypes.CDLL(path).cudaGetLastError()
+    except OSError:
+        pass
+
+
+_SHARED: HostPages | None = None
+_SHARED_LOCK = threading.Lock()
+
+
+def shared() -> HostPages:
+    """This process's registry (registrations are the process's, so every loader shares one)."""
+    global _SHARED
+    with _SHARED_LOCK:
+        if _SHARED is None:
+            _SHARED = HostPages()
+        return _SHARED

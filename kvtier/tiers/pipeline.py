@@ -74,7 +74,7 @@ from kernels import wsum
 from kvtier.block import Block
 from kvtier.codecs import TORCH_DTYPES, ZSTD_SUFFIX, get_codec
 from kvtier.errors import BlockFormatError, KvtierError
-from kvtier.tiers.host_pages import HostPages
+from kvtier.tiers import host_pages
 from kvtier.tiers.hot import as_device, entry_buffers, owned
 
 Source = Any  # bytes-like | Block | Callable[[], bytes-like | Block | None] | None
@@ -145,7 +145,7 @@ class Loader:
         self.copy_slice = max(_ALIGN, c // _ALIGN * _ALIGN)
         self.send_slice = max(SEND_SLICE, self.copy_slice)
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="kvtier-load")
-        self.pages = HostPages()  # object-store windows registered for direct host-to-device copies
+        self.pages = host_pages.shared()  # object-store windows registered for direct host-to-device copies
         self._streams: dict[torch.device, torch.cuda.Stream] = {}
 
     def close(self) -> None:
