@@ -170,11 +170,15 @@ class Loader:
             with torch.cuda.device(device), torch.cuda.stream(call.copy):  # written on the copy stream only
                 call.flags = torch.zeros(len(keys), dtype=torch.int32, device=device)
             self.pages.new_call()
+            checks: list = []  # the blocks sent here, verified on the device in one launch after the last copy
             for group in _groups(sources, self.threads, self.group_bytes):
-                rest = self._stage_inline(call, group, keys, sources, device, expect_model)
+                rest = self._stage_inline(call, group, keys, sources, device, expect_model, checks)
                 if rest:
                     self._pool.submit(self._work_group, call, rest, keys, sources, device, expect_model,
                                       keep_buffers)
+            if checks:
+                with torch.cuda.device(device), torch.cuda.stream(call.copy):
+                    _check_on_device(call, device, checks)
         elif len(keys) == 1 and not callable(sources[0]):
             # one block in hand (a single warm get): staged here; handing it to a pool thread and back cost
             # two thread switches (~0.5 ms of a 4.4 ms SmolLM2 warm get on the 2-core box)
@@ -204,7 +208,8 @@ class Loader:
                 except BlockFormatError as e:
                     out[i] = Loaded(keys[i], "corrupt", error=str(e))
         call.stop.set()  # abandoned work (a timeout) stops at its next slice
-        if call.checked:  # every block taken waited for its run's event, which follows that run's check
+        if call.checked:
+            main.wait_stream(call.copy)  # the checks follow the runs' events: wait for them too
             bad = call.flags.cpu().tolist()  # the one sync of a CUDA load (the decodes queued before it)
             for i, o in enumerate(out):
                 if o is not None and o.status == "ok" and bad[i]:
@@ -215,38 +220,41 @@ class Loader:
 
     # ---- in the calling thread, CUDA: blocks the GPU verifies, straight from registered pages -------------
     def _stage_inline(self, call: "_Call", idxs: list[int], keys: Sequence[str], sources: Sequence[Source],
-                      device: torch.device, expect_model: str | None) -> list[int]:
+                      device: torch.device, expect_model: str | None, checks: list) -> list[int]:
         """The run's blocks that carry payload sums and sit in registered object-store pages: parsed, their
-        headers verified and their bytes sent to the device on the copy stream, here (no host copy and no
-        hash is left to spread over threads, and the pool's threads taking turns on the GIL made a 16K rot4
-        load 49-66 ms when its parts took 23 ms on one thread, H200). Returns the indices left for the pool
-        (reads, ``+zstd``, blocks without sums or outside registered pages)."""
-        todo, rest, done = [], [], []
-        for i in idxs:
-            src = sources[i]
-            if src is None or callable(src) or isinstance(src, Block):
-                rest.append(i)
-                continue
-            try:
-                block = Block.from_arrow(src, expect_key=keys[i], verify=False)
-                if expect_model is not None and block.model != expect_model:
-                    done.append((i, Loaded(keys[i], "model", error=f"block of model {block.model!r}, "
-                                                                   f"expected {expect_model!r}")))
-                    continue
-                if block.sums is None or block.codec.endswith(ZSTD_SUFFIX):
+        headers verified, each block's bytes sent to a device tensor of its own in one copy on the copy
+        stream, here (no host copy and no hash is left to spread over threads, and the pool's threads taking
+        turns on the GIL made a 16K rot4 load 49-66 ms when its parts took 23 ms on one thread, H200); one
+        event for the run. They join ``checks`` for the load's one device check. Returns the indices left for
+        the pool (reads, ``+zstd``, blocks without sums or outside registered pages)."""
+        rest, done = [], []
+        with torch.cuda.device(device), torch.cuda.stream(call.copy):
+            for i in idxs:
+                src = sources[i]
+                if src is None or callable(src) or isinstance(src, Block):
                     rest.append(i)
                     continue
-                expected = block.check_header()
-                layout = _layout(block.buffers)
-                pieces = _direct_pieces(call.pages, layout)
-                if pieces is None:
-                    rest.append(i)
+                try:
+                    block = Block.from_arrow(src, expect_key=keys[i], verify=False)
+                    if expect_model is not None and block.model != expect_model:
+                        done.append((i, Loaded(keys[i], "model", error=f"block of model {block.model!r}, "
+                                                                       f"expected {expect_model!r}")))
+                        continue
+                    if block.sums is None or block.codec.endswith(ZSTD_SUFFIX):
+                        rest.append(i)
+                        continue
+                    expected = block.check_header()
+                    v = _send_direct(call, block, _np(src), device)
+                    if v is None:
+                        rest.append(i)
+                        continue
+                except Exception as e:  # noqa: BLE001 - a miss with its reason (e.g. no device memory left)
+                    done.append((i, _failed(keys[i], e)))
                     continue
-                todo.append((i, block, expected, layout, pieces))
-            except Exception as e:  # noqa: BLE001 - a miss with its reason
-                done.append((i, _failed(keys[i], e)))
-        if todo:
-            done += _stage_direct(call, device, keys, todo)
+                done.append((i, v))
+                checks.append((i, v, expected))
+            if any(isinstance(v, _Staged) for _, v in done):
+                _seal(call, device, done, [])
         if done:
             call.events.put((sorted(done, key=lambda d: d[0]), False))
         return rest
@@ -471,24 +479,6 @@ def _stage_cuda(call: _Call, device: torch.device, keys: Sequence[str], todo: li
         return _seal(call, device, out, checks)
 
 
-def _stage_direct(call: _Call, device: torch.device, keys: Sequence[str], todo: list) -> list[tuple[int, Any]]:
-    """(index, block, expected sums, layout, registered pieces) items sent to device tensors of their own
-    straight from their source pages, on the copy stream; verified there; one event."""
-    out: list[tuple[int, Any]] = []
-    checks: list[tuple[int, _Staged, dict]] = []
-    with torch.cuda.device(device), torch.cuda.stream(call.copy):
-        for i, block, expected, layout, pieces in todo:
-            v = _Staged(block, block.codec, block.params)
-            try:
-                v.spans, v.dev = _send_direct(call, layout, pieces, device)
-            except Exception as e:  # noqa: BLE001 - e.g. no device memory left: a miss with its reason
-                out.append((i, _failed(keys[i], e)))
-                continue
-            out.append((i, v))
-            checks.append((i, v, expected))
-        return _seal(call, device, out, checks)
-
-
 def _seal(call: _Call, device: torch.device, out: list, checks: list) -> list[tuple[int, Any]]:
     """On the copy stream, after a run's copies: its device check, then one event every staged block of the
     run carries."""
@@ -502,37 +492,28 @@ def _seal(call: _Call, device: torch.device, out: list, checks: list) -> list[tu
     return out
 
 
-def _direct_pieces(pages, layout) -> dict[str, list[tuple[int, int, int]]] | None:
-    """Per buffer, its registered pieces (``HostPages.pieces``); None unless every buffer is in registered
-    pages (then the block is staged through the slab)."""
-    if pages is None:
+def _send_direct(call: _Call, block: Block, wire: np.ndarray, device: torch.device) -> _Staged | None:
+    """The block's whole serialized bytes (``wire``, registered object-store pages) copied to one device
+    tensor on the current (copy) stream, one copy per registered window it spans (one, mostly): no host
+    copy. The payload buffers are views at their offsets in it (Arrow keeps them 8-byte aligned). None when
+    the bytes are not all in registered pages (the pool stages the block instead). The source stays alive
+    until ``load`` has synced (it does when any block was verified on the device, which this one is)."""
+    base = wire.ctypes.data
+    pieces = call.pages.pieces(base, wire.nbytes) if call.pages is not None else None
+    if pieces is None:
         return None
-    srcs, spans, _ = layout
-    out = {}
-    for n, src in srcs.items():
-        if not src.nbytes:
-            out[n] = []
-            continue
-        p = pages.pieces(src.ctypes.data, src.nbytes)
-        if p is None:
-            return None
-        out[n] = p
-    return out
-
-
-def _send_direct(call: _Call, layout, pieces, device: torch.device) -> tuple[dict[str, tuple[int, int]], torch.Tensor]:
-    """Each buffer copied from its (registered, pinned) source pages to one device tensor on the current
-    (copy) stream: no host copy. The sources stay alive until ``load`` has synced (it does when any block
-    was verified on the device, which every direct block is)."""
-    srcs, spans, off = layout
-    dev = torch.empty(max(off, 1), dtype=torch.uint8, device=device)
-    for n, src in srcs.items():
-        if call.stop.is_set():
-            raise _Stopped
-        base = spans[n][0]
-        for _, size, o in pieces[n]:
-            dev[base + o:base + o + size].copy_(_u8(src[o:o + size]), non_blocking=True)
-    return spans, dev
+    spans = {}
+    for n, b in block.buffers.items():
+        off = b.address - base if b.size else 0
+        if not 0 <= off <= wire.nbytes - b.size:
+            return None  # not a slice of these bytes (cannot happen for a parsed wire): stage it
+        spans[n] = (off, b.size)
+    dev = torch.empty(max(wire.nbytes, 1), dtype=torch.uint8, device=device)
+    for _, size, o in pieces:
+        dev[o:o + size].copy_(_u8(wire[o:o + size]), non_blocking=True)
+    v = _Staged(block, block.codec, block.params)
+    v.spans, v.dev = spans, dev
+    return v
 
 
 def _check_on_device(call: _Call, device: torch.device, checks: list[tuple[int, _Staged, dict]]) -> None:
