@@ -91,6 +91,9 @@ SEND_SLICE = 8 << 20  # one H2D copy per 8 MiB staged, launched by the worker th
 # one item per block took 77.8 ms on the H200 for 13.5 ms of GPU work (per-block Python of 16 threads taking
 # turns on the GIL); runs of 64 MiB with 8 MiB slices 49.3 ms, and a 16K `none` load 83-89 ms instead of
 # 107-117 (bench request h10-s3-1). ``KVTIER_LOAD_GROUP_MIB`` overrides it (0: one block per item).
+# CUDA, inline runs: a device check is queued once this many bytes are sent and not checked (on a stream of its
+# own, overlapping the next copies): one launch per load left the whole check (2.9 ms for 2 GB) after the last copy
+CHECK_BYTES = 256 << 20
 GROUP_BYTES = int(float(os.environ.get("KVTIER_LOAD_GROUP_MIB", "64")) * (1 << 20))
 
 
@@ -146,7 +149,7 @@ class Loader:
         self.send_slice = max(SEND_SLICE, self.copy_slice)
         self._pool = ThreadPoolExecutor(n, thread_name_prefix="kvtier-load")
         self.pages = host_pages.shared()  # object-store windows registered for direct host-to-device copies
-        self._streams: dict[torch.device, torch.cuda.Stream] = {}
+        self._streams: dict[tuple[torch.device, str], torch.cuda.Stream] = {}
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -170,15 +173,17 @@ class Loader:
             with torch.cuda.device(device), torch.cuda.stream(call.copy):  # written on the copy stream only
                 call.flags = torch.zeros(len(keys), dtype=torch.int32, device=device)
             self.pages.new_call()
-            checks: list = []  # the blocks sent here, verified on the device in one launch after the last copy
+            checks: list = []  # blocks sent here and not verified yet
+            check = self._stream(device, "check")
             for group in _groups(sources, self.threads, self.group_bytes):
                 rest = self._stage_inline(call, group, keys, sources, device, expect_model, checks)
                 if rest:
                     self._pool.submit(self._work_group, call, rest, keys, sources, device, expect_model,
                                       keep_buffers)
+                if sum(v.dev.numel() for _, v, _ in checks) >= CHECK_BYTES:
+                    _check_after_copies(call, device, check, checks)
             if checks:
-                with torch.cuda.device(device), torch.cuda.stream(call.copy):
-                    _check_on_device(call, device, checks)
+                _check_after_copies(call, device, check, checks)
         elif len(keys) == 1 and not callable(sources[0]):
             # one block in hand (a single warm get): staged here; handing it to a pool thread and back cost
             # two thread switches (~0.5 ms of a 4.4 ms SmolLM2 warm get on the 2-core box)
@@ -209,7 +214,8 @@ class Loader:
                     out[i] = Loaded(keys[i], "corrupt", error=str(e))
         call.stop.set()  # abandoned work (a timeout) stops at its next slice
         if call.checked:
-            main.wait_stream(call.copy)  # the checks follow the runs' events: wait for them too
+            main.wait_stream(self._stream(device, "check"))  # the inline runs' checks (the pool's precede
+            main.wait_stream(call.copy)                      # their runs' events, which main waited for)
             bad = call.flags.cpu().tolist()  # the one sync of a CUDA load (the decodes queued before it)
             for i, o in enumerate(out):
                 if o is not None and o.status == "ok" and bad[i]:
@@ -341,10 +347,12 @@ class Loader:
         kv = _decode(key, v.codec, v.params, v.block, bufs, device, private=not keep) if decode else None
         return Loaded(key, "ok", kv, v.block, bufs if keep else None, _nbytes(v.block))
 
-    def _stream(self, device: torch.device):
-        s = self._streams.get(device)
+    def _stream(self, device: torch.device, role: str = "copy"):
+        """One stream per device and role: ``copy`` (host-to-device copies, the pool's checks) and ``check``
+        (the device checks of inline runs, so they overlap the next runs' copies)."""
+        s = self._streams.get((device, role))
         if s is None:
-            s = self._streams[device] = torch.cuda.Stream(device)
+            s = self._streams[(device, role)] = torch.cuda.Stream(device)
         return s
 
 
@@ -514,6 +522,15 @@ def _send_direct(call: _Call, block: Block, wire: np.ndarray, device: torch.devi
     v = _Staged(block, block.codec, block.params)
     v.spans, v.dev = spans, dev
     return v
+
+
+def _check_after_copies(call: _Call, device: torch.device, stream, checks: list) -> None:
+    """``checks``'s blocks verified on ``stream`` once the copy stream's work queued so far (their copies)
+    has run; ``checks`` is emptied."""
+    with torch.cuda.device(device), torch.cuda.stream(stream):
+        stream.wait_stream(call.copy)
+        _check_on_device(call, device, checks)
+    checks.clear()
 
 
 def _check_on_device(call: _Call, device: torch.device, checks: list[tuple[int, _Staged, dict]]) -> None:
