@@ -158,7 +158,9 @@ class Loader:
              expect_model: str | None = None, keep_buffers: bool = False, decode: bool = True,
              timeout_s: float = 60.0) -> list[Loaded]:
         """One ``Loaded`` per key, in order. ``decode=False`` (a prefetch into the hot tier) stops after the
-        device copy: ``kv`` stays None, ``buffers`` are set (``keep_buffers`` is implied)."""
+        device copy: ``kv`` stays None, ``buffers`` are set (``keep_buffers`` is implied).
+        ``keep_buffers="owned"`` (CPU): hand over only payloads this call owns anyway (inflated ``+zstd``),
+        make no copy for keeping (a CPU get of object-store bytes decodes them in place)."""
         keep_buffers = keep_buffers or not decode
         if len(keys) != len(sources):
             raise ValueError(f"load got {len(keys)} keys and {len(sources)} sources; they must pair up")
@@ -441,7 +443,7 @@ def _groups(sources: Sequence[Source], threads: int, group_bytes: int) -> list[l
 
 def _stage_cpu(call: _Call, keep: bool, block: Block, codec: str, params, bufs, verified: bool, _exp=None) -> _Staged:
     inflated = block.codec.endswith(ZSTD_SUFFIX)
-    if not (keep and not inflated):  # nothing to copy: hashed in place, decoded from the source
+    if not (keep is True and not inflated):  # nothing to copy: hashed in place, decoded from the source
         if not verified:
             _check(block, bufs, call)
         return _Staged(block, codec, params, buffers=bufs if inflated else None,
