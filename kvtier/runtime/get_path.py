@@ -116,7 +116,7 @@ class GetPath:
         for k in rest:
             if k not in src and self._cold_candidate(locs.get(k)):
                 src[k] = ("cold", self._cold_read(k, locs[k]))
-        found = self._run_load(src, locs, device, decode, lost, cold_lost, lease)
+        found = self._run_load(src, locs, device, decode, lost, cold_lost, lease) if src else {}
         retry = {k: ("cold", self._cold_read(k, locs[k])) for k in lost
                  if k not in found and self._cold_candidate(locs.get(k))}  # a warm copy was bad: its cold copy
         if retry:

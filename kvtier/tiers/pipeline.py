@@ -443,6 +443,13 @@ def _groups(sources: Sequence[Source], threads: int, group_bytes: int) -> list[l
 
 def _stage_cpu(call: _Call, keep: bool, block: Block, codec: str, params, bufs, verified: bool, _exp=None) -> _Staged:
     inflated = block.codec.endswith(ZSTD_SUFFIX)
+    if codec == "none" and keep is not True and not inflated:
+        # its decode is a view of the payload, so the caller needs a copy anyway: made here, hashed as it is
+        # copied (one pass over the source instead of a hash pass and then a copy on the calling thread), and
+        # the decode views it (nothing else reads it)
+        host, spans, _ = _copy_in(block, bufs, None if verified else _hasher(block), False, call)
+        return _Staged(block, codec, params, host=host, spans=spans, private=True,
+                       decode_from={n: host[a:a + sz] for n, (a, sz) in spans.items()})
     if not (keep is True and not inflated):  # nothing to copy: hashed in place, decoded from the source
         if not verified:
             _check(block, bufs, call)
