@@ -8,8 +8,10 @@ then one ``locate`` call to the controller for the rest of the batch (answers
 are ``Location``s), one ``ray.get`` of every warm copy (zero-copy from the
 object store on the same node), and one batched, pipelined load
 (``kvtier.tiers.pipeline``) of all of them plus the cold reads (the object of the
-version the index names): checksums while copying, in threads, pinned staging
-and a copy stream on CUDA, decode. Every block is verified against its key and
+version the index names): on CUDA, blocks made on a GPU straight from the
+object store's registered pages to the device and verified there; the rest
+checksummed while copied, in threads, pinned staging and a copy stream on CUDA;
+then decode. Every block is verified against its key and
 this client's ``model_id``: a corrupt, foreign, other model's or missing block,
 or a warm value that is not a 1-D uint8 buffer, is a miss (``None``), counted,
 never wrong data. A cold hit is offered to the store queue as a promotion of
@@ -87,7 +89,8 @@ class GetPath:
 
     def _load(self, keys: list[str], device: torch.device, decode: bool) -> tuple[dict[str, Loaded], str]:
         """Blocks of ``keys`` from this process's store queue, the warm shards, then cold (absent keys are
-        misses), loaded in one pipelined batch and kept in the hot tier; the lowest tier that served one."""
+        misses), loaded in one pipelined batch and kept in the hot tier (``_adopt``: not a CPU copy of this
+        node's object store); the lowest tier that served one."""
         t0 = time.perf_counter()
         src: dict[str, tuple[str, Any]] = {}  # key -> (tier, source)
         for k in keys:
@@ -138,7 +141,8 @@ class GetPath:
                      decode: bool) -> tuple[dict[str, Loaded], bool, dict[str, float]]:
         """The keys whose warm location this client cached (``location_cache``): fetched and loaded at once,
         while one ``changes`` call (issued first) asks the controller whether those locations are still the
-        current copies; only results it confirms are used (kept in the hot tier, counted as warm hits).
+        current copies; only results it confirms are used (kept in the hot tier as ``_adopt`` says, counted
+        as warm hits).
         Everything else goes the locate path. Returns (found, controller timed out, phase times)."""
         cached, since, inc = self.locations.take(keys)
         if not cached:
