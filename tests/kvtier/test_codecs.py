@@ -421,7 +421,7 @@ def test_profile_json_digest_and_validation(toy_profile):
     assert again.digest == toy_profile.digest and again.budgets == toy_profile.budgets
     other = P.Profile(**{**toy_profile.__dict__, "budgets": {"q1": [4] * 8}})
     assert other.digest != toy_profile.digest
-    with pytest.raises(CodecError, match="must list 8 \(per layer\) or 24 \(per head\) bit widths"):
+    with pytest.raises(CodecError, match=r"must list 8 \(per layer\) or 24 \(per head\) bit widths"):
         P.Profile(**{**toy_profile.__dict__, "budgets": {"q1": [7] * 8}}).validate()
     with pytest.raises(CodecError, match="bit widths"):
         P.Profile(**{**toy_profile.__dict__, "budgets": {"q1": [4] * 9}}).validate()
