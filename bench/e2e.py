@@ -435,10 +435,12 @@ def run(args, checkpoint=lambda rows, info: None) -> tuple[list[dict], dict]:
         gc.unfreeze()
         backend.close()
         shutil.rmtree(cold_root, ignore_errors=True)
+    from kvtier.tiers import host_pages
+
     pg = backend.client.loader.pages
     if device.type == "cuda":
         notes.append(f"object-store pages registered for direct copies: {pg.registered_bytes / 2**30:.2f} GiB in "
-                     f"{pg.registered_s * 1e3:.0f} ms, at the first read of each {pg.WINDOW_MIB} MiB window (untimed "
+                     f"{pg.registered_s * 1e3:.0f} ms, at the first read of each {host_pages.WINDOW >> 20} MiB window (untimed "
                      f"first hits); refused {pg.refused}")
     notes.append(f"prompts: {src}; chunk_tokens={ct}; the last partial (or, for exact multiples, the last whole) "
                  "chunk is always recomputed")

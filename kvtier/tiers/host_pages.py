@@ -67,8 +67,6 @@ def split(mapping: tuple[int, int], ptr: int, size: int) -> list[tuple[int, int,
 class HostPages:
     """Which host ranges a GPU copy can read as pinned memory (registering plasma windows on demand)."""
 
-    WINDOW_MIB = WINDOW >> 20
-
     def __init__(self, enabled: bool | None = None) -> None:
         if enabled is None:
             enabled = os.environ.get("KVTIER_REGISTER_OBJECT_STORE", "1") not in ("0", "false", "no")

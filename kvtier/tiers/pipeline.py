@@ -36,9 +36,10 @@ A block made on a GPU carries payload sums (``kernels.wsum``, in its header).
 When it sits in the object store's pages, which ``host_pages`` registers with
 CUDA, the calling thread parses it, checks its header's own checksum and
 launches its host-to-device copies straight from those pages on the copy
-stream: no host copy, no host hash, no thread hand-off; after each run's copies
-one ``kernels.wsum`` launch verifies the run's payloads on the device into a
-per-key flag, and one event follows. Everything else (reads, ``+zstd``, blocks
+stream: no host copy, no host hash, no thread hand-off; one event per run lets
+its decodes start, and every ``CHECK_BYTES`` sent (and at the end) one
+``kernels.wsum`` launch on a check stream of its own verifies those payloads on
+the device into a per-key flag, overlapping the next copies. Everything else (reads, ``+zstd``, blocks
 without sums or outside registered pages) goes to the pool as above: parsed,
 then staged into one pinned slab per run (hashed while copied, or verified on
 the device if it has sums), each block sent on to a device tensor of its own
@@ -233,8 +234,8 @@ class Loader:
         headers verified, each block's bytes sent to a device tensor of its own in one copy on the copy
         stream, here (no host copy and no hash is left to spread over threads, and the pool's threads taking
         turns on the GIL made a 16K rot4 load 49-66 ms when its parts took 23 ms on one thread, H200); one
-        event for the run. They join ``checks`` for the load's one device check. Returns the indices left for
-        the pool (reads, ``+zstd``, blocks without sums or outside registered pages)."""
+        event for the run. They join ``checks``, which ``load`` verifies on the device every ``CHECK_BYTES``.
+        Returns the indices left for the pool (reads, ``+zstd``, blocks without sums or outside registered pages)."""
         rest, done = [], []
         with torch.cuda.device(device), torch.cuda.stream(call.copy):
             for i in idxs:
@@ -245,8 +246,7 @@ class Loader:
                 try:
                     block = Block.from_arrow(src, expect_key=keys[i], verify=False)
                     if expect_model is not None and block.model != expect_model:
-                        done.append((i, Loaded(keys[i], "model", error=f"block of model {block.model!r}, "
-                                                                       f"expected {expect_model!r}")))
+                        done.append((i, _foreign(keys[i], block, expect_model)))
                         continue
                     if block.sums is None or block.codec.endswith(ZSTD_SUFFIX):
                         rest.append(i)
@@ -274,7 +274,7 @@ class Loader:
         try:
             what = self._parse(key, src, expect_model, call)
             if not isinstance(what, Loaded):
-                what = _stage_cpu(call, keep, *what)
+                what = _stage_cpu(call, keep, *what[:5])  # a CPU load has no device sums to check
         except _Stopped:
             return
         except Exception as e:  # noqa: BLE001 - a miss with its reason, never a hang
@@ -324,7 +324,7 @@ class Loader:
         if block.key != key:
             raise BlockFormatError(f"block holds key {block.key!r}, expected {key!r}")
         if expect_model is not None and block.model != expect_model:
-            return Loaded(key, "model", error=f"block of model {block.model!r}, expected {expect_model!r}")
+            return _foreign(key, block, expect_model)
         codec, params, bufs = block.codec, block.params, block.buffers
         if codec.endswith(ZSTD_SUFFIX):  # verified before inflating; the inflated tensors belong to this call
             if not verified:
@@ -399,6 +399,10 @@ def _check(block: Block, bufs: Mapping[str, Any], call: _Call) -> None:
     _compare(block, h)
 
 
+def _foreign(key: str, block: Block, expect_model: str) -> Loaded:
+    return Loaded(key, "model", error=f"block of model {block.model!r}, expected {expect_model!r}")
+
+
 def _failed(key: str, e: Exception) -> Loaded:
     if isinstance(e, BlockFormatError):
         return Loaded(key, "corrupt", error=str(e))
@@ -441,7 +445,7 @@ def _groups(sources: Sequence[Source], threads: int, group_bytes: int) -> list[l
     return out
 
 
-def _stage_cpu(call: _Call, keep: bool, block: Block, codec: str, params, bufs, verified: bool, _exp=None) -> _Staged:
+def _stage_cpu(call: _Call, keep: bool | str, block: Block, codec: str, params, bufs, verified: bool) -> _Staged:
     inflated = block.codec.endswith(ZSTD_SUFFIX)
     if codec == "none" and keep is not True and not inflated:
         # its decode is a view of the payload, so the caller needs a copy anyway: made here, hashed as it is
@@ -543,8 +547,9 @@ def _check_after_copies(call: _Call, device: torch.device, stream, checks: list)
 
 
 def _check_on_device(call: _Call, device: torch.device, checks: list[tuple[int, _Staged, dict]]) -> None:
-    """One ``kernels.wsum`` launch over every buffer of ``checks``'s blocks (on the current, copy, stream,
-    after their copies); a block whose lanes differ from its header's gets a non-zero ``call.flags[i]``."""
+    """One ``kernels.wsum`` launch over every buffer of ``checks``'s blocks, on the current stream (the copy
+    stream after a pool run's copies, or the check stream once it waited for them); a block whose lanes
+    differ from its header's gets a non-zero ``call.flags[i]``."""
     spans, want, idx = [], [], []
     for i, v, expected in checks:
         for n, (a, size) in v.spans.items():
