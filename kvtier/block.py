@@ -30,6 +30,8 @@ from __future__ import annotations
 
 import json
 import math
+import re
+import struct
 from dataclasses import dataclass, field
 from typing import Any, Mapping
 
@@ -46,6 +48,7 @@ MAX_HEADER_BYTES = 64 << 10
 _META_KEY = b"kvtier"
 _ARROW_CONTINUATION = b"\xff\xff\xff\xff"
 _ARROW_EOS = _ARROW_CONTINUATION + b"\0\0\0\0"  # what ``ipc.new_stream(...).close()`` writes last
+_HEX32 = re.compile(r"[0-9a-f]{32}")
 
 DTYPE_SIZES = {"bfloat16": 2, "float16": 2, "float32": 4}
 
@@ -176,21 +179,24 @@ class Block:
             # without this, a stream cut exactly before its 8-byte end marker (or with bytes appended) still parses
             raise BlockFormatError(f"truncated block: {buf.size} bytes that do not end with the Arrow end-of-stream marker")
         try:
-            reader = pa.ipc.open_stream(buf)
-            schema = reader.schema
+            # the stream's two messages read directly (11 us; a stream reader took 25 on the same bytes):
+            # a schema, one record batch, then nothing but the end-of-stream marker checked above
+            rd = pa.BufferReader(buf)
+            first = pa.ipc.read_message(rd)
+            if first.type != "schema":
+                raise BlockFormatError(f"not a block: the Arrow stream starts with a {first.type} message")
+            schema = pa.ipc.read_schema(first)
             names = schema.names  # decodes field names as UTF-8: a flipped byte there raises UnicodeDecodeError
-            batch = reader.read_next_batch()
-            try:
-                reader.read_next_batch()
+            if rd.tell() >= buf.size - 8:
+                raise BlockFormatError("truncated block: the Arrow stream ends before its record batch")
+            batch = pa.ipc.read_record_batch(pa.ipc.read_message(rd), schema)
+            if rd.tell() != buf.size - 8:
                 raise BlockFormatError("not a block: the Arrow stream holds more than one record batch")
-            except StopIteration:
-                pass
             batch.validate(full=True)
         except BlockFormatError:
             raise
-        except StopIteration:
-            raise BlockFormatError("truncated block: the Arrow stream ends before its record batch") from None
-        except (pa.ArrowException, OSError, ValueError, TypeError, IndexError, KeyError, OverflowError) as e:
+        except (pa.ArrowException, OSError, ValueError, TypeError, IndexError, KeyError, OverflowError,
+                UnicodeDecodeError) as e:
             raise BlockFormatError(f"corrupt or truncated block: {type(e).__name__}: {str(e)[:200]}") from None
 
         meta = schema.metadata or {}
@@ -225,7 +231,7 @@ class Block:
             # slice the column's data buffer by its (validated) offsets: a zero-copy view of ``buf``;
             # ``col[0].as_buffer()`` would copy the payload (measured: a new allocation in pyarrow 26)
             _, offsets, data = col.buffers()
-            start, end = np.frombuffer(offsets, dtype="<i8", count=2, offset=8 * col.offset).tolist()
+            start, end = struct.unpack_from("<qq", offsets, 8 * col.offset)
             buffers[name] = data.slice(start, end - start) if data is not None else pa.py_buffer(b"")
         if len(buffers) != len(names):
             raise BlockFormatError("corrupt block: duplicate payload buffer names")
@@ -298,8 +304,8 @@ def _check_sums(sums: Any, buffers: Mapping[str, pa.Buffer]) -> dict[str, tuple[
     out = {}
     for n in sorted(sums):
         v = sums[n]
-        if not (isinstance(v, list) and len(v) == 2 and type(v[0]) is int and isinstance(v[1], str) and len(v[1]) == 32
-                and all(c in "0123456789abcdef" for c in v[1])):
+        if not (isinstance(v, list) and len(v) == 2 and type(v[0]) is int and isinstance(v[1], str)
+                and _HEX32.fullmatch(v[1])):
             raise BlockFormatError(f"corrupt block: payload sum {n!r}={v!r} is not [bytes, 32 hex digits]")
         if v[0] != buffers[n].size:
             raise BlockFormatError(f"corrupt block: payload buffer {n!r} holds {buffers[n].size} bytes, "

@@ -249,6 +249,15 @@ class MixCodec(Codec):
         u8 = {n: t.contiguous().reshape(-1).view(torch.uint8) for n, t in bufs.items()}
         return entropy_layout(u8, layout_widths(dtype)), dict(params, layout=LAYOUT)
 
+    def batch_params(self, params: Mapping[str, Any], k: int) -> Mapping[str, Any] | None:
+        """k blocks concatenated buffer by buffer decode as one block of k * layers layers whose bit table is
+        the block's k times: slabs are layer-major, each width's plane holds its slabs in order, scales, sinks
+        and key weights are per layer (``kvtier.codecs.batch``). Not with the ``+zstd`` byte layout, which
+        shuffles each buffer as a whole."""
+        if params.get("layout") is not None or not isinstance(params.get("bits"), list):
+            return None
+        return {**params, "bits": params["bits"] * k}
+
     def decode(self, buffers: Mapping[str, torch.Tensor], params: Mapping[str, Any],
                shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         layout = params.get("layout")

@@ -58,6 +58,11 @@ class RotCodec(Codec):
             bufs = enc(kv, self.bits, self.seed)
         return bufs, {"bits": self.bits, "seed": self.seed, "rotation": ROTATION}
 
+    def batch_params(self, params: Mapping[str, Any], k: int) -> Mapping[str, Any]:
+        """Every buffer is per row in order of the leading dims: k blocks concatenated are one block of
+        k * layers layers with the same params (``kvtier.codecs.batch``)."""
+        return params
+
     def decode(self, buffers: Mapping[str, torch.Tensor], params: Mapping[str, Any],
                shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         d = shape[-1]

@@ -62,13 +62,13 @@ class GetPath:
         self.last_get = {}  # a get served by the hot tier alone has no phases
         out: list[torch.Tensor | None] = [None] * len(keys)
         need = []
-        for i, key in enumerate(keys):
-            try:
-                out[i] = self.hot.get_kv(key, device, expect_model=self.model)
-            except BlockFormatError as e:
-                self._corrupt(key, "hot", e)
+        for i, (key, kv) in enumerate(zip(keys, self.hot.get_kvs(keys, device, expect_model=self.model))):
+            if isinstance(kv, BlockFormatError):
+                self._corrupt(key, "hot", kv)
                 self.hot.delete(key)
-            if out[i] is None:
+                kv = None
+            out[i] = kv
+            if kv is None:
                 need.append(i)
         self._count("hot", [out[i] for i in range(len(keys)) if out[i] is not None], len(need))
         served = "hot"

@@ -141,17 +141,47 @@ class HostPages:
 
 
 def _clear_cuda_error() -> None:
-    """Reset the CUDA runtime's last error (torch binds no ``cudaGetLastError``): through the libcudart
-    this process already loaded."""
-    import ctypes
+    """Reset the CUDA runtime's last error (torch binds no ``cudaGetLastError``)."""
+    rt = _cudart()
+    if rt is not None:
+        rt.cudaGetLastError()
 
-    try:
-        with open("/proc/self/maps") as f:
-            path = next((ln.split()[-1] for ln in f if "libcudart" in ln and ln.split()[-1].startswith("/")), None)
-        if path is not None:
-            ctypes.CDLL(path).cudaGetLastError()
-    except OSError:
-        pass
+
+def copy_async(dst: int, src: int, size: int, stream: int) -> bool:
+    """``cudaMemcpyAsync`` of ``size`` bytes from host address ``src`` (in registered pages) to device address
+    ``dst`` on ``stream`` (a ``torch.cuda.Stream.cuda_stream``), on the current device; False if the runtime
+    is not reachable or refused it (the caller copies with torch instead). One ctypes call: torch's
+    ``copy_`` of a ``frombuffer`` view cost ~40 us of Python per block (2.8 ms of a 16K-token load, H200)."""
+    rt = _cudart()
+    if rt is None:
+        return False
+    if rt.cudaMemcpyAsync(dst, src, size, 1, stream):  # 1: cudaMemcpyHostToDevice
+        rt.cudaGetLastError()
+        return False
+    return True
+
+
+_RT: list = []
+
+
+def _cudart():
+    """The libcudart this process already loaded (torch's), through ctypes; None if there is none."""
+    if not _RT:
+        import ctypes
+
+        lib = None
+        try:
+            with open("/proc/self/maps") as f:
+                path = next((ln.split()[-1] for ln in f if "libcudart" in ln and ln.split()[-1].startswith("/")), None)
+            if path is not None:
+                lib = ctypes.CDLL(path)
+                lib.cudaMemcpyAsync.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int,
+                                                ctypes.c_void_p]
+                lib.cudaMemcpyAsync.restype = ctypes.c_int
+        except (OSError, AttributeError):
+            lib = None
+        _RT.append(lib)
+    return _RT[0]
 
 
 _SHARED: HostPages | None = None

@@ -15,7 +15,8 @@ that block's memory. On CUDA the payload lives on the GPU and a hit decodes ther
 without crossing PCIe; no host copy is kept. ``+zstd`` blocks are kept inflated
 (the entropy stage is for the cold tier; decoding must not pay it per hit).
 
-Device rule of ``get_kv(key, device)``: the result is on ``device``; ``None``
+Device rule of ``get_kv(key, device)`` (and ``get_kvs``, which decodes a run
+of same-shaped hits in one launch): the result is on ``device``; ``None``
 means the tier's device. Decoding on another device moves the compressed
 buffers there first (fewer bytes than the decoded chunk).
 
@@ -38,6 +39,7 @@ import torch
 
 from kvtier.block import Block
 from kvtier.codecs import TORCH_DTYPES, ZSTD_SUFFIX, _zstd_decompress, decompress, get_codec
+from kvtier.codecs.batch import Item, decode_many
 from kvtier.errors import BlockFormatError
 from kvtier.placement import LRU
 
@@ -231,15 +233,31 @@ class HotTier:
                expect_model: str | None = None) -> torch.Tensor | None:
         """Decode a hit on ``device`` (``None``: this tier's device); None on a miss. An entry of
         another model than ``expect_model`` is a miss (and counted as one)."""
-        entry = self.get(key)
-        if entry is None:
-            return None
-        if expect_model is not None and entry.model != expect_model:
-            with self._lock:
-                self.hits -= 1
-                self.misses += 1
-            return None
-        return entry.decode(self.device if device is None else as_device(device))
+        kv = self.get_kvs([key], device, expect_model)[0]
+        if isinstance(kv, BlockFormatError):
+            raise kv
+        return kv
+
+    def get_kvs(self, keys: list[str], device: str | torch.device | None = None,
+                expect_model: str | None = None) -> list[torch.Tensor | BlockFormatError | None]:
+        """``get_kv`` of each key, a hit that does not decode given as its ``BlockFormatError``. Hits of one
+        codec, shape and params decode in one launch (``kvtier.codecs.batch``: a 16K-token get is 63 blocks)."""
+        device = self.device if device is None else as_device(device)
+        out: list[torch.Tensor | BlockFormatError | None] = [None] * len(keys)
+        hits: list[tuple[int, HotEntry]] = []
+        for i, key in enumerate(keys):
+            entry = self.get(key)
+            if entry is not None and expect_model is not None and entry.model != expect_model:
+                with self._lock:
+                    self.hits -= 1
+                    self.misses += 1
+                entry = None
+            if entry is not None:
+                hits.append((i, entry))
+        items = [Item(e.key, e.codec, e.params, e.shape, TORCH_DTYPES[e.dtype], e.buffers) for _, e in hits]
+        for (i, _), kv in zip(hits, decode_many(items, device, lambda t: hits[t][1].decode(device))):
+            out[i] = kv
+        return out
 
     def delete(self, key: str) -> bool:
         with self._lock:

@@ -74,6 +74,7 @@ import torch
 from kernels import wsum
 from kvtier.block import Block
 from kvtier.codecs import TORCH_DTYPES, ZSTD_SUFFIX, get_codec
+from kvtier.codecs.batch import Item, decode_many
 from kvtier.errors import BlockFormatError, KvtierError
 from kvtier.tiers import host_pages
 from kvtier.tiers.hot import as_device, entry_buffers, owned
@@ -204,15 +205,21 @@ class Loader:
                 break
             if slot:
                 call.inflight.release()
-            if cuda and any(isinstance(w, _Staged) for _, w in done):
-                main.wait_event(next(w for _, w in done if isinstance(w, _Staged)).ready)  # one event per group
+            left -= len(done)
+            staged = []
             for i, what in done:
-                left -= 1
                 if isinstance(what, Loaded):
                     out[i] = what
-                    continue
+                else:
+                    staged.append((i, what))
+            if cuda and staged:
+                main.wait_event(staged[0][1].ready)  # one event per group
+                for (i, _), o in zip(staged, _finish_cuda(keys, staged, device, main, keep_buffers, decode)):
+                    out[i] = o
+                continue
+            for i, what in staged:
                 try:
-                    out[i] = self._finish(keys[i], what, device, main, keep_buffers, decode)
+                    out[i] = self._finish(keys[i], what, device, keep_buffers, decode)
                 except BlockFormatError as e:
                     out[i] = Loaded(keys[i], "corrupt", error=str(e))
         call.stop.set()  # abandoned work (a timeout) stops at its next slice
@@ -337,17 +344,12 @@ class Loader:
         return block, codec, params, bufs, verified, expected
 
     # ---- in the calling thread ---------------------------------------------------------
-    def _finish(self, key: str, v: _Staged, device: torch.device, main, keep: bool, decode: bool) -> Loaded:
-        if device.type == "cpu":
-            # CPU decodes run here: a torch CPU op in a pool thread starts an OpenMP team for that thread, whose
-            # spinning after the op slowed the caller's next forward 50x (a 3 ms tail took 154 ms on 2 cores)
-            kv = _decode(key, v.codec, v.params, v.block, v.decode_from, device, v.private) if decode else None
-            return Loaded(key, "ok", kv, v.block, v.buffers if keep else None, _nbytes(v.block))
-        # ``load`` made ``main`` wait for the group's event: the bytes are there
-        v.dev.record_stream(main)  # allocated on the copy stream, read (and freed) on the current one
-        bufs = {n: v.dev[a:a + s] for n, (a, s) in v.spans.items()}
-        kv = _decode(key, v.codec, v.params, v.block, bufs, device, private=not keep) if decode else None
-        return Loaded(key, "ok", kv, v.block, bufs if keep else None, _nbytes(v.block))
+    def _finish(self, key: str, v: _Staged, device: torch.device, keep: bool, decode: bool) -> Loaded:
+        """CPU: one block decoded. CPU decodes run here: a torch CPU op in a pool thread starts an OpenMP
+        team for that thread, whose spinning after the op slowed the caller's next forward 50x (a 3 ms tail
+        took 154 ms on 2 cores)."""
+        kv = _decode(key, v.codec, v.params, v.block, v.decode_from, device, v.private) if decode else None
+        return Loaded(key, "ok", kv, v.block, v.buffers if keep else None, _nbytes(v.block))
 
     def _stream(self, device: torch.device, role: str = "copy"):
         """One stream per device and role: ``copy`` (host-to-device copies, the pool's checks) and ``check``
@@ -530,8 +532,10 @@ def _send_direct(call: _Call, block: Block, wire: np.ndarray, device: torch.devi
             return None  # not a slice of these bytes (cannot happen for a parsed wire): stage it
         spans[n] = (off, b.size)
     dev = torch.empty(max(wire.nbytes, 1), dtype=torch.uint8, device=device)
-    for _, size, o in pieces:
-        dev[o:o + size].copy_(_u8(wire[o:o + size]), non_blocking=True)
+    d0, stream = dev.data_ptr(), call.copy.cuda_stream
+    for addr, size, o in pieces:
+        if not host_pages.copy_async(d0 + o, addr, size, stream):
+            dev[o:o + size].copy_(_u8(wire[o:o + size]), non_blocking=True)
     v = _Staged(block, block.codec, block.params)
     v.spans, v.dev = spans, dev
     return v
@@ -631,6 +635,27 @@ def _u8(b) -> torch.Tensor:
     with warnings.catch_warnings():  # read-only memory (Arrow, object store): only read here
         warnings.simplefilter("ignore", UserWarning)
         return torch.frombuffer(memoryview(b), dtype=torch.uint8)
+
+
+def _finish_cuda(keys: Sequence[str], staged: list[tuple[int, _Staged]], device: torch.device, main, keep: bool,
+                 decode: bool) -> list[Loaded]:
+    """A run's blocks, their bytes on the device (``load`` made ``main`` wait for the run's event), decoded
+    on ``main``: same-shaped blocks in one launch (``kvtier.codecs.batch``)."""
+    items = []
+    for i, v in staged:
+        v.dev.record_stream(main)  # allocated on the copy stream, read (and freed) on the current one
+        bufs = {n: v.dev[a:a + s] for n, (a, s) in v.spans.items()}
+        items.append(Item(keys[i], v.codec, v.params, tuple(v.block.shape), TORCH_DTYPES[v.block.dtype], bufs))
+    kvs = decode_many(items, device, lambda t: _decode(items[t].key, items[t].codec, items[t].params,
+                                                       staged[t][1].block, items[t].buffers, device,
+                                                       private=not keep)) if decode else [None] * len(items)
+    out = []
+    for (i, v), it, kv in zip(staged, items, kvs):
+        if isinstance(kv, BlockFormatError):
+            out.append(Loaded(keys[i], "corrupt", error=str(kv)))
+        else:
+            out.append(Loaded(keys[i], "ok", kv, v.block, it.buffers if keep else None, _nbytes(v.block)))
+    return out
 
 
 def _decode(key: str, codec: str, params, block: Block, bufs: Mapping[str, torch.Tensor] | None,
