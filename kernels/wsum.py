@@ -118,15 +118,15 @@ def _wsum_kernel(rows_ptr, out_ptr, S0: tl.constexpr, S1: tl.constexpr, CH: tl.c
 
 def plan(spans: list[tuple[int, int]]) -> tuple[np.ndarray, np.ndarray]:
     """The kernel's table for buffers at (device address, bytes): rows of (address, length, offset in the
-    buffer) of at most ``CHUNK`` bytes, and each row's buffer index (int64 arrays)."""
-    rows, seg = [], []
-    for s, (addr, size) in enumerate(spans):
-        j0 = np.arange(0, size, CHUNK, dtype=np.int64)
-        rows.append(np.stack([addr + j0, np.minimum(CHUNK, size - j0), j0], axis=1))
-        seg.append(np.full(len(j0), s, dtype=np.int64))
-    if not rows:
+    buffer) of at most ``CHUNK`` bytes, and each row's buffer index (int64 arrays). Vectorized: a loop of
+    numpy calls per buffer cost ~2 ms for the 189 buffers of a 16K-token rot4 get (H200 host)."""
+    if not spans:
         return np.zeros((0, 3), np.int64), np.zeros(0, np.int64)
-    return np.concatenate(rows), np.concatenate(seg)
+    addr, size = np.array(spans, dtype=np.int64).reshape(-1, 2).T
+    n = -(-size // CHUNK)
+    seg = np.repeat(np.arange(len(spans), dtype=np.int64), n)
+    j0 = (np.arange(int(n.sum()), dtype=np.int64) - np.repeat(np.cumsum(n) - n, n)) * CHUNK
+    return np.stack([addr[seg] + j0, np.minimum(CHUNK, size[seg] - j0), j0], axis=1), seg
 
 
 def sums_triton(spans: list[tuple[int, int]], device: torch.device) -> torch.Tensor:

@@ -6,7 +6,8 @@ laid out layer-major (every buffer is its rows in order of the leading dimension
 without a ``+zstd`` byte layout) says so with ``batch_params(params, k)``: the params that decode the k
 blocks' buffers concatenated as one block of ``k * layers`` layers. ``decode_many`` concatenates each buffer
 on the device (one copy of the compressed bytes, cheap beside the decode's output), decodes once and hands
-out ``out[j]``: views of one fresh tensor, never of a cached buffer.
+out ``out[j]``: views of one fresh tensor, never of a cached buffer. At most ``MAX_BATCH_BYTES`` of compressed
+bytes are concatenated per launch, so the transient copy stays small beside the decoded output.
 
 A run that does not batch (one block, another codec, a decode error) is decoded block by block, so a bad
 block fails alone and names itself.
@@ -21,6 +22,8 @@ import torch
 
 from kvtier.codecs import get_codec
 from kvtier.errors import BlockFormatError
+
+MAX_BATCH_BYTES = 256 << 20  # compressed bytes concatenated for one launch (a 16K-token rot4 get: 3 launches)
 
 
 @dataclass
@@ -47,15 +50,18 @@ def decode_many(items: Sequence[Item], device: torch.device,
         j = i + 1
         while j < len(items) and _same(items[i], items[j]):
             j += 1
-        got = _batch(items[i:j], device) if j - i > 1 else None
-        if got is None:
-            got = []
-            for t in range(i, j):
-                try:
-                    got.append(one(t))
-                except BlockFormatError as e:
-                    got.append(e)
-        out += got
+        per = max(1, MAX_BATCH_BYTES // max(1, sum(t.numel() for t in items[i].buffers.values())))
+        for a in range(i, j, per):  # the concatenated copy is at most MAX_BATCH_BYTES
+            b = min(j, a + per)
+            got = _batch(items[a:b], device) if b - a > 1 else None
+            if got is None:
+                got = []
+                for t in range(a, b):
+                    try:
+                        got.append(one(t))
+                    except BlockFormatError as e:
+                        got.append(e)
+            out += got
         i = j
     return out
 
@@ -78,7 +84,9 @@ def _batch(group: Sequence[Item], device: torch.device) -> list[torch.Tensor] | 
     params = rule(first.params, k) if rule is not None else None
     if params is None:
         return None
-    if any(t.dtype != torch.uint8 or t.dim() != 1 or t.device != device for it in group for t in it.buffers.values()):
+    if any(t.dtype != torch.uint8 or t.dim() != 1 or t.device.type != device.type
+           or (device.index is not None and t.device.index != device.index)
+           for it in group for t in it.buffers.values()):
         return None
     shape = (k * first.shape[0], *first.shape[1:])
     try:
