@@ -139,9 +139,11 @@ def sums_triton(spans: list[tuple[int, int]], device: torch.device) -> torch.Ten
     rows, seg = plan(spans)
     out = torch.zeros((len(spans), 2), dtype=torch.int64, device=device)
     if len(rows):
-        cuda = device.type == "cuda"  # pinned, async: a pageable copy would wait for the whole stream's work
-        table, seg_t = (torch.from_numpy(a).pin_memory().to(device, non_blocking=True) if cuda
-                        else torch.from_numpy(a) for a in (rows, seg))
+        # one pinned, async copy of both: a pageable copy would wait for the whole stream's work
+        both = torch.from_numpy(np.concatenate([rows.reshape(-1), seg]))
+        if device.type == "cuda":
+            both = both.pin_memory().to(device, non_blocking=True)
+        table, seg_t = both[:rows.size].view(-1, 3), both[rows.size:]
         part = torch.empty((len(rows), 2), dtype=torch.int64, device=device)
         _wsum_kernel[(len(rows),)](table, part, S0=SEEDS[0], S1=SEEDS[1], CH=CHUNK, BLOCK=_BLOCK)
         out.index_add_(0, seg_t, part)

@@ -195,6 +195,8 @@ class Block:
             batch.validate(full=True)
         except BlockFormatError:
             raise
+        except EOFError:  # read_message met the end-of-stream marker where a message should be
+            raise BlockFormatError("truncated block: the Arrow stream ends before its record batch") from None
         except (pa.ArrowException, OSError, ValueError, TypeError, IndexError, KeyError, OverflowError,
                 UnicodeDecodeError) as e:
             raise BlockFormatError(f"corrupt or truncated block: {type(e).__name__}: {str(e)[:200]}") from None

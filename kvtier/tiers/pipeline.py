@@ -567,7 +567,8 @@ def _check_on_device(call: _Call, device: torch.device, checks: list[tuple[int, 
             want.append([x - (1 << 64) if x >= 1 << 63 else x for x in expected[n]])
             idx.append(i)
     got = wsum.sums_triton(spans, device)
-    want_t, idx_t = (torch.tensor(x, dtype=torch.int64).pin_memory().to(device, non_blocking=True) for x in (want, idx))
+    both = torch.tensor([x for w in want for x in w] + idx, dtype=torch.int64).pin_memory().to(device, non_blocking=True)
+    want_t, idx_t = both[:2 * len(idx)].view(-1, 2), both[2 * len(idx):]
     call.flags.index_add_(0, idx_t, (got != want_t).any(1).to(torch.int32))
     call.checked = True
 

@@ -118,6 +118,22 @@ def test_every_truncation_is_rejected(wire):
             Block.from_arrow(wire[:n])
 
 
+def test_streams_of_the_wrong_message_count_are_rejected(wire):
+    rd = pa.BufferReader(wire)
+    pa.ipc.read_message(rd)
+    schema_end = rd.tell()
+    eos = wire[-8:]
+    batch = wire[schema_end:-8]
+    with pytest.raises(BlockFormatError, match="truncated"):  # the schema, then the end marker
+        Block.from_arrow(wire[:schema_end] + eos)
+    with pytest.raises(BlockFormatError, match="more than one record batch"):
+        Block.from_arrow(wire[:schema_end] + batch + batch + eos)
+    with pytest.raises(BlockFormatError, match="starts with a"):  # a record batch where the schema should be
+        Block.from_arrow(batch + eos)
+    with pytest.raises(BlockFormatError, match="truncated"):  # an end marker where the batch's length says more
+        Block.from_arrow(wire[:schema_end] + eos + eos)
+
+
 def test_appended_bytes_are_rejected(wire):
     with pytest.raises(BlockFormatError, match="end-of-stream"):
         Block.from_arrow(wire + b"\x00" * 8)
