@@ -40,3 +40,17 @@ def test_ranges_are_cut_at_window_boundaries_inside_the_mapping():
     got = split((lo, hi), lo + WINDOW - 8, WINDOW + 16)
     assert got == [(lo + WINDOW - 8, 8, 0), (lo + WINDOW, WINDOW, 8), (lo + 2 * WINDOW, 8, WINDOW + 8)]
     assert sum(n for _, n, _ in got) == WINDOW + 16
+
+
+def test_copy_async_declines_without_a_cuda_runtime_and_copies_with_one():
+    import torch
+
+    if not torch.cuda.is_available():
+        assert host_pages.copy_async(0, 0, 16, 0) is False  # no libcudart loaded: the caller copies with torch
+        return
+    src = torch.arange(256, dtype=torch.uint8).pin_memory()
+    dst = torch.zeros(256, dtype=torch.uint8, device="cuda")
+    s = torch.cuda.current_stream()
+    assert host_pages.copy_async(dst.data_ptr(), src.data_ptr(), 256, s.cuda_stream) is True
+    s.synchronize()
+    assert torch.equal(dst.cpu(), src)
