@@ -77,11 +77,11 @@ def init(address: str | None = None, namespace: str = DEFAULT_NAMESPACE,
                 # address="local" + a temp dir of its own: never join (or trip over) another Ray on this machine,
                 # whose default /tmp/ray would make ray.init connect to it and refuse num_cpus
                 _temp_dir = tempfile.mkdtemp(prefix="kvtier-ray-", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
-                ray.init(address="local", num_cpus=2, include_dashboard=False, namespace=namespace,
-                         log_to_driver=False, _temp_dir=_temp_dir)
+                _ray_init(address="local", num_cpus=2, include_dashboard=False, namespace=namespace,
+                          log_to_driver=False, _temp_dir=_temp_dir)
                 _embedded = True
             else:
-                ray.init(address=address or "auto", namespace=namespace)
+                _ray_init(address=address or "auto", namespace=namespace)
                 _connected_ray = True
         controller = controller_handle(cfg, namespace)
         try:
@@ -177,6 +177,25 @@ def prefetch(keys: str | Sequence[str]):
 def delete(keys: str | Sequence[str]) -> int:
     keys, _ = _as_list(keys)
     return _get_client().delete(keys)
+
+
+def _ray_init(**kwargs: Any) -> None:
+    """``ray.init`` with Python's ``random`` freshly seeded for it, then restored. Ray draws its GCS pubsub
+    subscriber ids from ``random`` (ray/_private/gcs_pubsub.py), and a serving engine seeds ``random``
+    before its KV connector connects (vLLM's workers: ``seed=0``), so two engines' workers subscribed under
+    the same id and evicted each other's long polls: 2,000-3,600 polls a second at the GCS with both idle,
+    which made one engine prefill 2-3x and decode ~4x slower on 2 cores (`kvtier demo`). The caller's
+    random state is put back: its sampling stays reproducible."""
+    import random
+
+    import ray
+
+    state = random.getstate()
+    random.seed(secrets.token_bytes(16))
+    try:
+        ray.init(**kwargs)
+    finally:
+        random.setstate(state)
 
 
 def flush(timeout_s: float | None = None) -> bool:

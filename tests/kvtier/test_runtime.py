@@ -59,6 +59,22 @@ def warm_only(ray_session):
         yield info
 
 
+def test_ray_init_gets_its_own_randomness_and_puts_the_callers_back(monkeypatch):
+    """Ray draws its GCS subscriber ids from ``random``; an engine that seeded it (vLLM: seed=0) must not make two
+    processes subscribe under one id (they evicted each other's polls thousands of times a second)."""
+    import random
+
+    import ray
+
+    drawn = []
+    monkeypatch.setattr(ray, "init", lambda **kw: drawn.append(random.getrandbits(224)))
+    for _ in range(2):  # two "engines", both seeded alike
+        random.seed(0)
+        api._ray_init(address="auto")
+        assert random.getrandbits(32) == random.Random(0).getrandbits(32), "the caller's random state is restored"
+    assert drawn[0] != drawn[1] and random.Random(0).getrandbits(224) not in drawn
+
+
 def test_bad_config_is_rejected_naming_the_value():
     with pytest.raises(ValueError, match="warm_bytes='lots'"):
         kvtier.init(config={"warm_bytes": "lots"})
