@@ -149,6 +149,41 @@ def engine(folder: str, plan: Plan, tier: dict, namespace: str, address: str):
                kv_transfer_config=kv)
 
 
+def start_engines(folder: str, plan: Plan, tier: dict, namespace: str, address: str, times: dict, say,
+                  timeout_s: float = 600.0) -> dict:
+    """Both engines at once, one thread each: an ``LLM``'s start-up is its EngineCore subprocess loading the
+    model and profiling, so on 2 cores two of them overlap (75 s one after the other here). Every engine that
+    came up is registered for ``_stop`` even when the other failed; the first error is raised."""
+    engines: dict = {}
+    errors: dict = {}
+    t0 = time.perf_counter()
+
+    def one(name: str) -> None:
+        try:
+            llm = engine(folder, plan, tier, namespace, address)
+        except BaseException as e:  # noqa: BLE001 - re-raised by the caller's thread below
+            errors[name] = e
+            return
+        engines[name] = llm
+        _started["engines"].append(llm)
+        times[f"engine {name}"] = time.perf_counter() - t0
+        say(f"      engine {name} up in {times[f'engine {name}']:.1f} s")
+
+    threads = [threading.Thread(target=one, args=(n,), name=f"demo-engine-{n}", daemon=True) for n in ENGINES]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=max(0.0, timeout_s - (time.perf_counter() - t0)))
+    if errors:
+        name, e = next(iter(errors.items()))
+        raise RuntimeError(f"engine {name} did not start: {type(e).__name__}: {e}") from e
+    late = [th.name for th in threads if th.is_alive()]
+    if late:
+        raise RuntimeError(f"{', '.join(late)} still starting after {timeout_s:.0f} s")
+    times["engines (together)"] = time.perf_counter() - t0
+    return {n: engines[n] for n in ENGINES}
+
+
 def generate(llm, ids: list[int], max_tokens: int, salt: str, kvtier_on: bool = True) -> dict:
     """One greedy request: first-token latency (vLLM's own: arrival to first token), tokens, cached tokens.
     ``kvtier_on=False``: the connector neither looks up, loads nor saves for it (the recompute baseline)."""
@@ -370,23 +405,16 @@ def _run(a: argparse.Namespace, plan: Plan, out: Path, started: float, command: 
     tier_thread = threading.Thread(target=start_tier, name="demo-tier", daemon=True)
     tier_thread.start()
 
-    say("[3/4] engines: vLLM A and B with kvtier's connector (each request's recompute baseline runs on the "
-        "same engine with the connector off for it)")
-    engines = {}
-    for name in ENGINES:
-        t = time.perf_counter()
-        engines[name] = engine(folder, plan, tier, "kvtier-demo", address)
-        _started["engines"].append(engines[name])
-        times[f"engine {name}"] = time.perf_counter() - t
-        say(f"      engine {name} up in {times[f'engine {name}']:.1f} s")
-        if name == ENGINES[0]:
-            tier_thread.join(timeout=300)
-            if tier_thread.is_alive() or "error" in tier_up:
-                raise RuntimeError(f"the tier did not start: {tier_up.get('error', 'still starting after 300 s')}")
-            times["tier (overlapping engine A)"] = tier_up["s"] - times["ray"]
-            say(f"      tier up {tier_up['s']:.1f} s after the start of Ray (overlapping engine A); codec {a.codec}, "
-                f"{C}-token chunks of {block / 2**20:.2f} MiB ({raw / block:.1f}x smaller than fp32), warm "
-                f"{WARM_CHUNKS} blocks over {SHARDS} shards, cold {out / 'cold'}")
+    say("[3/4] engines: vLLM A and B with kvtier's connector, started together (each request's recompute "
+        "baseline runs on the same engine with the connector off for it)")
+    engines = start_engines(folder, plan, tier, "kvtier-demo", address, times, say)
+    tier_thread.join(timeout=300)
+    if tier_thread.is_alive() or "error" in tier_up:
+        raise RuntimeError(f"the tier did not start: {tier_up.get('error', 'still starting after 300 s')}")
+    times["tier (overlapping the engines)"] = tier_up["s"] - times["ray"]
+    say(f"      tier up {tier_up['s']:.1f} s after the start of Ray (overlapping the engines); codec {a.codec}, "
+        f"{C}-token chunks of {block / 2**20:.2f} MiB ({raw / block:.1f}x smaller than fp32), warm "
+        f"{WARM_CHUNKS} blocks over {SHARDS} shards, cold {out / 'cold'}")
     t = time.perf_counter()
     # warm-up, not measured: an engine's first forward costs ~1 s more than later ones (allocation, kernel
     # choice); the connector's first lookup/put also connects. Its own salt keeps it out of the workload's keys
