@@ -11,6 +11,16 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from rayfixture import ray_session  # noqa: E402,F401
 
 
+@pytest.fixture(autouse=True)
+def _no_load_outlives_its_test():
+    """A test that failed before stopping its ``tierkit.Load`` must not leave it running into later tests."""
+    yield
+    from tierkit import stop_all
+
+    hung = stop_all()
+    assert hung == [], f"load threads still inside a call 30 s after their test: {hung}"
+
+
 @pytest.fixture(scope="module")
 def cluster(request):
     """An S3 server first, its credentials in the environment, then the module's Ray, whose worker

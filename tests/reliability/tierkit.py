@@ -29,6 +29,7 @@ SHAPE = (2, 2, 2, 256, 64)  # layers, K/V, kv heads, tokens, head_dim: 256 KiB r
 _ns = itertools.count()
 _kv_cache: dict[tuple[str, int], torch.Tensor] = {}
 _lock = threading.Lock()
+_running: list["Load"] = []  # started and not stopped: ``stop_all`` ends them after every test
 
 
 def kv_of(tag: str, i: int) -> torch.Tensor:
@@ -47,6 +48,15 @@ def fresh_kv(tag: str, i: int) -> torch.Tensor:
     process and thrashed the 24 GB box)."""
     g = torch.Generator().manual_seed(hash_seed(tag) + i)
     return torch.randn(SHAPE, generator=g)
+
+
+def stop_all(join_s: float = 30.0) -> list[str]:
+    """Stop every load a test left running (it failed before its ``stop``): left on, a failed test's three
+    threads kept putting through every later module and made the rest of the suite ~10x slower and fail.
+    Returns the threads still in a call after ``join_s``."""
+    with _lock:
+        loads = list(_running)
+    return [name for load in loads for name in load.stop(join_s)]
 
 
 def hash_seed(tag: str) -> int:
@@ -128,6 +138,8 @@ class Load:
                          for w in range(self.threads)]
 
     def start(self) -> "Load":
+        with _lock:
+            _running.append(self)
         for t in self._workers:
             t.start()
         return self
@@ -135,6 +147,9 @@ class Load:
     def stop(self, join_s: float) -> list[str]:
         """Stop the threads; the names of any still inside a call after ``join_s`` (a hang)."""
         self._stop.set()
+        with _lock:
+            if self in _running:
+                _running.remove(self)
         end = time.monotonic() + join_s
         for t in self._workers:
             t.join(max(0.0, end - time.monotonic()))
