@@ -90,7 +90,9 @@ def test_warm_shard_killed_during_mixed_load(cluster, tmp_path):
 
         # the controller's monitor (1 s period) sees the dead shard and forgets its warm-only blocks
         forgotten = wait_for(lambda: lost_now() and kvtier.lookup([k[i] for i in lost_now()]) == 0
-                             and time.monotonic(), timeout=30, what="the dead shard's blocks forgotten") - t_kill
+                             and time.monotonic(), timeout=30,
+                             what="the dead shard's warm-only blocks forgotten (or: the load demoted every one of them "
+                                  "to cold before the kill, leaving none to lose)") - t_kill
         lost = lost_now()
         saved += [i for i in warm_only if i not in lost]  # demoted before the kill: their cold copy serves them
         # Ray restarts the shard (max_restarts=-1): a new put to it round-trips again
