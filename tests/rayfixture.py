@@ -49,6 +49,11 @@ def ray_session():
     try:
         yield ray.get_runtime_context().gcs_address
     finally:
+        from kvtier.runtime import api
+
+        # a test that failed before its kvtier.shutdown() left a client: its threads must stop before Ray
+        # does (one inside a Ray call at ray.shutdown() ends pytest with exit 1 and nothing printed)
+        api.shutdown(stop=False)
         ray.shutdown()
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, Sequence
 
 import ray
@@ -69,6 +69,7 @@ class Client(PutPath, GetPath):
         self.store = StoreQueue(self._store_batch, STORE_QUEUE_BYTES, timeout_s=max(60.0, 4 * self.timeout),
                                 max_batch_bytes=max(1, self.cfg.shard_bytes // 8))
         self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvtier-prefetch")
+        self._prefetching: set[Future] = set()
         self._lock = threading.Lock()
         self._reconnected = 0.0
         self._failed: list[str] = []  # keys whose store failed since the last flush (flush raises naming them)
@@ -99,8 +100,8 @@ class Client(PutPath, GetPath):
         while not self._closing.is_set():
             woken = self._wake.wait(SYNC_S)
             self._wake.clear()
-            if self._closing.is_set():
-                return
+            if self._closing.is_set() or not ray.is_initialized():
+                return  # a call into a Ray being shut down ends the whole process (the core worker's exit)
             self._report(force=woken)  # unforced: at most once a second (hot hits alone)
             if self.locations.sync_due(SYNC_S):
                 _, since, inc = self.locations.take(())
@@ -221,11 +222,16 @@ class Client(PutPath, GetPath):
                 log.warning("kvtier: %s (errors so far: %d)", msg, self.counters["errors"])
 
     def close(self) -> None:
+        """Stop this client's threads (each joined, bounded by the RPC timeout) and send what it holds.
+        Call it before ``ray.shutdown()``: a thread of this client still inside a Ray call while Ray shuts
+        down makes Ray's core worker end the process (``_exit(1)``, nothing printed)."""
         self._closing.set()
         self._wake.set()
+        self._syncer.join(self.timeout + 1.0)
         self.store.close(timeout_s=self.timeout)
         self._report(force=True)
         self.locations.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
+        wait(list(self._prefetching), timeout=self.timeout + 1.0)
         self.loader.close()
         self.hot.clear()

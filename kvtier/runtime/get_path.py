@@ -301,7 +301,10 @@ class GetPath:
             loaded = self._load(missing, self.hot.device, decode=False)[0] if missing and self.hot.capacity else {}
             return len(keys) - len(missing) + len(loaded)
 
-        return self._pool.submit(pull)
+        fut = self._pool.submit(pull)
+        self._prefetching.add(fut)  # close() waits for these (bounded): none may be inside Ray at its shutdown
+        fut.add_done_callback(self._prefetching.discard)
+        return fut
 
     def _count(self, tier: str, hits: list, misses: int) -> None:
         """One definition of a hit: a block served from ``tier``; counted in blocks and tokens, for
@@ -323,7 +326,7 @@ class GetPath:
         controller is a threaded actor (no order between one caller's calls), so its answer could predate
         the report (a warm hit missing from the figures, seen under load in tests/kvtier/test_runtime.py)."""
         now = time.monotonic()
-        if not force and now - self._reported_at < 1.0:
+        if (not force and now - self._reported_at < 1.0) or not ray.is_initialized():
             return
         try:
             with self._report_lock:  # taken and sent as one step (a stats() call waits for a sync thread's send)
