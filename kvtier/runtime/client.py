@@ -189,6 +189,8 @@ class Client(PutPath, GetPath):
         from kvtier.runtime.api import controller_handle  # late: api imports this module
 
         with self._lock:
+            if self.store.closed:  # closed: a late call of its store thread must not make a stopped tier again
+                return
             if time.monotonic() - self._reconnected < 1.0:
                 return  # another thread just did
             self._reconnected = time.monotonic()
@@ -228,7 +230,9 @@ class Client(PutPath, GetPath):
         self._closing.set()
         self._wake.set()
         self._syncer.join(self.timeout + 1.0)
-        self.store.close(timeout_s=self.timeout)
+        if not self.store.close(timeout_s=self.timeout):
+            log.warning("kvtier: the store thread is still in a call %.0f s after close; Ray must not be shut "
+                        "down under it", self.timeout)
         self._report(force=True)
         self.locations.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)

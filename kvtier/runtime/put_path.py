@@ -122,16 +122,18 @@ class PutPath:
             if not failed:
                 break
             self._error(f"{why}; {len(failed)} blocks not stored (attempt {attempt + 1} of 2)")
-            self._refresh_shards()
             todo = failed
-        else:
+            if self.store.closed:  # the client is closing: no retry, no call that could outlive its close
+                break
+            self._refresh_shards()
+        if failed:
             lost = [puts[i] for i in todo]
             for p in lost:  # not stored: this process must not serve it (unless a newer put of the key is queued)
                 if self.store.pending(p.key) is p or self.store.pending(p.key) is None:
                     self.hot.delete(p.key)
             with self._lock:
                 self._failed += [p.key for p in lost]
-        if self.cold is not None:
+        if self.cold is not None and not self.store.closed:
             wt = [(p, v) for p, v in zip(puts, versions) if v and p.write_through]
             if wt:
                 self._write_through([p for p, _ in wt], [v for _, v in wt])

@@ -143,13 +143,32 @@ class StoreQueue:
                 self._cv.wait(left)
             return True
 
-    def close(self, timeout_s: float = 5.0) -> None:
-        """Send what is queued (within ``timeout_s``), then stop the worker."""
+    @property
+    def closed(self) -> bool:
+        """True once ``close`` gave up waiting: a sender checks it to skip retries and follow-up calls."""
+        return self._closed
+
+    def close(self, timeout_s: float = 5.0) -> bool:
+        """Send what is queued (within ``timeout_s``), then stop the worker: blocks still queued then are
+        dropped (the caller is going away), the batch in flight ends within the sender's own bound (it skips
+        retries once ``closed``) and is waited for up to ``timeout_s`` more. True if the worker stopped: no
+        thread of this queue is left inside a remote call (one inside Ray at ``ray.shutdown()`` ends the
+        process). Dropped blocks count as done, so no ``flush`` waits on them."""
         self.flush(timeout_s)
         with self._cv:
             self._closed = True
+            dropped = [p for entry in self._queue for p in entry]
+            self._queue.clear()
+            for p in dropped:
+                if self._pending.get(p.key) is p:
+                    del self._pending[p.key]
+            self._bytes -= sum(p.nbytes for p in dropped)
+            self._done_n += len(dropped)
             self._cv.notify_all()
+        if dropped:
+            log.warning("kvtier: closing with %d blocks not yet stored: dropped", len(dropped))
         self._thread.join(timeout_s)
+        return not self._thread.is_alive()
 
     # ---- the worker thread -----------------------------------------------
     def _next_batch(self) -> list[Pending]:

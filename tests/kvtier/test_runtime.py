@@ -200,6 +200,20 @@ def test_hot_tier_serves_repeats_and_prefetch_fills_it(ray_session):
         assert bound[0] in api._get_client().hot and bound[1] in api._get_client().hot
 
 
+def test_shutdown_leaves_no_thread_of_the_client_in_a_call(ray_session):
+    """kvtier.shutdown() joins the client's sync and store threads (and waits for its prefetches): a thread
+    left inside a Ray call when Ray shuts down ends the process with exit 1 and nothing printed (CI, twice)."""
+    with tier(hot_bytes="16MiB"):
+        client = api._get_client()
+        k = keys_of(6, model="close")
+        kvtier.put(k, [kv_of(i) for i in range(6)])  # still queued for the shards when shutdown starts
+        fut = kvtier.prefetch(k[:2])
+        threads = [client._syncer, client.store._thread]
+        assert all(t.is_alive() for t in threads)
+    assert not any(t.is_alive() for t in threads), [t.name for t in threads if t.is_alive()]
+    assert fut.done() and client.store.closed and client.store.queued_bytes() == 0
+
+
 def test_warm_budget_drops_lru_without_cold_tier(ray_session):
     one = kvtier.compress(kv_of(0), "none", key=keys_of(1)[0]).nbytes
     with tier(hot_bytes=0, num_shards=1, warm_bytes=3 * one):

@@ -156,3 +156,29 @@ def test_flush_waits_for_what_was_queued_before_it_not_for_later_puts():
     stop.set()
     t.join(5)
     q.close()
+
+
+def test_close_is_bounded_drops_what_is_left_and_stops_its_thread():
+    """A close that cannot send everything in time drops the rest and leaves no thread in a send: one
+    inside a Ray call at ray.shutdown() ends the whole process (seen in CI, exit 1, nothing printed)."""
+    started, gate, sent, closed_seen = threading.Event(), threading.Event(), [], []
+
+    def send(batch):
+        started.set()
+        gate.wait(5)
+        closed_seen.append(q.closed)  # what a sender checks before retrying
+        sent.extend(p.key for p in batch)
+
+    q = StoreQueue(send, max_bytes=1000, timeout_s=5, max_batch=1)
+    q.submit(items("a", "b", "c"))
+    assert started.wait(5)
+    threading.Timer(2.0, gate.set).start()  # "a" ends well after the close gave up (0.2 s flush + 0.2 s join)
+    t0 = time.monotonic()
+    assert q.close(timeout_s=0.2) is False, "the sender is still in its call: close says so"
+    assert time.monotonic() - t0 < 1.5, "close is bounded by its timeout, not by the send"
+    q._thread.join(5)
+    assert not q._thread.is_alive()
+    assert sent == ["a"] and closed_seen == [True], "the batch in flight ends; the queued ones are dropped"
+    assert q.pending("b") is None and q.queued_bytes() == 0 and q.flush(0.1), "dropped blocks count as done"
+    with pytest.raises(KvtierError, match="closed"):
+        q.submit(items("d"))
