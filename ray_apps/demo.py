@@ -4,11 +4,15 @@
 
 It starts an embedded tier (a local Ray with the controller, 2 warm shards and
 a cold directory under ``--out``) and two vLLM engines on SmolLM2-135M
-(``kvtier.model``'s cached copy), each an ``LLM`` in this process with its
-EngineCore in a subprocess. Both run with kvtier's connector (``kvtier.vllm``)
-and share the tier: requests alternate between them, so every reuse of a
-prefix the other engine computed goes through the tier (vLLM's own prefix
-cache is off, so every cached token in the table came from kvtier).
+(``kvtier.model``'s cached copy). Engine A runs wholly in this process (vLLM's
+in-process engine core, ``VLLM_ENABLE_V1_MULTIPROCESSING=0``: ~5-10 s to start
+instead of ~20-40 s of EngineCore and worker subprocesses importing vLLM and
+torch); engine B runs as vLLM's default, an EngineCore and a worker process
+(vLLM keeps one KV connector per process: two engines with connectors cannot
+share one). Both run with kvtier's connector (``kvtier.vllm``) and share the
+tier: requests alternate between them, so every reuse of a prefix the other
+engine computed goes through the tier (vLLM's own prefix cache is off, so
+every cached token in the table came from kvtier).
 
 Each request is first run as a plain recompute on the same engine, with the
 connector switched off for that request (``kv_transfer_params`` ``{"kvtier":
@@ -149,39 +153,28 @@ def engine(folder: str, plan: Plan, tier: dict, namespace: str, address: str):
                kv_transfer_config=kv)
 
 
-def start_engines(folder: str, plan: Plan, tier: dict, namespace: str, address: str, times: dict, say,
-                  timeout_s: float = 600.0) -> dict:
-    """Both engines at once, one thread each: an ``LLM``'s start-up is its EngineCore subprocess loading the
-    model and profiling, so on 2 cores two of them overlap (75 s one after the other here). Every engine that
-    came up is registered for ``_stop`` even when the other failed; the first error is raised."""
+def start_engines(folder: str, plan: Plan, tier: dict, namespace: str, address: str, times: dict, say) -> dict:
+    """A in this process, then B in vLLM's subprocesses (vLLM reads ``VLLM_ENABLE_V1_MULTIPROCESSING`` while it
+    builds an engine, so one after the other). Each one that came up is registered for ``_stop`` even when the
+    other fails. Every other setting of ``os.environ`` is left as the caller had it."""
     engines: dict = {}
-    errors: dict = {}
-    t0 = time.perf_counter()
-
-    def one(name: str) -> None:
+    before = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
+    for name, in_process in zip(ENGINES, (True, False)):
+        t0 = time.perf_counter()
+        os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0" if in_process else "1"
         try:
-            llm = engine(folder, plan, tier, namespace, address)
-        except BaseException as e:  # noqa: BLE001 - re-raised by the caller's thread below
-            errors[name] = e
-            return
-        engines[name] = llm
-        _started["engines"].append(llm)
+            engines[name] = engine(folder, plan, tier, namespace, address)
+        except Exception as e:
+            raise RuntimeError(f"engine {name} did not start: {type(e).__name__}: {e}") from e
+        finally:
+            if before is None:
+                os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
+            else:
+                os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = before
+        _started["engines"].append(engines[name])
         times[f"engine {name}"] = time.perf_counter() - t0
         say(f"      engine {name} up in {times[f'engine {name}']:.1f} s")
-
-    threads = [threading.Thread(target=one, args=(n,), name=f"demo-engine-{n}", daemon=True) for n in ENGINES]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(timeout=max(0.0, timeout_s - (time.perf_counter() - t0)))
-    if errors:
-        name, e = next(iter(errors.items()))
-        raise RuntimeError(f"engine {name} did not start: {type(e).__name__}: {e}") from e
-    late = [th.name for th in threads if th.is_alive()]
-    if late:
-        raise RuntimeError(f"{', '.join(late)} still starting after {timeout_s:.0f} s")
-    times["engines (together)"] = time.perf_counter() - t0
-    return {n: engines[n] for n in ENGINES}
+    return engines
 
 
 def generate(llm, ids: list[int], max_tokens: int, salt: str, kvtier_on: bool = True) -> dict:
@@ -281,6 +274,9 @@ def _plan(a: argparse.Namespace) -> Plan:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = _parser().parse_args(argv)
+    # the engines run in this process: vLLM's INFO lines (each engine's config, a stats line every 5 s) would
+    # interleave with the table. Set before anything imports vLLM; a caller's own setting wins
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     try:
         plan = _plan(a)
         from kvtier.codecs import get_codec
@@ -387,17 +383,18 @@ def _run(a: argparse.Namespace, plan: Plan, out: Path, started: float, command: 
             "warm_bytes": WARM_CHUNKS * block + SHARDS * 4096, "num_shards": SHARDS, "cold_uri": str(out / "cold")}
     shutil.rmtree(out / "cold", ignore_errors=True)  # a previous run's blocks would turn the first miss into a hit
     address = ray.get_runtime_context().gcs_address
-    # the tier's actors start (~10-25 s here: each is a Python process importing torch) while engine A starts
-    # (20-45 s): the controller is named now, so the engines' connectors join it rather than create their own
+    # the tier's actors start (~10-25 s here: each is a Python process importing torch) while the engines start.
+    # This process's client is engine A's connector's (it writes the model's id into every block): the demo
+    # only names the controller now, so that the connectors join it, and waits for its shards in a thread
     from kvtier.config import TierConfig
-    from kvtier.runtime.api import controller_handle
+    from kvtier.runtime.api import INIT_TIMEOUT_S, controller_handle
 
-    controller_handle(TierConfig.from_any(tier), "kvtier-demo")
+    controller = controller_handle(TierConfig.from_any(tier), "kvtier-demo")
     tier_up: dict = {}
 
     def start_tier() -> None:
         try:
-            kvtier.init(namespace="kvtier-demo", config=tier)
+            ray.get(controller.info.remote(), timeout=INIT_TIMEOUT_S)
         except Exception as e:  # noqa: BLE001 - reported by the main thread below
             tier_up["error"] = e
         tier_up["s"] = time.perf_counter() - t
@@ -405,12 +402,16 @@ def _run(a: argparse.Namespace, plan: Plan, out: Path, started: float, command: 
     tier_thread = threading.Thread(target=start_tier, name="demo-tier", daemon=True)
     tier_thread.start()
 
-    say("[3/4] engines: vLLM A and B with kvtier's connector, started together (each request's recompute "
-        "baseline runs on the same engine with the connector off for it)")
+    say("[3/4] engines: vLLM A (in this process) and B (its own processes) with kvtier's connector (each "
+        "request's recompute baseline runs on the same engine with the connector off for it)")
     engines = start_engines(folder, plan, tier, "kvtier-demo", address, times, say)
-    tier_thread.join(timeout=300)
+    tier_thread.join(timeout=INIT_TIMEOUT_S)
     if tier_thread.is_alive() or "error" in tier_up:
-        raise RuntimeError(f"the tier did not start: {tier_up.get('error', 'still starting after 300 s')}")
+        raise RuntimeError(f"the tier did not start: {tier_up.get('error', 'still starting')}")
+    from kvtier.vllm import tier as vllm_tier
+
+    if not vllm_tier.ready(wait_s=60.0):
+        raise RuntimeError(f"the engines' connector did not join the tier: {vllm_tier.error() or 'no answer in 60 s'}")
     times["tier (overlapping the engines)"] = tier_up["s"] - times["ray"]
     say(f"      tier up {tier_up['s']:.1f} s after the start of Ray (overlapping the engines); codec {a.codec}, "
         f"{C}-token chunks of {block / 2**20:.2f} MiB ({raw / block:.1f}x smaller than fp32), warm "

@@ -170,7 +170,7 @@ def write(out: Path, rows: list, stats: dict, summary: str, meta: dict[str, Any]
     md = ["# kvtier demo", "", f"- date: {now}", f"- command: `{meta['command']}`", f"- machine: {_machine()}",
           f"- model: `{meta['model']}` on {meta['engine']} (CPU, fp32, vLLM prefix caching off)",
           f"- tier: codec `{meta['codec']}`, {meta['chunk_tokens']}-token chunks of {meta['block_bytes'] / 2**20:.2f} "
-          f"MiB; hot {meta['tier']['hot_bytes'] / 2**20:.1f} MiB per engine, warm "
+          f"MiB; hot {meta['tier']['hot_bytes'] / 2**20:.1f} MiB per engine process, warm "
           f"{meta['tier']['warm_bytes'] / 2**20:.1f} MiB over {meta['tier']['num_shards']} shards, cold "
           f"`{meta['tier']['cold_uri']}` (removed at the end)",
           f"- text: {meta['text']}",
