@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     from ray import serve
     from transformers import AutoTokenizer
 
-    from ray_apps.serve import AppConfig, build_app, model_folder
+    from kvtier.model import hf_folder
+    from ray_apps.serve import AppConfig, build_app
 
     load0 = os.getloadavg()[0]
     t_begin = time.perf_counter()
@@ -215,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         import kvtier
 
         kvtier.init(namespace="kvtier-bench")  # joins the tier the kvtier app started (for settle())
-        folder = model_folder(AppConfig(model=a.model))
+        folder = str(hf_folder(a.model))
         tok = AutoTokenizer.from_pretrained(folder)
         model = AppConfig(model=a.model).served_name
         text = corpus()

@@ -66,6 +66,18 @@ def smollm2_gguf() -> Path:
     return path
 
 
+def hf_folder(path_or_none: str | os.PathLike | None = None, progress: Progress | None = print) -> Path:
+    """The Hugging Face folder of the model, for an engine that loads folders (vLLM): ``path_or_none`` itself
+    (resolved), or for None SmolLM2's safetensors copy in ``kvtier_home()``, de-quantized from the GGUF package
+    once (~15-25 s) by ``load_model``."""
+    if path_or_none is not None:
+        return Path(path_or_none).expanduser().resolve()
+    folder = _cache_folder(smollm2_gguf())
+    if not (folder / _MARKER).is_file():
+        load_model(None, progress=progress)
+    return folder
+
+
 def load_model(path_or_none: str | os.PathLike | None = None, dtype: torch.dtype = torch.float32,
                device: str | torch.device = "cpu", progress: Progress | None = print):
     """Load (model, tokenizer), the model in eval mode on ``device`` in ``dtype``.

@@ -347,7 +347,7 @@ def _run(a: argparse.Namespace, plan: Plan, out: Path, started: float, command: 
     import torch
 
     import kvtier
-    from ray_apps.serve import AppConfig, model_folder
+    from kvtier.model import hf_folder
 
     say = lambda msg: print(msg, flush=True)  # noqa: E731
     if ray.is_initialized():
@@ -359,7 +359,7 @@ def _run(a: argparse.Namespace, plan: Plan, out: Path, started: float, command: 
     say(f"kvtier demo: {'quick run' if a.quick else 'full run'} on vLLM -> {out}")
     t = time.perf_counter()
     say("[1/4] model: the first run de-quantizes SmolLM2's GGUF once (~15-25 s) and caches it")
-    folder = model_folder(AppConfig(model=a.model))
+    folder = str(hf_folder(a.model))
     cfg = json.loads((Path(folder) / "config.json").read_text())
     L, H = cfg["num_hidden_layers"], cfg.get("num_key_value_heads", cfg["num_attention_heads"])
     D = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]

@@ -214,18 +214,6 @@ def _tokens(tokens: Any, token: str | None, tenant: str | None) -> dict[str, str
     return out
 
 
-def model_folder(cfg: AppConfig) -> str:
-    """The Hugging Face folder vLLM loads; for the default model, kvtier.model's safetensors copy (built once)."""
-    if cfg.model is not None:
-        return str(Path(cfg.model).expanduser().resolve())
-    from kvtier import model as m
-
-    folder = m._cache_folder(m.smollm2_gguf())
-    if not (folder / m._MARKER).is_file():
-        m.load_model(None)  # de-quantizes the GGUF once (~15-25 s) and writes the copy
-    return str(folder)
-
-
 def kv_transfer_config(cfg: AppConfig) -> dict[str, Any]:
     """The engines' ``kv_transfer_config``: kvtier's connector, joining the tier of ``cfg``."""
     from ray_apps.tier_backend import CONNECTOR, CONNECTOR_MODULE
@@ -296,7 +284,9 @@ def build_app(args: Mapping[str, Any] | None = None):
     cfg = AppConfig.from_args(args)
     if cfg.kvtier:
         tier_backend.register()
-    folder = model_folder(cfg)
+    from kvtier.model import hf_folder
+
+    folder = str(hf_folder(cfg.model))
     if cfg.shape == "shared":
         top = LLMConfig.model_validate(llm_config(cfg, folder, cfg.replicas))
         server = build_llm_deployment(top)

@@ -97,6 +97,15 @@ def test_model_id_and_folder_path(loaded):
     assert again.dtype == torch.bfloat16 and tok("hello").input_ids == loaded["tok"]("hello").input_ids
 
 
+def test_hf_folder_is_the_cached_copy_or_the_given_folder(loaded, tmp_path, monkeypatch):
+    """What vLLM loads (ray_apps.serve, the demo, tests/vllm): the cache ``load_model`` wrote, not made again."""
+    monkeypatch.setenv("KVTIER_HOME", str(loaded["home"]))
+    said: list[str] = []
+    folder = km.hf_folder(None, progress=said.append)
+    assert folder == cache_dirs(loaded["home"])[0] and (folder / "config.json").is_file() and said == []
+    assert km.hf_folder(str(tmp_path / "a" / ".." / "b")) == (tmp_path / "b").resolve()
+
+
 def test_bad_paths_get_clear_errors(tmp_path):
     with pytest.raises(FileNotFoundError, match="no-such-model"):
         km.load_model(tmp_path / "no-such-model", progress=None)

@@ -193,9 +193,14 @@ def test_a_tenant_header_must_match_the_token(app_url):
 
 def test_a_repeated_long_prompt_is_reported_cached_with_the_same_text(app_url):
     prompt = "Repeated prompt. " + DOC * 12  # ~420 tokens: 6 full chunks
-    first, second = complete(app_url, prompt), complete(app_url, prompt)
+    before = warm_blocks(app_url)
+    first = complete(app_url, prompt)
     n = first.usage.prompt_tokens
     assert n > 5 * CHUNK and cached(first) == 0
+    # the repeat may go to the other replica, which sees the chunks once a shard holds them (the save is
+    # asynchronous: it failed once here when the repeat came first)
+    wait_stored(app_url, before + (n - 1) // CHUNK)
+    second = complete(app_url, prompt)
     # every full chunk but the one holding the last prompt token (vLLM computes at least one token)
     assert cached(second) == (n - 1) // CHUNK * CHUNK
     assert second.choices[0].text == first.choices[0].text
@@ -207,6 +212,13 @@ def warm_blocks(app_url) -> int:
     return r.json()["warm"]["blocks"]
 
 
+def wait_stored(app_url, blocks: int, timeout_s: float = 60.0) -> None:
+    """Until the tier's warm shards hold ``blocks`` blocks (bounded; the assertions after it say what is missing)."""
+    deadline = time.monotonic() + timeout_s
+    while warm_blocks(app_url) < blocks and time.monotonic() < deadline:
+        time.sleep(0.2)
+
+
 def test_two_replicas_share_a_prefix_through_the_tier(app_url):
     prompt = "Shared across replicas. " + DOC * 12
     before = warm_blocks(app_url)
@@ -215,9 +227,7 @@ def test_two_replicas_share_a_prefix_through_the_tier(app_url):
     want = (first.usage.prompt_tokens - 1) // CHUNK * CHUNK
     # the save is asynchronous (the engine's save thread, then the client's store queue): another replica's
     # lookup sees the chunks once a shard holds them, so wait for that, bounded
-    deadline = time.monotonic() + 60
-    while warm_blocks(app_url) < before + want // CHUNK and time.monotonic() < deadline:
-        time.sleep(0.2)
+    wait_stored(app_url, before + want // CHUNK)
     # two in flight at once: one per replica (each takes one request at a time), so one of them runs
     # on the replica that never saw this prompt, and both must find it in the tier
     with ThreadPoolExecutor(2) as ex:

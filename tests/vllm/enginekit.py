@@ -22,12 +22,9 @@ DTYPE = "float32"
 
 def model_folder() -> Path:
     """SmolLM2-135M-Instruct as a Hugging Face folder (written once by kvtier.model from the GGUF package)."""
-    from kvtier.model import _cache_folder, load_model, smollm2_gguf
+    from kvtier.model import hf_folder
 
-    folder = _cache_folder(smollm2_gguf())
-    if not (folder / "config.json").is_file():
-        load_model(None, progress=None)
-    return folder
+    return hf_folder(None, progress=None)
 
 
 def connector_config(namespace: str, **extra) -> dict:
