@@ -238,8 +238,12 @@ def test_two_replicas_share_a_prefix_through_the_tier(app_url):
 
 def test_tenants_never_share_cached_blocks(app_url):
     prompt = "Tenant isolation. " + DOC * 8
+    before = warm_blocks(app_url)
     a1 = complete(app_url, prompt, TOKEN_A)
+    chunks = (a1.usage.prompt_tokens - 1) // CHUNK
+    wait_stored(app_url, before + chunks)  # team-a's chunks are in the tier: b1's miss is isolation, not timing
     b1 = complete(app_url, prompt, TOKEN_B)
+    wait_stored(app_url, before + 2 * chunks)
     b2 = complete(app_url, prompt, TOKEN_B)
     assert cached(a1) == 0 and cached(b1) == 0, "team-b found team-a's prompt cached"
     assert cached(b2) > 0 and a1.choices[0].text == b1.choices[0].text == b2.choices[0].text
