@@ -274,9 +274,9 @@ def _plan(a: argparse.Namespace) -> Plan:
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     a = _parser().parse_args(argv)
-    # the engines run in this process: vLLM's INFO lines (each engine's config, a stats line every 5 s) would
-    # interleave with the table. Set before anything imports vLLM; a caller's own setting wins
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    # engine A runs in this process: vLLM's lines (each engine's config and start-up warnings, a stats line
+    # every 5 s) would interleave with the table. Set before anything imports vLLM; a caller's own setting wins
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     try:
         plan = _plan(a)
         from kvtier.codecs import get_codec
