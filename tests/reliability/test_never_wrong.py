@@ -43,10 +43,20 @@ def to_cold(ns: str, key: str, fillers: list[str], tag: str) -> None:
     wait_for(lambda: where(ns, key) == "cold", timeout=30, what=f"{key[:8]} demoted to cold")
 
 
-def client_for(ns: str, **over) -> Client:
-    """A second client in this process (another tenant or model), on the same tier."""
-    ctl = controller(ns)
-    return Client(ctl, ns, ray.get(ctl.info.remote(), timeout=30), hot_bytes=0, **over)
+@pytest.fixture
+def client_for():
+    """Makes more clients in this process (another tenant or model) on a tier; each is closed after the test,
+    failed or not (a client left open keeps threads that must not be inside Ray when the module's Ray stops)."""
+    made: list[Client] = []
+
+    def make(ns: str, **over) -> Client:
+        ctl = controller(ns)
+        made.append(Client(ctl, ns, ray.get(ctl.info.remote(), timeout=30), hot_bytes=0, **over))
+        return made[-1]
+
+    yield make
+    for c in made:
+        c.close()
 
 
 def test_1_an_overwrite_is_never_served_its_old_version(ray_session, tmp_path):
@@ -99,7 +109,7 @@ def test_3_a_deleted_key_stays_deleted_after_a_late_promotion(ray_session, tmp_p
             assert kvtier.lookup([k[0]]) == 0 and kvtier.get(k[0]) is None, f"round {r}: the deleted key came back"
 
 
-def test_4_the_default_tenant_cannot_reach_another_tenants_blocks(ray_session):
+def test_4_the_default_tenant_cannot_reach_another_tenants_blocks(ray_session, client_for):
     with tier() as info:
         ns = info["namespace"]
         b = client_for(ns, tenant="team-b")
@@ -110,10 +120,9 @@ def test_4_the_default_tenant_cannot_reach_another_tenants_blocks(ray_session):
         kvtier.put(theirs[0], kv_of("ten", 9))  # an overwrite attempt lands in the default tenant's space
         assert kvtier.delete(theirs) <= 1
         assert same(b.get([k[0]])[0], kv_of("ten", 0)) and same(b.get([k[1]])[0], kv_of("ten", 1))
-        b.close()
 
 
-def test_5_another_models_block_under_the_same_key_is_a_miss(ray_session, tmp_path):
+def test_5_another_models_block_under_the_same_key_is_a_miss(ray_session, tmp_path, client_for):
     from kvtier.tiers.cold import ColdStore
 
     one = one_block_bytes()
@@ -131,7 +140,6 @@ def test_5_another_models_block_under_the_same_key_is_a_miss(ray_session, tmp_pa
         assert m2.counters["foreign_model"] == 2, "counted as misses of another model, not as corrupt"
         assert same(m1.get([k[0]])[0], kv_of("mdl", 0))
         assert ColdStore(str(tmp_path)).get(tenant_key(k[0], "")).model == "model-1", "put writes the model id"
-        m1.close(), m2.close()
 
 
 def test_6_only_a_shard_registers_and_a_non_block_is_refused(ray_session):
