@@ -101,7 +101,7 @@ class Client(PutPath, GetPath):
             woken = self._wake.wait(SYNC_S)
             self._wake.clear()
             if self._closing.is_set() or not ray.is_initialized():
-                return  # a call into a Ray being shut down ends the whole process (the core worker's exit)
+                return  # never call into a Ray that is shut down or shutting down
             self._report(force=woken)  # unforced: at most once a second (hot hits alone)
             if self.locations.sync_due(SYNC_S):
                 _, since, inc = self.locations.take(())
@@ -226,7 +226,7 @@ class Client(PutPath, GetPath):
     def close(self) -> None:
         """Stop this client's threads (each joined, bounded by the RPC timeout) and send what it holds.
         Call it before ``ray.shutdown()``: a thread of this client still inside a Ray call while Ray shuts
-        down makes Ray's core worker end the process (``_exit(1)``, nothing printed)."""
+        down is the suspected cause of a test process that ended with exit 1 and nothing printed (CI, twice)."""
         self._closing.set()
         self._wake.set()
         self._syncer.join(self.timeout + 1.0)
@@ -235,7 +235,9 @@ class Client(PutPath, GetPath):
                         "down under it", self.timeout)
         self._report(force=True)
         self.locations.clear()
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        wait(list(self._prefetching), timeout=self.timeout + 1.0)
+        self._pool.shutdown(wait=False, cancel_futures=True)  # no new prefetch after this
+        with self._lock:
+            running = list(self._prefetching)
+        wait(running, timeout=self.timeout + 1.0)
         self.loader.close()
         self.hot.clear()

@@ -302,9 +302,14 @@ class GetPath:
             return len(keys) - len(missing) + len(loaded)
 
         fut = self._pool.submit(pull)
-        self._prefetching.add(fut)  # close() waits for these (bounded): none may be inside Ray at its shutdown
-        fut.add_done_callback(self._prefetching.discard)
+        with self._lock:  # close() waits for these (bounded): none may be inside Ray at its shutdown
+            self._prefetching.add(fut)
+        fut.add_done_callback(self._prefetch_done)
         return fut
+
+    def _prefetch_done(self, fut: Future) -> None:
+        with self._lock:
+            self._prefetching.discard(fut)
 
     def _count(self, tier: str, hits: list, misses: int) -> None:
         """One definition of a hit: a block served from ``tier``; counted in blocks and tokens, for
