@@ -69,9 +69,13 @@ def smollm2_gguf() -> Path:
 def hf_folder(path_or_none: str | os.PathLike | None = None, progress: Progress | None = print) -> Path:
     """The Hugging Face folder of the model, for an engine that loads folders (vLLM): ``path_or_none`` itself
     (resolved), or for None SmolLM2's safetensors copy in ``kvtier_home()``, de-quantized from the GGUF package
-    once (~15-25 s) by ``load_model``."""
+    once (~15-25 s) by ``load_model``. A folder without ``config.json`` raises ``FileNotFoundError`` naming it."""
     if path_or_none is not None:
-        return Path(path_or_none).expanduser().resolve()
+        folder = Path(path_or_none).expanduser().resolve()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"model path {str(path_or_none)!r} is not a Hugging Face model folder "
+                                    "(no config.json)")
+        return folder
     folder = _cache_folder(smollm2_gguf())
     if not (folder / _MARKER).is_file():
         load_model(None, progress=progress)

