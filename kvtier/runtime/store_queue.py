@@ -152,8 +152,8 @@ class StoreQueue:
         """Send what is queued (within ``timeout_s``), then stop the worker: blocks still queued then are
         dropped (the caller is going away), the batch in flight ends within the sender's own bound (it skips
         retries once ``closed``) and is waited for up to ``timeout_s`` more. True if the worker stopped: no
-        thread of this queue is left inside a remote call (one inside Ray at ``ray.shutdown()`` ends the
-        process). Dropped blocks count as done, so no ``flush`` waits on them."""
+        thread of this queue is left inside a remote call (none may be inside Ray at ``ray.shutdown()``).
+        Dropped blocks count as done, so no ``flush`` waits on them."""
         self.flush(timeout_s)
         with self._cv:
             self._closed = True

@@ -202,7 +202,7 @@ def test_hot_tier_serves_repeats_and_prefetch_fills_it(ray_session):
 
 def test_shutdown_leaves_no_thread_of_the_client_in_a_call(ray_session):
     """kvtier.shutdown() joins the client's sync and store threads (and waits for its prefetches): a thread
-    left inside a Ray call when Ray shuts down ends the process with exit 1 and nothing printed (CI, twice)."""
+    left inside a Ray call when Ray shuts down is the suspected cause of CI's silent exit 1 (twice)."""
     with tier(hot_bytes="16MiB"):
         client = api._get_client()
         k = keys_of(6, model="close")
