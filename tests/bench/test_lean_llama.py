@@ -1,0 +1,76 @@
+"""bench/lean_llama.py computes what transformers' Llama forward does: a full prefill, a tail over a rebuilt
+cache (``kvtier.hf.chunks_to_cache`` with room for the tail), and the KV it leaves in the cache."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from kvtier import hf
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest.fixture(scope="module")
+def lean_mod():
+    spec = importlib.util.spec_from_file_location("bench_lean_llama", REPO / "bench" / "lean_llama.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="module")
+def model():
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=64, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                      intermediate_size=128, vocab_size=256, max_position_embeddings=512, rope_theta=10000.0,
+                      attn_implementation="sdpa")
+    return LlamaForCausalLM(cfg).eval()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a.float() - b.float()).norm() / b.float().norm())
+
+
+def test_prefill_logits_and_kv_match_transformers(lean_mod, model):
+    ids = torch.randint(0, 256, (1, 40), generator=torch.Generator().manual_seed(1))
+    with torch.inference_mode():
+        want = model(ids, use_cache=True, logits_to_keep=8)
+    got = lean_mod.LeanLlama(model)(ids, logits_to_keep=8)
+    assert got.logits.shape == want.logits.shape == (1, 8, 256)
+    assert rel(got.logits, want.logits) < 1e-5
+    for a, b in zip(hf.cache_to_chunks(got.past_key_values, 8), hf.cache_to_chunks(want.past_key_values, 8)):
+        assert rel(a, b) < 1e-5
+
+
+def test_tail_over_a_rebuilt_cache_matches_transformers(lean_mod, model):
+    ids = torch.randint(0, 256, (1, 45), generator=torch.Generator().manual_seed(2))
+    with torch.inference_mode():
+        full = model(ids, use_cache=True)
+    chunks = hf.cache_to_chunks(full.past_key_values, 16)[:2]  # 32 tokens cached, a 13-token tail
+    with torch.inference_mode():
+        want = model(ids[:, 32:], past_key_values=hf.chunks_to_cache(chunks, model.config, reserve=13),
+                     use_cache=True, logits_to_keep=13)
+    cache = hf.chunks_to_cache(chunks, model.config, reserve=13)
+    got = lean_mod.LeanLlama(model)(ids[:, 32:], past_key_values=cache, logits_to_keep=13)
+    assert rel(got.logits, want.logits) < 1e-5
+    assert got.past_key_values is cache and cache.get_seq_length() == 45  # the tail's KV went into the room
+    # and the whole prompt's last logits agree with a full prefill's
+    assert rel(got.logits[0, -1], full.logits[0, -1]) < 1e-4
+
+
+def test_other_architectures_are_refused_by_name(lean_mod):
+    from transformers import MistralConfig, MistralForCausalLM
+
+    m = MistralForCausalLM(MistralConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                         num_key_value_heads=1, intermediate_size=64, vocab_size=64))
+    with pytest.raises(ValueError, match="'mistral'"):
+        lean_mod.LeanLlama(m)
+    with pytest.raises(ValueError, match=r"\[1, tokens\]"):
+        lean_mod.LeanLlama(LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                                                        num_key_value_heads=1, intermediate_size=64,
+                                                        vocab_size=64)))(torch.zeros(2, 3, dtype=torch.long))
