@@ -139,6 +139,11 @@ def forward(model, ids: torch.Tensor, cache=None, start: int = 0, keep: int = 1)
     return out.logits[0].float(), out.past_key_values
 
 
+def kv_pool(model, tokens: int):
+    """The fixed KV buffer a graphed tail reads (``LeanLlama(graphs=True)``), else None (a new one per cache)."""
+    return model.kv_pool(tokens) if isinstance(model, LeanLlama) else None
+
+
 def hit(model, ids: torch.Tensor, ids_np: np.ndarray, store, model_id: str, ct: int, keep: int = 1,
         marks: list | None = None, want: list | None = None):
     """A cache hit: keys -> lookup -> get -> rebuild the cache -> prefill the tail. Returns (logits, cached
@@ -154,7 +159,7 @@ def hit(model, ids: torch.Tensor, ids_np: np.ndarray, store, model_id: str, ct: 
     if marks is not None:
         marks.append(sync(ids.device))
     with torch.inference_mode():  # room for the tail: its KV is written in place, not cat onto the cache
-        cache = hf.chunks_to_cache(kvs, model.config, reserve=len(ids_np) - n * ct)
+        cache = hf.chunks_to_cache(kvs, model.config, reserve=len(ids_np) - n * ct, out=kv_pool(model, len(ids_np)))
     del kvs
     if marks is not None:
         marks.append(sync(ids.device))
@@ -337,19 +342,21 @@ def time_hits(model, ids, ids_np, backend, model_id: str, ct: int, tier: str, ke
 def time_floor(model, ids, chunks: list, cached: int, reps: int, tail_keep: int):
     """The ideal hit, measured like a hit minus kvtier: the tail's prefill over KV already in the model's
     cache (rebuilt from the prefill's own chunks before the clock starts, with the same room for the tail).
-    Returns (median seconds, [0, 0, launched, tail] of one timed run, the untimed first run's tail logits)."""
+    Returns (median seconds, [0, 0, launched, tail] of one timed run, the untimed first run's tail logits).
+    The second run is untimed too: the first with one logit kept (a graphed forward captures it there)."""
     device, times, stages, first = ids.device, [], None, None
-    for i in range(reps + 1):
+    for i in range(reps + 2):
         with torch.inference_mode():
-            cache = hf.chunks_to_cache(chunks, model.config, reserve=ids.shape[1] - cached)
+            cache = hf.chunks_to_cache(chunks, model.config, reserve=ids.shape[1] - cached,
+                                       out=kv_pool(model, ids.shape[1]))
         gc.collect()
         t0 = sync(device)
         logits, _ = forward(model, ids, cache, cached, tail_keep if i == 0 else 1)
         launched = time.perf_counter()
         end = sync(device)
         del cache
-        if i == 0:
-            first = logits
+        if i < 2:
+            first = logits if i == 0 else first
             continue
         times.append(end - t0)
         stages = stages or [0.0, 0.0, launched - t0, end - t0]
@@ -361,8 +368,8 @@ def time_floor(model, ids, chunks: list, cached: int, reps: int, tail_keep: int)
 def run(args, checkpoint=lambda rows, info: None) -> tuple[list[dict], dict]:
     device = torch.device(args.device)
     model, tok, base_id = build_model(args.model, device, args.dtype and getattr(torch, args.dtype), args.attention)
-    if args.forward == "lean":
-        model = LeanLlama(model)  # the same weights; recompute, floor and hits all run it
+    if args.forward in ("lean", "graph"):
+        model = LeanLlama(model, graphs=args.forward == "graph")  # the same weights; recompute, floor and hits run it
     max_pos = int(model.config.max_position_embeddings)
     lengths = [n for n in args.lengths if n <= max_pos]
     notes = [f"lengths above max_position_embeddings={max_pos} dropped: {sorted(set(args.lengths) - set(lengths))}"
@@ -605,9 +612,10 @@ def parse(argv=None):
     p.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="model and KV dtype (default: bfloat16 for llama8b, float32 otherwise)")
     p.add_argument("--chunk-tokens", type=int, default=256)
-    p.add_argument("--forward", choices=("lean", "hf"), default="lean",
+    p.add_argument("--forward", choices=("graph", "lean", "hf"),
                    help="the model forward both arms run: lean = bench/lean_llama.py (fused projections, few launches), "
-                   "hf = transformers' eager forward with --attention")
+                   "graph = lean with the tail over a cache replayed as a CUDA graph (CUDA default), "
+                   "hf = transformers' eager forward with --attention (lean is the CPU default)")
     p.add_argument("--attention", choices=("gqa", "sdpa"), default="gqa",
                    help="with --forward hf, both arms' attention: gqa = kvtier.hf.register_attention (sdpa, enable_gqa, lower-right causal), "
                    "sdpa = transformers' (expands the KV heads for a masked tail)")
@@ -620,6 +628,7 @@ def parse(argv=None):
     a = p.parse_args(argv)
     gpu = a.device.startswith("cuda")
     a.model = a.model or ("llama8b" if gpu else "smollm2")
+    a.forward = a.forward or ("graph" if gpu else "lean")
     a.hot_bytes = a.hot_bytes or ("6GiB" if gpu else "1GiB")
     a.warm_bytes = a.warm_bytes or ("8GiB" if gpu else "2GiB")
     a.lengths = [int(x) for x in (a.lengths or ("1024,4096,8192,16384,16385" if gpu else "512,1024,2048,4096,8192")).split(",")]

@@ -17,6 +17,14 @@ layer), so ``kvtier.hf.chunks_to_cache(reserve=...)`` and ``hf.cache_to_chunks``
 work unchanged. Llama-architecture models without biases only (Llama, SmolLM2);
 anything else is refused by name. Numerics: tests/bench/test_lean_llama.py
 checks it against transformers' forward on a tiny random Llama.
+
+``graphs=True`` (CUDA) also replays a tail over a cache as a captured CUDA
+graph, as an engine's decode and short prefills run: the cache must have been
+rebuilt into this object's ``kv_pool(tokens)`` (``hf.chunks_to_cache(out=...)``,
+the fixed KV buffer a graph can read), and each (cached tokens, tail tokens,
+logits kept) is captured once, at its first call, which is then slower (an eager
+warm-up and the capture). Replays read the ids from a static buffer the call
+copies them into; the returned logits are a copy.
 """
 
 from __future__ import annotations
@@ -28,12 +36,14 @@ import torch.nn.functional as F
 from torch.nn.attention.bias import causal_lower_right
 from transformers import DynamicCache
 
+from kvtier.hf import ReservedLayer
+
 
 class LeanLlama:
     """Callable like the model for what bench/e2e.py asks of it:
     ``lean(ids, past_key_values=cache, use_cache=True, logits_to_keep=k).logits / .past_key_values``."""
 
-    def __init__(self, model) -> None:
+    def __init__(self, model, graphs: bool = False) -> None:
         c = model.config
         if getattr(c, "model_type", None) not in ("llama",):
             raise ValueError(f"LeanLlama runs Llama-architecture models; this one is {c.model_type!r}")
@@ -43,6 +53,11 @@ class LeanLlama:
         self.heads, self.kv_heads = c.num_attention_heads, c.num_key_value_heads
         self.head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
         self.eps = c.rms_norm_eps
+        self.graphs = bool(graphs)
+        if self.graphs and next(model.parameters()).device.type != "cuda":
+            raise ValueError("LeanLlama(graphs=True) needs the model on a CUDA device")
+        self._pool: torch.Tensor | None = None
+        self._captured: dict[tuple[int, int, int], tuple] = {}
         self.layers = []
         with torch.no_grad():
             for layer in model.model.layers:
@@ -66,11 +81,66 @@ class LeanLlama:
         rot = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rot * sin
 
+    def kv_pool(self, tokens: int) -> torch.Tensor | None:
+        """With ``graphs``: the KV buffer [layers, 2, 1, kv_heads, tokens, head_dim] a graphed tail reads (one at a
+        time: asking for another size drops this one and its graphs). Without: None."""
+        if not self.graphs:
+            return None
+        if self._pool is None or self._pool.shape[4] != tokens:
+            self._captured.clear()
+            self._pool = None
+            p = next(self.model.parameters())
+            self._pool = torch.empty((len(self.layers), 2, 1, self.kv_heads, tokens, self.head_dim), dtype=p.dtype,
+                                     device=p.device)
+        return self._pool
+
     @torch.inference_mode()
     def __call__(self, input_ids: torch.Tensor, past_key_values=None, use_cache: bool = True,
                  logits_to_keep: int = 1) -> SimpleNamespace:
         if input_ids.dim() != 2 or input_ids.shape[0] != 1:
             raise ValueError(f"LeanLlama takes input_ids of shape [1, tokens], got {tuple(input_ids.shape)}")
+        if self.graphs and past_key_values is not None and self._in_pool(past_key_values):
+            return self._replay(input_ids, past_key_values, int(logits_to_keep), use_cache)
+        return self._forward(input_ids, past_key_values, use_cache, logits_to_keep)
+
+    def _in_pool(self, cache) -> bool:
+        pool = self._pool
+        return (pool is not None and len(cache.layers) == len(self.layers)
+                and all(isinstance(l, ReservedLayer) and l._room[0].data_ptr() == pool[i, 0].data_ptr()
+                        for i, l in enumerate(cache.layers)))
+
+    def _pool_cache(self, length: int) -> DynamicCache:
+        cache = DynamicCache(config=self.config)
+        cache.layers[:] = [ReservedLayer(self._pool[i, 0], self._pool[i, 1], length) for i in range(len(self.layers))]
+        return cache
+
+    def _replay(self, ids: torch.Tensor, cache, keep: int, use_cache: bool) -> SimpleNamespace:
+        start, t = cache.get_seq_length(), ids.shape[1]
+        if start + t > self._pool.shape[4]:
+            raise ValueError(f"a {t}-token tail after {start} cached tokens does not fit the pool of "
+                             f"{self._pool.shape[4]} tokens")
+        key = (start, t, keep)
+        if key not in self._captured:
+            static = ids.clone()
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):  # warm-up before capture (lazy inits, kernel selection)
+                self._forward(static, self._pool_cache(start), False, keep)
+            torch.cuda.current_stream().wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                logits = self._forward(static, self._pool_cache(start), False, keep).logits
+            self._captured[key] = (graph, static, logits)
+        graph, static, logits = self._captured[key]
+        static.copy_(ids)
+        graph.replay()
+        for layer in cache.layers:  # what update() would have left: the tail's KV is in the room now
+            kbuf, vbuf = layer._room
+            layer.keys, layer.values = kbuf[:, :, :start + t], vbuf[:, :, :start + t]
+        return SimpleNamespace(logits=logits.clone(), past_key_values=cache if use_cache else None)
+
+    def _forward(self, input_ids: torch.Tensor, past_key_values, use_cache: bool,
+                 logits_to_keep: int) -> SimpleNamespace:
         cache = past_key_values if past_key_values is not None else DynamicCache(config=self.config)
         start, t = cache.get_seq_length(), input_ids.shape[1]
         m = self.model.model

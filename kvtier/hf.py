@@ -90,18 +90,21 @@ def cache_to_chunks(cache: DynamicCache, chunk_tokens: int, start: int = 0) -> l
 
 def chunks_to_cache(chunks: Sequence[torch.Tensor], config_or_model: Any = None, *,
                     dtype: torch.dtype | None = None, device: str | torch.device | None = None,
-                    reserve: int = 0) -> DynamicCache:
+                    reserve: int = 0, out: torch.Tensor | None = None) -> DynamicCache:
     """A new ``DynamicCache`` holding ``chunks`` in order (token 0 first). With a
     model or config the cache gets its layer types and the chunks are checked
     against its KV shape; ``dtype``/``device`` convert the chunks on the way
     (default: a model's own dtype and device, else the chunks'). ``reserve``
     tokens of room follow the chunks: a prefill of up to that many tokens writes
-    its KV in place instead of re-concatenating the whole cache."""
+    its KV in place instead of re-concatenating the whole cache. ``out``: the
+    buffer to hold them, ``[layers, 2, 1, kv_heads, >= tokens + reserve, head_dim]``
+    (an engine's own KV memory, e.g. one a captured CUDA graph reads); default a
+    new one."""
     config = getattr(config_or_model, "config", config_or_model)
     cache = DynamicCache(config=config) if config is not None else DynamicCache()
     dtype, device = _model_dtype_device(config_or_model, dtype, device)
     return append_chunks(cache, chunks, dtype=dtype, device=device, reserve=reserve,
-                         layout=kv_layout(config) if config is not None else None)
+                         layout=kv_layout(config) if config is not None else None, out=out)
 
 
 class ReservedLayer(DynamicLayer):
@@ -132,7 +135,7 @@ class ReservedLayer(DynamicLayer):
 
 def append_chunks(cache: DynamicCache, chunks: Sequence[torch.Tensor], *, dtype: torch.dtype | None = None,
                   device: str | torch.device | None = None, layout: tuple[int, int, int] | None = None,
-                  reserve: int = 0) -> DynamicCache:
+                  reserve: int = 0, out: torch.Tensor | None = None) -> DynamicCache:
     """Append ``chunks`` after what ``cache`` already holds (in place; returns it). Into an empty cache
     the chunks are copied once, one copy per chunk, into one buffer per cache holding every layer's keys
     and values (``ReservedLayer``s with ``reserve`` tokens of room); 63 chunks of [32, 2, 8, 256, 128]
@@ -162,13 +165,24 @@ def append_chunks(cache: DynamicCache, chunks: Sequence[torch.Tensor], *, dtype:
                                  "layers only")
         L, _, H, _, D = first.shape
         n = sum(c.shape[3] for c in chunks)
-        room = torch.empty((L, 2, 1, H, n + reserve, D), dtype=dtype, device=device)
+        if out is None:
+            room = torch.empty((L, 2, 1, H, n + reserve, D), dtype=dtype, device=device)
+        elif (not isinstance(out, torch.Tensor) or out.dim() != 6 or (out.shape[0], out.shape[1], out.shape[2],
+              out.shape[3], out.shape[5]) != (L, 2, 1, H, D) or out.shape[4] < n + reserve):
+            raise ValueError(f"out has shape {tuple(getattr(out, 'shape', ()))}; these chunks need "
+                             f"[{L}, 2, 1, {H}, >= {n + reserve}, {D}] ({n} tokens + {reserve} reserved)")
+        elif out.dtype != dtype or out.device.type != device.type or device.index not in (None, out.device.index):
+            raise ValueError(f"out is {out.dtype} on {out.device}; the cache is {dtype} on {device}")
+        else:
+            room = out
         at = 0
         for c in chunks:  # one strided copy per chunk: [L, 2, H, t, D] into every layer's keys and values
             t = c.shape[3]
             room[:, :, 0, :, at:at + t].copy_(c)
             at += t
         cache.layers[:] = [ReservedLayer(room[li, 0], room[li, 1], n) for li in range(L)]
+    elif out is not None:
+        raise ValueError("out= needs an empty cache (its chunks go into out; this cache already holds tokens)")
     else:
         kv = torch.cat(chunks, dim=3) if len(chunks) > 1 else first
         kv = kv.to(device=device, dtype=dtype)

@@ -133,6 +133,26 @@ def test_reserved_room_takes_the_tail_in_place_and_grows_past_it(model, tokens):
         hf.chunks_to_cache(chunks, model, reserve=-1)
 
 
+def test_chunks_go_into_the_buffer_given_as_out(model, tokens):
+    ids = tokens[:, :40]
+    with torch.no_grad():
+        ref = model(ids).logits[0, 32:]
+        chunks = hf.cache_to_chunks(prefill(model, ids), CT)
+        out = torch.full((2, 2, 1, 2, 48, 16), float("nan"))  # room for more than the 8-token tail
+        cache = hf.chunks_to_cache(chunks, model, reserve=8, out=out)
+        assert cache.layers[1]._room[1].data_ptr() == out[1, 1].data_ptr()  # views of out, not a copy of it
+        assert torch.equal(out[1, 0, 0, :, CT:2 * CT], chunks[1][1, 0])
+        got = model(ids[:, 32:], past_key_values=cache).logits[0]
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(out[0, 0, :, :, 32:40], cache.layers[0].keys[:, :, 32:40])  # the tail went into out
+        for bad, why in ((torch.empty(2, 2, 1, 2, 39, 16), r">= 40"), (torch.empty(2, 2, 2, 48, 16), r"shape \(2, 2, 2"),
+                         (torch.empty(2, 2, 1, 2, 48, 16, dtype=torch.bfloat16), "bfloat16")):
+            with pytest.raises(ValueError, match=why):
+                hf.chunks_to_cache(chunks, model, reserve=8, out=bad)
+        with pytest.raises(ValueError, match="empty cache"):
+            hf.append_chunks(hf.chunks_to_cache(chunks[:1], model), chunks[1:], out=out)
+
+
 def test_conversion_rejects_bad_input(model, tokens):
     two = prefill(model, tokens[:, :32].repeat(2, 1))
     with pytest.raises(ValueError, match="batch of 2"):
