@@ -1,14 +1,15 @@
-"""The client's get path: hot tier, store queue, cached locations or one locate, one ray.get, one pipelined load.
+"""The client's get path: hot tier, store queue, cached locations or one locate, one pipelined load.
 
 get: this process's hot tier (decoded from its device copy), then its store
 queue, then the locations this client cached from earlier answers
 (``location_cache``: fetched and loaded at once, used only once one
 ``changes`` call, overlapped with that work, confirms they are still current),
 then one ``locate`` call to the controller for the rest of the batch (answers
-are ``Location``s), one ``ray.get`` of every warm copy (zero-copy from the
-object store on the same node), and one batched, pipelined load
-(``kvtier.tiers.pipeline``) of all of them plus the cold reads (the object of the
-version the index names): on CUDA, blocks made on a GPU straight from the
+are ``Location``s), and one batched, pipelined load (``kvtier.tiers.pipeline``)
+of all of them plus the cold reads (the object of the version the index
+names). The load fetches the warm copies run by run as it stages them
+(``_Fetch``: one ``ray.get`` per run, zero-copy from the object store on the
+same node; on CUDA the next run's fetch overlaps this run's device copies). On CUDA, blocks made on a GPU straight from the
 object store's registered pages to the device and verified there; the rest
 checksummed while copied, in threads, pinned staging and a copy stream on CUDA;
 then decode. Every block is verified against its key and
@@ -49,7 +50,7 @@ from kvtier.runtime.location import Location
 from kvtier.runtime.names import RPC_ERRORS as _RPC_ERRORS
 from kvtier.runtime.store_queue import Pending
 from kvtier.tiers.hot import as_device
-from kvtier.tiers.pipeline import Loaded
+from kvtier.tiers.pipeline import Later, Loaded
 
 TIERS = ("hot", "warm", "cold")
 
@@ -103,29 +104,23 @@ class GetPath:
         t0 = time.perf_counter()
         locs, lease = self._locate(rest, down) if rest else ({}, 0)
         t1 = time.perf_counter()
-        warm = [(k, locs[k]) for k in rest if locs.get(k) is not None and locs[k].tier == "warm"]
-        lost: list[str] = []
-        for k, data in zip([k for k, _ in warm], self._warm_bytes([loc.ref for _, loc in warm], lost, warm)):
-            if data is None:
-                continue
-            if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 1):
-                self._corrupt(k, "warm", BlockFormatError(f"warm value is a {type(data).__name__}, not a 1-D uint8 "
-                                                          "block buffer"))
-                lost.append(k)
-                continue
-            src[k] = ("warm", data)
+        lost: list[str] = []  # warm copies that were lost or bad: read from cold if they are there
+        fetched = _Fetch(self, locs, lost)
+        for k in rest:
+            loc = locs.get(k)
+            if loc is not None and loc.tier == "warm":
+                src[k] = ("warm", fetched.later(k))  # fetched run by run inside the load
+            elif self._cold_candidate(loc):
+                src[k] = ("cold", self._cold_read(k, loc))
         t2 = time.perf_counter()
         cold_lost: list[str] = []
-        for k in rest:
-            if k not in src and self._cold_candidate(locs.get(k)):
-                src[k] = ("cold", self._cold_read(k, locs[k]))
-        found = self._run_load(src, locs, device, decode, lost, cold_lost, lease) if src else {}
-        retry = {k: ("cold", self._cold_read(k, locs[k])) for k in lost
-                 if k not in found and self._cold_candidate(locs.get(k))}  # a warm copy was bad: its cold copy
+        found = self._run_load(src, locs, device, decode, lost, cold_lost, lease, fetched) if src else {}
+        retry = {k: ("cold", self._cold_read(k, locs[k])) for k in lost + fetched.unfetched
+                 if k not in found and self._cold_candidate(locs.get(k))}  # no good warm copy: its cold copy
         if retry:
             found.update(self._run_load(retry, locs, device, decode, [], cold_lost, lease))
-        self.last_get = {"locate": t1 - t0 + phases.get("check", 0.0), "fetch": t2 - t1 + phases.get("fetch", 0.0),
-                         "load": time.perf_counter() - t2 + phases.get("load", 0.0)}
+        self.last_get = {"locate": t1 - t0 + phases.get("check", 0.0), "fetch": fetched.spent + phases.get("fetch", 0.0),
+                         "load": time.perf_counter() - t2 - fetched.spent + phases.get("load", 0.0)}
         try:
             if lease:
                 self.controller.unpin.remote(lease)
@@ -150,16 +145,13 @@ class GetPath:
         t0 = time.perf_counter()
         check = self.controller.changes.remote(since, inc)
         order = list(cached)
-        try:
-            data = ray.get([cached[k].ref for k in order], timeout=self.timeout)
-        except ray.exceptions.RayError:  # a shard died, an object is lost: the locate path sorts it out
-            self.locations.drop(order)
-            return {}, False, {}
-        src = {k: d for k, d in zip(order, data) if isinstance(d, np.ndarray) and d.dtype == np.uint8 and d.ndim == 1}
-        t1 = time.perf_counter()
+        # fetched run by run inside the load; a shard that died or an object lost is a miss here, which the
+        # locate path then sorts out
+        fetched = _Fetch(self, cached, None)
         keep = self._keeps(device, decode)
-        results = self.loader.load(list(src), list(src.values()), device, expect_model=self.model,
-                                   keep_buffers=keep, decode=decode, timeout_s=self.timeout)
+        results = self.loader.load(order, [fetched.later(k) for k in order], device, expect_model=self.model,
+                                   keep_buffers=keep, decode=decode, timeout_s=self.timeout, fetch=fetched)
+        t1 = t0 + fetched.spent
         t2 = time.perf_counter()
         down = False
         try:
@@ -167,7 +159,7 @@ class GetPath:
         except _RPC_ERRORS as e:
             down = isinstance(e, ray.exceptions.GetTimeoutError)  # the locate path would wait as long again
             stale = self.locations.apply(None, 0, None)
-        found = {k: r for k, r in zip(src, results) if r.status == "ok" and stale is not None and k not in stale}
+        found = {k: r for k, r in zip(order, results) if r.status == "ok" and stale is not None and k not in stale}
         self.locations.drop([k for k in order if k not in found])
         self.locations.counters["hits"] += len(found)
         self.locations.counters["stale"] += len(order) - len(found)
@@ -177,7 +169,7 @@ class GetPath:
             self.metrics.transfer("object_store", r.nbytes)
         if decode and found:
             self._count("warm", [r.kv for r in found.values()], 0)
-        return found, down, {"check": time.perf_counter() - t2, "fetch": t1 - t0, "load": t2 - t1}
+        return found, down, {"check": time.perf_counter() - t2, "fetch": t1 - t0, "load": t2 - t0 - fetched.spent}
 
     def _cold_candidate(self, loc: Location | None) -> bool:
         return self.cold is not None and loc is not None and loc.cold
@@ -202,7 +194,7 @@ class GetPath:
         self.locations.learn(out, inc, seq)
         return out, lease
 
-    def _warm_bytes(self, refs: list, lost: list[str], warm: list) -> list:
+    def _warm_bytes(self, refs: list, lost: list[str] | None, warm: list) -> list:
         """The warm copies' bytes (zero-copy arrays), None where not had; dead shards' keys go to ``lost``."""
         if not refs:
             return []
@@ -219,18 +211,20 @@ class GetPath:
                 self._error(f"warm copy of {key[:16]} did not arrive within {self.timeout}s")
                 out.append(None)
             except ray.exceptions.RayError:  # its shard died: the object went with it
-                self.counters["lost"] += 1
-                lost.append(key)
+                if lost is not None:
+                    self.counters["lost"] += 1
+                    lost.append(key)
                 out.append(None)
         return out
 
     def _run_load(self, src: dict[str, tuple[str, Any]], locs: dict, device: torch.device, decode: bool,
-                  lost: list[str], cold_lost: list[str], lease: int) -> dict[str, Loaded]:
+                  lost: list[str], cold_lost: list[str], lease: int, fetch=None) -> dict[str, Loaded]:
         order = list(src)
         keep = self._keeps(device, decode)
         local = self._local_shards()
         results = self.loader.load(order, [src[k][1] for k in order], device, expect_model=self.model,
-                                   keep_buffers=keep, decode=decode, timeout_s=self.timeout)
+                                   keep_buffers=keep, decode=decode, timeout_s=self.timeout, fetch=fetch)
+        unfetched = set(fetch.unfetched) | set(lost) if fetch is not None else set()  # no copy reached the load
         found: dict[str, Loaded] = {}
         served: dict[str, list] = {t: [] for t in TIERS}
         for key, r in zip(order, results):
@@ -263,7 +257,7 @@ class GetPath:
             elif r.status in ("error", "timeout"):
                 self._error(f"{tier} read of {key[:16]} failed: {r.status}: {r.error}")
         if decode:  # a get, not a prefetch: what the caller was served
-            wanted = {t: sum(1 for k in order if src[k][0] == t) for t in TIERS}
+            wanted = {t: sum(1 for k in order if src[k][0] == t and k not in unfetched) for t in TIERS}
             for t in ("warm", "cold"):
                 if wanted[t] or served[t]:
                     self._count(t, [r.kv for r in served[t]], wanted[t] - len(served[t]))
@@ -347,3 +341,36 @@ class GetPath:
                 ray.get(ref, timeout=wait_s)
         except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError):
             pass  # the counts are the controller's to lose: a late or lost report never blocks a caller
+
+
+class _Fetch:
+    """The warm copies of one load, fetched when the load stages their run (``Loader.load``'s ``fetch``): one
+    ``ray.get`` per run (zero-copy views of this node's object store), so the next run's fetch overlaps this
+    run's device copies. A copy not had is None (a miss in the load): a dead shard's or a bad value's key goes
+    to ``lost`` (when given: the locate path's, retried from cold and reported), the rest to ``unfetched``.
+    ``spent``: seconds inside ``ray.get``."""
+
+    def __init__(self, client: "GetPath", locs: dict, lost: list[str] | None) -> None:
+        self.client, self.locs, self.lost = client, locs, lost
+        self.unfetched: list[str] = []
+        self.spent = 0.0
+
+    def later(self, key: str) -> Later:
+        return Later(self.locs[key].size or 0)
+
+    def __call__(self, keys: list[str]) -> list:
+        t0 = time.perf_counter()
+        warm = [(k, self.locs[k]) for k in keys]
+        out = []
+        for k, data in zip(keys, self.client._warm_bytes([loc.ref for _, loc in warm], self.lost, warm)):
+            if data is not None and not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 1):
+                if self.lost is not None:  # a located copy: reported corrupt
+                    self.client._corrupt(k, "warm", BlockFormatError(
+                        f"warm value is a {type(data).__name__}, not a 1-D uint8 block buffer"))
+                    self.lost.append(k)
+                data = None
+            elif data is None and (self.lost is None or k not in self.lost):
+                self.unfetched.append(k)
+            out.append(data)
+        self.spent += time.perf_counter() - t0
+        return out

@@ -8,7 +8,7 @@ import torch
 
 import kvtier
 from kvtier.tiers.hot import HotTier
-from kvtier.tiers.pipeline import Loader
+from kvtier.tiers.pipeline import Later, Loader
 
 SHAPE = (2, 2, 2, 256, 64)
 MODEL = "pipe-test|L2|H2|D64|float32"
@@ -40,6 +40,31 @@ def test_a_batch_from_bytes_blocks_and_callables_decodes_in_order(loader, codec)
         assert g.nbytes > 0
     if codec == "none":
         assert torch.equal(got[0].kv, items[0][1])  # lossless
+
+
+def test_later_sources_are_fetched_by_key_and_a_failed_fetch_is_a_miss(loader):
+    items = [make(i) for i in range(5)]
+    keys = [k for k, _, _ in items]
+    wires = {k: b.to_arrow() for k, _, b in items}
+    asked = []
+
+    def fetch(ks):
+        asked.append(list(ks))
+        return [None if k == keys[3] else wires[k] for k in ks]  # keys[3]'s copy was not had
+
+    sources = [Later(wires[keys[0]].size), wires[keys[1]], Later(1), Later(1), items[4][2]]
+    got = loader.load(keys, sources, "cpu", expect_model=MODEL, fetch=fetch)
+    assert [g.status for g in got] == ["ok", "ok", "ok", "missing", "ok"]
+    assert asked == [[keys[0], keys[2], keys[3]]]  # the CPU path: every Later in one call, nothing else
+    assert torch.equal(got[2].kv, items[2][1])
+
+    def broken(ks):
+        raise RuntimeError("shard gone")
+
+    assert [g.status for g in loader.load(keys[:2], [Later(1), Later(1)], "cpu", fetch=broken)] == ["missing"] * 2
+    assert [g.status for g in loader.load(keys[:2], [Later(1), Later(1)], "cpu", fetch=lambda ks: [])] == ["missing"] * 2
+    with pytest.raises(ValueError, match="no fetch"):
+        loader.load(keys[:1], [Later(1)], "cpu")
 
 
 def test_every_bad_source_is_a_miss_with_its_reason(loader):
@@ -253,3 +278,25 @@ def test_a_zstd_block_is_inflated_once_and_the_hot_tier_adopts_the_inflated_byte
     assert torch.equal(hot.get_kv(key), kvtier.decompress(b))
     with pytest.raises(ValueError, match="inflated payload"):
         hot.put(g.block, {n: t[:1] for n, t in g.buffers.items()})  # not the inflated sizes: refused, not kept
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fetches_later_sources_run_by_run():
+    items = [make(40 + i, "kivi4") for i in range(6)]
+    keys = [k for k, _, _ in items]
+    wires = {k: b.to_arrow() for k, _, b in items}
+    asked = []
+
+    def fetch(ks):
+        asked.append(list(ks))
+        return [wires[k] for k in ks]
+
+    lo = Loader(threads=1, group_bytes=2 * wires[keys[0]].size)  # runs of two blocks
+    try:
+        got = lo.load(keys, [Later(wires[k].size) for k in keys], "cuda", fetch=fetch)
+    finally:
+        lo.close()
+    assert asked == [keys[0:2], keys[2:4], keys[4:6]]  # one fetch per run, as each run is staged
+    for g, (_, _, b) in zip(got, items):
+        assert g.status == "ok"
+        torch.testing.assert_close(g.kv.cpu(), kvtier.decompress(b), rtol=2**-7, atol=2**-7)
