@@ -166,7 +166,8 @@ class GetPath:
         local = self._local_shards()
         for k, r in found.items():
             self._adopt(r, device, "warm", cached[k].shard in local)
-            self.metrics.transfer("object_store", r.nbytes)
+        if found:  # one metrics update per get, not one per block (~15 us each)
+            self.metrics.transfer("object_store", sum(r.nbytes for r in found.values()))
         if decode and found:
             self._count("warm", [r.kv for r in found.values()], 0)
         return found, down, {"check": time.perf_counter() - t2, "fetch": t1 - t0, "load": t2 - t0 - fetched.spent}
@@ -234,14 +235,11 @@ class GetPath:
                 served[tier].append(r)
                 self._adopt(r, device, tier, getattr(locs.get(key), "shard", None) in local)
                 if tier == "cold":
-                    self.metrics.transfer(self._cold_transport, r.nbytes)
                     loc = locs.get(key)
                     if loc is not None and loc.shard is None and loc.version:  # a warm copy of that version
                         wire = r.block.to_arrow()  # for the next reader: offered, never waited for
                         if self.store.offer([Pending(key, wire, wire.size, version=loc.version)]):
                             self.counters["promotions"] += 1
-                elif tier == "warm":
-                    self.metrics.transfer("object_store", r.nbytes)
             elif r.status == "model":
                 self.counters["foreign_model"] += 1
                 self._error(f"{tier} block {key[:16]} is of another model, treated as a miss: {r.error}")
@@ -256,6 +254,9 @@ class GetPath:
                     cold_lost.append(key)
             elif r.status in ("error", "timeout"):
                 self._error(f"{tier} read of {key[:16]} failed: {r.status}: {r.error}")
+        for tier, transport in (("warm", "object_store"), ("cold", self._cold_transport)):
+            if served[tier]:  # one metrics update per tier and load, not one per block
+                self.metrics.transfer(transport, sum(r.nbytes for r in served[tier]))
         if decode:  # a get, not a prefetch: what the caller was served
             wanted = {t: sum(1 for k in order if src[k][0] == t and k not in unfetched) for t in TIERS}
             for t in ("warm", "cold"):
