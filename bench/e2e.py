@@ -557,6 +557,10 @@ def aim(rows: list[dict], floors: dict) -> list[str]:
     return out
 
 
+FORWARDS = {"graph": "bench/lean_llama.py, the tail over the cache replayed as a CUDA graph",
+            "lean": "bench/lean_llama.py, eager", "hf": "transformers' eager forward, attention {attention}"}
+
+
 def write_report(rows, info, args, path: Path, wall: float) -> None:
     import transformers
 
@@ -565,9 +569,8 @@ def write_report(rows, info, args, path: Path, wall: float) -> None:
             f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
             f"- device: {dev}",
             f"- command: `python bench/e2e.py {' '.join(sys.argv[1:])}`",
-            f"- model: {args.model} (forward: " + ("bench/lean_llama.py" if args.forward == "lean" else
-                                            f"transformers, attention {args.attention}") +
-            ", the same for recompute and hits); tier: kvtier.get on Ray (hot {args.hot_bytes}, warm {args.warm_bytes}, 2 shards, "
+            f"- model: {args.model} (forward: {FORWARDS[args.forward].format(attention=args.attention)}, the same for "
+            f"recompute and hits); tier: kvtier.get on Ray (hot {args.hot_bytes}, warm {args.warm_bytes}, 2 shards, "
             f"cold directory, write-through); codecs: {', '.join(args.codecs)}; "
             f"timed repetitions of recompute and of each hit: {args.reps} below {args.long_from} tokens, "
             f"{args.long_reps} from there",
@@ -589,8 +592,10 @@ def write_report(rows, info, args, path: Path, wall: float) -> None:
             "is built before the clock); "
             "tail = prefill of the uncached tail to the first token (in brackets: when its kernels were all launched, "
             "i.e. the Python/launch time); get GB/s = serialized MB fetched / get ms; get phases: the client's own timing "
-            "of the same get (locate = the controller call, fetch = ray.get of the warm objects, load = read + verify + "
-            "stage + H2D + decode in the pipeline).", "",
+            "of the same get (locate = the controller call, or for locations cached from an earlier get the wait for "
+            "the changes check and the hot tier's adoption after the load; fetch = time inside ray.get of the warm "
+            "objects, run by run inside the load, overlapping the device copies of the run before; load = the rest "
+            "of the load: read + verify + stage + H2D + decode in the pipeline).", "",
             markdown([r for r in rows if r["stages"]], STAGES, stage_cells), ""]
     text += aim(rows, info.get("floors", {})) + [""]
     path.parent.mkdir(parents=True, exist_ok=True)

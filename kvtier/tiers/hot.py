@@ -76,6 +76,11 @@ def owned(out: torch.Tensor, memory: Any) -> torch.Tensor:
     codec decodes to a view of its payload): a caller writing into a returned
     tensor must never change what the tier serves next, and Ray object-store
     memory is read-only."""
+    return _copy(out) if aliases(out, memory) else out
+
+
+def aliases(out: torch.Tensor, memory: Any) -> bool:
+    """Whether ``out``'s storage overlaps any of ``memory`` (tensors, or Arrow buffers)."""
     start = out.untyped_storage().data_ptr()
     end = start + out.untyped_storage().nbytes()
     for b in memory:
@@ -84,8 +89,8 @@ def owned(out: torch.Tensor, memory: Any) -> torch.Tensor:
         else:
             lo, hi = b.address, b.address + b.size
         if lo < end and start < hi:
-            return _copy(out)
-    return out
+            return True
+    return False
 
 
 def decode_block(block: Block, device: str | torch.device | None = None) -> torch.Tensor:

@@ -193,6 +193,8 @@ def test_cuda_load_stages_pinned_decodes_on_the_gpu_and_hands_device_buffers(loa
     for g, (_, _, b) in zip(got, items):
         assert g.status == "ok" and g.kv.is_cuda and all(t.is_cuda for t in g.buffers.values())
         torch.testing.assert_close(g.kv.cpu(), kvtier.decompress(b), **tol)
+        # the caller's chunk is its own memory, not the payload the hot tier adopts (none decodes to a view)
+        assert not any(g.kv.untyped_storage().data_ptr() == t.untyped_storage().data_ptr() for t in g.buffers.values())
     hot = HotTier(1 << 30, device="cuda")
     hot.put(got[0].block, got[0].buffers)
     assert hot.get(got[0].key).buffers is not None and hot.get_kv(got[0].key).is_cuda
