@@ -110,9 +110,11 @@ def validate_kv(kv: Any) -> None:
     if raw > MAX_BLOCK_BYTES:  # before any work: isfinite alone would allocate numel bytes
         raise ValueError(f"kv of shape {tuple(kv.shape)} is {raw} raw bytes, over the maximum block size "
                          f"MAX_BLOCK_BYTES={MAX_BLOCK_BYTES}; use smaller chunks (chunk_tokens)")
-    # amax/amin propagate NaN and keep ±inf: two reductions and no bool tensor, 17 ms instead of
-    # 116 ms for isfinite().all() on a 32 MiB bf16 chunk here. The slow path runs only to name the index.
-    if not bool(torch.isfinite(torch.stack([kv.amax(), kv.amin()]).float()).all()):
+    # aminmax propagates NaN and keeps ±inf: one reduction and no bool tensor (amax + amin, two passes, were
+    # 1.2 ms for a SmolLM2 bf16 chunk on the 2-core box, aminmax 0.38 ms; isfinite().all() on a 32 MiB chunk
+    # was 116 ms against 17 for the two). The slow path runs only to name the index.
+    lo, hi = torch.aminmax(kv)
+    if not bool(torch.isfinite(torch.stack([lo, hi]).float()).all()):
         bad = (~torch.isfinite(kv)).nonzero()[0].tolist()
         raise ValueError(f"kv contains NaN or Inf (first at index {bad}: {kv[tuple(bad)].item()})")
 

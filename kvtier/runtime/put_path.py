@@ -2,8 +2,9 @@
 
 Each chunk is compressed and checksummed once (``kvtier.compress``, or a
 ``Block`` the caller built) and serialized once (``Block.to_arrow``); those
-bytes are what the hot tier keeps (on CPU it adopts them; on CUDA it copies the
-payload to the GPU), what the background store (``store_queue``) sends to a
+bytes are what the hot tier keeps (on CUDA it copies the payload to the GPU; on
+CPU it adopts them, unless a shard is on this node, whose object holds the same
+bytes once stored: the queue serves them until then), what the background store (``store_queue``) sends to a
 warm shard (one ``store`` call per shard per batch, a shard on this node when
 there is one) and what ``write_through`` writes to the cold tier, as the version
 the controller gave the write. ``put`` returns once the blocks are queued (and
@@ -48,12 +49,17 @@ class PutPath:
         blocks = [self._block(k, kv, codec) for k, kv in zip(keys, kvs)]
         self.locations.drop(keys)  # a cached location names the previous copy
         items = []
+        cpu = self.hot.device.type == "cpu"
+        shard_here = cpu and bool(self._local_shards())
         for block in blocks:
             wire = block.to_arrow()  # the one serialization: hot tier, shard, cold and handoff share it
-            if self.hot.capacity:
-                on_cpu = self.hot.device.type == "cpu" and not block.codec.endswith("+zstd")
-                # CPU: the tier adopts views of the fresh wire bytes (nobody else writes them), no copy
-                self.hot.put(block, wire_buffers(wire) if on_cpu else None)
+            as_is = cpu and not block.codec.endswith("+zstd")  # a CPU entry would be views of these bytes
+            if self.hot.capacity and not (as_is and shard_here):
+                # CPU: the tier adopts views of the fresh wire bytes (nobody else writes them), no copy. Not when
+                # a shard is on this node: its object will hold these same bytes in the same memory (a get reads
+                # them there, as ``_adopt`` says); until it does, the store queue serves them. Keeping them too
+                # cost memory twice and a put its time on this VM (first-touch faults of the memory kept)
+                self.hot.put(block, wire_buffers(wire) if as_is else None)
             items.append(Pending(block.key, wire, wire.size, write_through=self.cfg.write_through))
         self.store.submit(items)  # waits only while the queue is full
         self.counters["puts"] += len(keys)

@@ -42,6 +42,7 @@ def test_stats_and_the_client_count_the_same_hits_in_blocks_and_tokens(tier):
     k, kvs = keys_of(3, "hits"), kvs_of(3)
     kvtier.put(k, kvs)
     assert kvtier.flush(30)  # stored: the warm reads below come from the shards, not this process's queue
+    assert kvtier.prefetch(k).result(timeout=30) == 3  # into the hot tier (a prefetch is not a hit)
     assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(kvtier.get(k), kvs))  # 3 hot hits
     api._get_client().hot.clear()
     assert all(torch.equal(a.cpu(), b.cpu()) for a, b in zip(kvtier.get(k[:2]), kvs))  # 2 warm hits, one load

@@ -34,6 +34,7 @@ def served_from_each_tier(device, tmp_path, codec="none"):
     kvs = chunks(3, 7)
     kvtier.put(keys, kvs)
     client.flush()
+    assert kvtier.prefetch(keys).result(timeout=30) == 3  # key 0 stays hot (a CPU put is not kept there)
     bound = client._keys(keys)  # the tenant-bound keys the tiers store
     client.hot.delete(bound[1])  # key 1: warm
     client.hot.delete(bound[2])  # key 2: cold only
