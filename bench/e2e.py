@@ -31,7 +31,8 @@ The tier is the real one, through the public API: ``kvtier.get`` on a Ray
 tier (controller, warm shard actors, cold directory), started for the run
 (``ray.init`` with up to 16 CPUs, then ``kvtier.init`` joins it) or joined if
 Ray already runs here. hot = this process's hot tier (on the GPU with
-``--device cuda``); warm = the hot tier cleared, so the blocks come from the
+``--device cuda``, filled by the put; on the CPU by a prefetch, since a CPU put
+with a shard on the node is not kept twice); warm = the hot tier cleared, so the blocks come from the
 shards' objects through the library's batched, pipelined load (threaded
 checksums, pinned staging, H2D on a copy stream); cold = the warm copies
 dropped too with the controller's ``forget`` (the cold copies come from
@@ -219,7 +220,10 @@ class RayTier:
         # 10-12 ms slower than the floor's on the H200)
         self.client.flush()
         if tier == "hot":
-            missing = sum(k not in self.client.hot for k in self.client._keys(list(keys)))
+            bound = self.client._keys(list(keys))
+            if any(k not in self.client.hot for k in bound):  # a CPU put with a shard here is not kept: prefetch
+                kvtier.prefetch(list(keys)).result(timeout=120)
+            missing = sum(k not in self.client.hot for k in bound)
             if missing:
                 raise RuntimeError(f"{missing} of {len(keys)} blocks are not in the hot tier: raise --hot-bytes")
             return

@@ -119,7 +119,9 @@ def run_phases(spec: dict) -> list[dict]:
         assert kvtier.get(warm[me % len(warm)]) is not None
 
     kvtier.init(namespace="main", config=dict(spec["configs"]["main"], codec=codec))
-    kvtier.get(warm[me % len(warm)])  # into this process's hot tier
+    # into this process's hot tier: a CPU put with a shard on this node is not kept there, nor a CPU get of a
+    # local warm block (the object store holds those bytes); a prefetch is what fills a CPU hot tier
+    assert kvtier.prefetch([warm[me % len(warm)]]).result(timeout=60) == 1
     phase("get hot", "main", get_hot, ops, raw)
 
     def get_warm(i):
