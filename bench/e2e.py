@@ -12,11 +12,12 @@ first generated token (argmax of the last position's logits):
              harness can beat it; hit - floor is kvtier's own share.
 Both paths ask the model for the last position's logits only (``logits_to_keep=1``),
 as a serving engine does, and both run the same forward (``--forward``):
-``lean`` (default) is ``bench/lean_llama.py``, the model's own weights with
-fused projections and few launches, as a serving engine's compiled model code
-runs (transformers' eager forward left the 256-token tail bound by Python and
-launches, 41-50 ms where its GEMMs take ~10 ms on the H200, so no hit could
-show more than ~13x); ``hf`` is transformers' forward with ``--attention``
+``lean`` (the CPU default) is ``bench/lean_llama.py``, the model's own weights
+with fused projections and few launches; ``graph`` (the CUDA default) is that
+with the tail over a cache replayed as a captured CUDA graph, as a serving
+engine runs such batches (transformers' eager forward left the 256-token tail
+bound by Python and launches, 42-50 ms against 16.9 ms graphed on the H200, so
+no hit could show more than ~13x); ``hf`` is transformers' forward with ``--attention``
 (default ``gqa``: ``kvtier.hf.register_attention``, sdpa with ``enable_gqa``
 and a lower-right causal bias, so a tail over cached KV does not expand the KV
 heads; ``sdpa`` is transformers' own). A hit's cache has room for its tail

@@ -3,14 +3,14 @@
 bench/e2e.py times a hit's tail (256 tokens over 16K cached ones) against a
 full prefill. Through transformers' eager forward that tail is bound by Python
 and kernel launches, not by the GPU: on the H200 (Llama-8B shape) the tail over
-KV already in the cache took 41-50 ms of which the kernels were all launched
-0.1 ms before the end, while the same GEMMs take ~10 ms. A serving engine does
-not pay that: vLLM runs such batches through compiled, CUDA-graph-captured
+KV already in the cache took 42-50 ms, its kernels all launched 0.1 ms before
+the end; this forward, replayed as a CUDA graph, does the same tail in 16.9 ms
+(bench/results/e2e-h200.md, -hf-forward.md). A serving engine does not pay that: vLLM runs such batches through compiled, CUDA-graph-captured
 model code. This forward computes what transformers' does (same weights, the
 same RMSNorm in fp32, rotary embedding from the model's own ``rotary_emb``,
 SDPA with grouped-query heads not expanded, causal from the lower right for a
 tail over a cache) with the projections fused (q/k/v in one GEMM, gate/up in
-one), so a layer is ~25 launches instead of ~60, and no mask tensor is built.
+one), fewer launches per layer than transformers' forward, and no mask tensor.
 
 It reads and writes the same ``DynamicCache`` transformers uses (``update`` per
 layer), so ``kvtier.hf.chunks_to_cache(reserve=...)`` and ``hf.cache_to_chunks``

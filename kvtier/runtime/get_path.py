@@ -151,7 +151,6 @@ class GetPath:
         keep = self._keeps(device, decode)
         results = self.loader.load(order, [fetched.later(k) for k in order], device, expect_model=self.model,
                                    keep_buffers=keep, decode=decode, timeout_s=self.timeout, fetch=fetched)
-        t1 = t0 + fetched.spent
         t2 = time.perf_counter()
         down = False
         try:
@@ -170,7 +169,7 @@ class GetPath:
             self.metrics.transfer("object_store", sum(r.nbytes for r in found.values()))
         if decode and found:
             self._count("warm", [r.kv for r in found.values()], 0)
-        return found, down, {"check": time.perf_counter() - t2, "fetch": t1 - t0, "load": t2 - t0 - fetched.spent}
+        return found, down, {"check": time.perf_counter() - t2, "fetch": fetched.spent, "load": t2 - t0 - fetched.spent}
 
     def _cold_candidate(self, loc: Location | None) -> bool:
         return self.cold is not None and loc is not None and loc.cold

@@ -60,7 +60,8 @@ object not yet pulled), which ``load`` asks its ``fetch`` callable for (by key)
 run by run, just before staging each run on CUDA, so fetching the next run overlaps
 the device copies of this one (one ``ray.get`` of a 16K-token batch's 63
 objects before the load was 2.8 ms of a 30 ms rot4 warm get on the H200); on the
-CPU all at once. A source ``fetch`` gives as None is a miss ("unfetched").
+CPU all at once. A source ``fetch`` gives as None is a miss ("missing"); a fetch
+that raises makes its keys errors with its reason.
 
 This module knows nothing of Ray, shards or the controller: where the bytes
 come from is the caller's business. Every wait is bounded (``timeout_s``).
@@ -441,19 +442,26 @@ def _failed(key: str, e: Exception) -> Loaded:
 
 
 def _fill(sources: list, idxs, keys: Sequence[str], fetch) -> None:
-    """Replace the ``Later`` entries among ``sources[idxs]`` with what ``fetch`` gives for them (None: a miss;
-    a fetch that raises, or gives the wrong count, leaves them all None, a miss each)."""
+    """Replace the ``Later`` entries among ``sources[idxs]`` with what ``fetch`` gives for them (None: a miss).
+    A fetch that raises, or gives the wrong count, makes each of them an error naming why (a miss with its
+    reason, like a cold read that raised)."""
     todo = [i for i in idxs if isinstance(sources[i], Later)]
     if not todo:
         return
     try:
         got = list(fetch([keys[i] for i in todo]))
-    except Exception:  # noqa: BLE001 - the caller's fetch reports its own failures; here each is a miss
-        got = []
-    if len(got) != len(todo):
-        got = [None] * len(todo)
+        if len(got) != len(todo):
+            raise KvtierError(f"fetch gave {len(got)} sources for {len(todo)} keys")
+    except Exception as e:  # noqa: BLE001 - becomes each key's error in the load, never a hang or a raise
+        got = [_raiser(e)] * len(todo)
     for i, src in zip(todo, got):
         sources[i] = src
+
+
+def _raiser(e: Exception):
+    def read():
+        raise e
+    return read
 
 
 def _known_size(src: Source) -> int | None:

@@ -61,8 +61,10 @@ def test_later_sources_are_fetched_by_key_and_a_failed_fetch_is_a_miss(loader):
     def broken(ks):
         raise RuntimeError("shard gone")
 
-    assert [g.status for g in loader.load(keys[:2], [Later(1), Later(1)], "cpu", fetch=broken)] == ["missing"] * 2
-    assert [g.status for g in loader.load(keys[:2], [Later(1), Later(1)], "cpu", fetch=lambda ks: [])] == ["missing"] * 2
+    got = loader.load(keys[:2], [Later(1), Later(1)], "cpu", fetch=broken)
+    assert [g.status for g in got] == ["error"] * 2 and all("shard gone" in g.error for g in got)
+    got = loader.load(keys[:2], [Later(1), Later(1)], "cpu", fetch=lambda ks: [])
+    assert [g.status for g in got] == ["error"] * 2 and "gave 0 sources for 2 keys" in got[0].error
     with pytest.raises(ValueError, match="no fetch"):
         loader.load(keys[:1], [Later(1)], "cpu")
 
